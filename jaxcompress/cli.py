@@ -1,0 +1,135 @@
+"""The `jaxcompress` command: finetune, eval, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from jaxcompress import checkpoint, data, train
+from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
+from jaxcompress.models.bert import Bert
+from jaxcompress.models.hf import (
+    MODEL_ROOT_ENV,
+    load_pretrained,
+    resolve_model_dir,
+    save_pretrained,
+)
+
+EPILOG = f"""
+Offline assets: set {MODEL_ROOT_ENV} to a folder of model directories (hub ids are looked up
+there by their last component) and {GLUE_DIR_ENV} to a folder of GLUE TSVs (SST-2/train.tsv,
+...). Without them, models and data come from the Hugging Face hub.
+"""
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_finetune(args) -> int:
+    config = load_config(args.config, args.set)
+    summary = train.train(config, args.workdir)
+    if "stopped_at" in summary:
+        return 0
+    rows = [
+        {"split": split, "metric": name, "value": value}
+        for split, values in summary["eval"].items()
+        for name, value in values.items()
+    ]
+    print(f"\n{config.task}: {summary['steps']} steps on {summary['train_examples']} examples\n")
+    print(markdown_table(rows, ["split", "metric", "value"]))
+    print(f"\nmodel: {summary['model_dir']}  summary: {Path(args.workdir) / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    config, params = load_pretrained(args.model)
+    outputs = train.get_num_outputs(args.task)
+    if config.num_labels != outputs:
+        raise SystemExit(
+            f"{args.model} has {config.num_labels} outputs; {args.task} needs {outputs}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer or args.model))
+    glue = args.glue_dir or os.environ.get(GLUE_DIR_ENV) or None
+    step = train.make_eval_step(Bert(config))
+    buckets = finetune_defaults().buckets
+    results = {}
+    for split_name in data.get_task(args.task).eval_splits:
+        ds = data.load_split(args.task, split_name, glue)
+        split = data.tokenize_split(ds, args.task, tokenizer, args.max_length)
+        results[split_name] = train.evaluate(
+            step, params, split, args.task, args.batch_size, buckets
+        )
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    run = Path(args.workdir)
+    if not (run / "config.json").exists():
+        raise SystemExit(f"{run} is not a run directory (no config.json)")
+    config = config_from_json(json.loads((run / "config.json").read_text()))
+    bert_config, _, _, state = train.initial_state(config, total_steps=1)
+    restored = checkpoint.restore_latest(checkpoint.manager(run / "checkpoints"), state)
+    if restored is None:
+        raise SystemExit(f"no checkpoint in {run / 'checkpoints'}")
+    tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
+    out = save_pretrained(bert_config, restored.params, args.out, tokenizer_dir=tokenizer_dir)
+    print(f"exported step {int(restored.step)} of {run} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxcompress",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("finetune", help="fine-tune a model on a GLUE task (resumes a workdir)")
+    p.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4",
+    )
+    p.set_defaults(fn=cmd_finetune)
+    p = sub.add_parser("eval", help="evaluate a saved model on a GLUE task's dev split(s)")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--task", required=True)
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--glue-dir", default="")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

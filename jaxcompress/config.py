@@ -1,0 +1,146 @@
+"""Experiment configs: Python files with `get_config(arg)`, strict keys, command-line overrides."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+GLUE_DIR_ENV = "JAXCOMPRESS_GLUE_DIR"
+
+
+def finetune_defaults() -> ml_collections.ConfigDict:
+    """Every key a fine-tuning run understands, with its default. Unknown keys are errors."""
+    c = ml_collections.ConfigDict()
+    c.model = "sentence-transformers/all-MiniLM-L6-v2"  # hub id or directory
+    c.tokenizer = ""  # '' = the model's own
+    c.task = "sst2"
+    c.glue_dir = ""  # '' = $JAXCOMPRESS_GLUE_DIR, else the `nyu-mll/glue` hub dataset
+    c.max_length = 128
+    c.buckets = (16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
+    c.seed = 0
+    c.dtype = "float32"  # compute dtype: float32 or bfloat16
+    c.dropout = 0.1  # hidden and attention dropout
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32
+    c.train.epochs = 1.0
+    c.train.steps = -1  # > 0 overrides epochs
+    c.train.examples = -1  # > 0: a fixed random subset (seeded by subset_seed) of the train set
+    c.train.subset_seed = 0
+    c.train.sort_window = 50  # group lengths within windows of this many batches; 1 = off
+    c.train.lr = 5e-5
+    c.train.warmup_ratio = 0.06
+    c.train.weight_decay = 0.01
+    c.train.clip_norm = 1.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.every_steps = 0  # 0 = only at the end
+
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.checkpoint_keep = 2
+    return c
+
+
+def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    """Raise on any key of `config` that `schema` does not have, suggesting the closest one."""
+    for key, value in config.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown config key {key!r}{hint}")
+        if isinstance(value, ml_collections.ConfigDict):
+            try:
+                check_keys(value, schema[key])
+            except KeyError as e:
+                raise KeyError(f"{key}.{e.args[0]}") from None
+
+
+def merge(defaults: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+    """`defaults` updated by `config` (whose keys must all exist in `defaults`)."""
+    check_keys(config, defaults)
+    merged = ml_collections.ConfigDict(defaults.to_dict())
+    merged.update(config.to_dict())
+    merged.lock()
+    return merged
+
+
+def config_from_json(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved `config.json` back as a locked config (lists become tuples again)."""
+    defaults = finetune_defaults()
+
+    def restore(value, default):
+        if isinstance(default, ml_collections.ConfigDict):
+            return {k: restore(v, default[k]) if k in default else v for k, v in value.items()}
+        return tuple(value) if isinstance(default, tuple) else value
+
+    return merge(defaults, ml_collections.ConfigDict(restore(saved, defaults)))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b=1e-4` -> ('a.b', 0.0001); values are Python literals, else plain strings."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Set dotted keys in place; unknown keys and wrong types raise."""
+    for text in overrides:
+        key, value = parse_override(text)
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node:
+                raise KeyError(f"unknown config key {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            close = difflib.get_close_matches(parts[-1], list(node.keys()), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown config key {key!r}{hint}")
+        current = node[parts[-1]]
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+        if current is not None and type(value) is not type(current):
+            raise TypeError(f"config key {key!r} is {type(current).__name__}, got {value!r}")
+        node[parts[-1]] = value
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> the merged, locked config with overrides applied."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"config file {file} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{file} has no get_config(arg) function")
+    config = module.get_config(arg)
+    defaults = getattr(module, "DEFAULTS", finetune_defaults)()
+    merged = merge(defaults, config)
+    apply_overrides(merged, overrides)
+    return merged
+
+
+def glue_dir(config: ml_collections.ConfigDict) -> str | None:
+    """The local GLUE folder to read, or None for the hub."""
+    return config.glue_dir or os.environ.get(GLUE_DIR_ENV) or None

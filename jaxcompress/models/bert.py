@@ -1,0 +1,413 @@
+"""BERT in Flax linen, with a config that can express every compressed shape."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# Logical axis names carried by every parameter; sharding rules map them to mesh axes.
+VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (
+    "vocab",
+    "embed",
+    "hidden",
+    "qkv",
+    "mlp",
+    "rank",
+    "classes",
+    "positions",
+    "types",
+)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Shape and behaviour of a (possibly compressed) BERT.
+
+    The first block mirrors Hugging Face's `BertConfig`; the second block says how a
+    compressed model departs from the uniform shape. `None` means "uniform / absent".
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    # Task head: 0 = encoder only, 1 = regression, >1 = classification.
+    num_labels: int = 0
+    # Compressed shapes.
+    head_size: int | None = None  # per-head width; defaults to hidden_size // num_attention_heads
+    heads_per_layer: tuple[int, ...] | None = None  # after head pruning
+    intermediate_per_layer: tuple[int, ...] | None = None  # after FFN-neuron pruning
+    embedding_size: int | None = None  # ALBERT factorized embedding E (V x E then E x H)
+    layer_groups: tuple[int, ...] | None = None  # layer -> parameter group (cross-layer sharing)
+    # Low-rank dense layers: (module path, rank), e.g. ("bert/encoder/layer/0/output/dense", 96).
+    low_rank: tuple[tuple[str, int], ...] = ()
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self) -> None:
+        n = self.num_hidden_layers
+        for name in ("heads_per_layer", "intermediate_per_layer", "layer_groups"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+                if len(getattr(self, name)) != n:
+                    raise ValueError(f"BertConfig.{name} has {len(value)} entries, expected {n}")
+        object.__setattr__(self, "low_rank", tuple((str(p), int(r)) for p, r in self.low_rank))
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"BertConfig.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
+        if self.head_size is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}; set head_size"
+            )
+        if self.layer_groups is not None:
+            groups = self.layer_groups
+            if sorted(set(groups)) != list(range(max(groups) + 1)):
+                raise ValueError(f"layer_groups {groups} must use every group 0..k-1")
+            for layer, group in enumerate(groups):
+                first = groups.index(group)
+                if self.layer_heads(layer) != self.layer_heads(first) or self.layer_intermediate(
+                    layer
+                ) != self.layer_intermediate(first):
+                    raise ValueError(f"layers {first} and {layer} share group {group} but differ")
+
+    @property
+    def attention_head_size(self) -> int:
+        return self.head_size or self.hidden_size // self.num_attention_heads
+
+    @property
+    def compute_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    def layer_heads(self, layer: int) -> int:
+        return self.heads_per_layer[layer] if self.heads_per_layer else self.num_attention_heads
+
+    def layer_intermediate(self, layer: int) -> int:
+        if self.intermediate_per_layer:
+            return self.intermediate_per_layer[layer]
+        return self.intermediate_size
+
+    def layer_group(self, layer: int) -> int:
+        return self.layer_groups[layer] if self.layer_groups else layer
+
+    def rank_of(self, module_path: str) -> int | None:
+        return dict(self.low_rank).get(module_path)
+
+    def replace(self, **changes: Any) -> BertConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@struct.dataclass
+class BertOutput:
+    """What the model returns; hidden states and attentions only when asked for."""
+
+    last_hidden_state: jax.Array
+    pooled_output: jax.Array
+    logits: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None  # embeddings output, then each layer
+    attentions: tuple[jax.Array, ...] | None = None  # (B, heads, L, L) per layer
+
+
+def _init(config: BertConfig, axes: Sequence[str]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=config.initializer_range), tuple(axes)
+    )
+
+
+def _zeros(axes: Sequence[str]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+
+
+def _ones(axes: Sequence[str]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
+
+
+class Linear(nn.Module):
+    """HF `nn.Linear`; runs as two factors x @ kernel_a @ kernel_b when the config gives a rank.
+
+    Widths may be zero (every head or neuron pruned): the product is then zero and only the
+    bias remains, which is exactly what the pruned parent computes.
+    """
+
+    config: BertConfig
+    features: int
+    axes: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.config.compute_dtype
+        rank = cfg.rank_of("/".join(self.scope.path))
+        n_in = x.shape[-1]
+        if rank is None:
+            kernel = self.param("kernel", _init(cfg, self.axes), (n_in, self.features))
+            y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        else:
+            a = self.param("kernel_a", _init(cfg, (self.axes[0], RANK)), (n_in, rank))
+            b = self.param("kernel_b", _init(cfg, (RANK, self.axes[1])), (rank, self.features))
+            y = jnp.dot(jnp.dot(x.astype(dtype), a.astype(dtype)), b.astype(dtype))
+        bias = self.param("bias", _zeros(self.axes[1:]), (self.features,))
+        return y + bias.astype(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.shape[-1]
+        scale = self.param("scale", _ones((EMBED,)), (h,))
+        bias = self.param("bias", _zeros((EMBED,)), (h,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.config.layer_norm_eps) * scale + bias
+        return y.astype(self.config.compute_dtype)
+
+
+def activation(name: str):
+    """The HF `hidden_act` by name."""
+    table = {
+        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+        "relu": nn.relu,
+        "silu": nn.silu,
+        "swish": nn.silu,
+        "tanh": jnp.tanh,
+    }
+    if name not in table:
+        raise ValueError(f"hidden_act {name!r} not supported; expected one of {sorted(table)}")
+    return table[name]
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BxL, token_type_ids_BxL, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        factorized = cfg.embedding_size is not None
+        e = cfg.embedding_size if factorized else cfg.hidden_size
+        word_axes = (VOCAB, RANK if factorized else EMBED)
+        word = self.param("word_embeddings", _init(cfg, word_axes), (cfg.vocab_size, e))
+        x_BxLxH = jnp.take(word, input_ids_BxL, axis=0)
+        if factorized:  # ALBERT: V x E lookup, then E x H projection
+            proj = self.param(
+                "embedding_projection", _init(cfg, (RANK, EMBED)), (e, cfg.hidden_size)
+            )
+            x_BxLxH = jnp.dot(x_BxLxH, proj)
+        pos_shape = (cfg.max_position_embeddings, cfg.hidden_size)
+        pos = self.param("position_embeddings", _init(cfg, (POSITIONS, EMBED)), pos_shape)
+        types_shape = (cfg.type_vocab_size, cfg.hidden_size)
+        types = self.param("token_type_embeddings", _init(cfg, (TYPES, EMBED)), types_shape)
+        length = input_ids_BxL.shape[1]
+        x_BxLxH = x_BxLxH + pos[None, :length] + jnp.take(types, token_type_ids_BxL, axis=0)
+        x_BxLxH = LayerNorm(cfg, name="LayerNorm")(x_BxLxH)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    config: BertConfig
+    heads: int
+
+    @nn.compact
+    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+        cfg, d = self.config, self.config.attention_head_size
+        b, length = x_BxLxH.shape[:2]
+
+        def project(name: str) -> jax.Array:
+            y = Linear(cfg, self.heads * d, (EMBED, QKV), name=name)(x_BxLxH)
+            return y.reshape(b, length, self.heads, d)
+
+        q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = project("query"), project("key"), project("value")
+        scores_BxNxLxL = jnp.einsum("blnd,bmnd->bnlm", q_BxLxNxD, k_BxLxNxD) / jnp.sqrt(d)
+        probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL.astype(jnp.float32) + bias_Bx1x1xL, -1)
+        drop = nn.Dropout(cfg.attention_probs_dropout_prob)
+        dropped = drop(probs_BxNxLxL, deterministic=deterministic).astype(v_BxLxNxD.dtype)
+        ctx_BxLxNxD = jnp.einsum("bnlm,bmnd->blnd", dropped, v_BxLxNxD)
+        return ctx_BxLxNxD.reshape(b, length, self.heads * d), probs_BxNxLxL
+
+
+class AddNorm(nn.Module):
+    """HF's `*Output` blocks: dense, dropout, residual add, LayerNorm."""
+
+    config: BertConfig
+    in_axis: str
+
+    @nn.compact
+    def __call__(self, h, residual, deterministic: bool):
+        cfg = self.config
+        y = Linear(cfg, cfg.hidden_size, (self.in_axis, EMBED), name="dense")(h)
+        y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
+        return LayerNorm(cfg, name="LayerNorm")(y + residual)
+
+
+class AttentionBlock(nn.Module):
+    config: BertConfig
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool):
+        ctx, probs = SelfAttention(self.config, self.heads, name="self")(x, bias, deterministic)
+        return AddNorm(self.config, QKV, name="output")(ctx, x, deterministic), probs
+
+
+class Intermediate(nn.Module):
+    config: BertConfig
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = Linear(self.config, self.width, (EMBED, MLP), name="dense")(x)
+        return activation(self.config.hidden_act)(h)
+
+
+class Layer(nn.Module):
+    config: BertConfig
+    heads: int
+    width: int
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool):
+        cfg = self.config
+        x, probs = AttentionBlock(cfg, self.heads, name="attention")(x, bias, deterministic)
+        h = Intermediate(cfg, self.width, name="intermediate")(x)
+        return AddNorm(cfg, MLP, name="output")(h, x, deterministic), probs
+
+
+class LayerStack(nn.Module):
+    """HF's `encoder.layer`: layers in one group (cross-layer sharing) call the same module."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool, output_hidden_states: bool):
+        cfg = self.config
+        groups: dict[int, Layer] = {}
+        hidden_states, attentions = [x], []
+        for i in range(cfg.num_hidden_layers):
+            g = cfg.layer_group(i)
+            if g not in groups:
+                heads, width = cfg.layer_heads(i), cfg.layer_intermediate(i)
+                groups[g] = Layer(cfg, heads, width, name=str(g))
+            x, probs = groups[g](x, bias, deterministic)
+            if output_hidden_states:
+                hidden_states.append(x)
+            attentions.append(probs)
+        return x, tuple(hidden_states), tuple(attentions)
+
+
+class Encoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool, output_hidden_states: bool):
+        return LayerStack(self.config, name="layer")(x, bias, deterministic, output_hidden_states)
+
+
+class Pooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH):
+        dense = Linear(self.config, self.config.hidden_size, (EMBED, HIDDEN), name="dense")
+        return jnp.tanh(dense(x_BxLxH[:, 0]))
+
+
+class BertBackbone(nn.Module):
+    """HF's `BertModel`: embeddings, encoder, pooler."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic, output_hidden):
+        cfg = self.config
+        x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+        neg = jnp.finfo(jnp.float32).min
+        bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg)
+        x, hidden, attn = Encoder(cfg, name="encoder")(
+            x, bias_Bx1x1xL, deterministic, output_hidden
+        )
+        return x, Pooler(cfg, name="pooler")(x), hidden, attn
+
+
+class Bert(nn.Module):
+    """BERT with an optional sequence-classification / regression head (HF naming).
+
+    `model.apply({'params': params}, input_ids, ..., rngs={'dropout': key})` for training;
+    `deterministic=True` (default) for evaluation.
+    """
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BertOutput:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        last, pooled, hidden, attn = BertBackbone(cfg, name="bert")(
+            input_ids, attention_mask, token_type_ids, deterministic, output_hidden_states
+        )
+        logits = None
+        if cfg.num_labels > 0:
+            h = nn.Dropout(cfg.hidden_dropout_prob)(pooled, deterministic=deterministic)
+            head = Linear(cfg, cfg.num_labels, (HIDDEN, CLASSES), name="classifier")
+            logits = head(h).astype(jnp.float32)
+        return BertOutput(
+            last_hidden_state=last,
+            pooled_output=pooled,
+            logits=logits,
+            hidden_states=hidden if output_hidden_states else None,
+            attentions=attn if output_attentions else None,
+        )
+
+
+def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+    """Fresh parameters (plain arrays, logical-axis boxes removed)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    variables = Bert(config).init(rng, ids)
+    return nn.meta.unbox(variables["params"])
+
+
+def _abstract_boxed(config: BertConfig) -> dict:
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(Bert(config).init, jax.random.key(0), ids)["params"]
+
+
+def abstract_params(config: BertConfig) -> dict:
+    """Parameter shapes and dtypes (`jax.ShapeDtypeStruct`s) without allocating them."""
+    return nn.meta.unbox(_abstract_boxed(config))
+
+
+def param_logical_axes(config: BertConfig) -> dict:
+    """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
+    return nn.get_partition_spec(_abstract_boxed(config))

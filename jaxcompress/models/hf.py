@@ -1,0 +1,306 @@
+"""Hugging Face checkpoints <-> (BertConfig, params), both ways."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file, save_file
+
+from jaxcompress.models.bert import BertConfig, abstract_params
+
+log = logging.getLogger(__name__)
+
+MODEL_ROOT_ENV = "JAXCOMPRESS_MODEL_ROOT"
+_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+    "pad_token_id",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory for a model: the path itself, `$JAXCOMPRESS_MODEL_ROOT/<name>`, or the hub.
+
+    `$JAXCOMPRESS_MODEL_ROOT` is how offline machines map hub ids to local copies: the id's last
+    component (`sentence-transformers/all-MiniLM-L6-v2` -> `all-MiniLM-L6-v2`) is looked up there.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    root = os.environ.get(MODEL_ROOT_ENV)
+    if root:
+        for candidate in (Path(root) / name, Path(root) / name.rsplit("/", 1)[-1]):
+            if candidate.is_dir():
+                return candidate
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
+    if looks_local:
+        raise FileNotFoundError(
+            f"model directory {name!r} does not exist (expected config.json and "
+            f"model.safetensors there; ${MODEL_ROOT_ENV}={root!r})"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *_TOKENIZER_FILES]
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # network, auth or unknown id: say what to set instead
+        raise FileNotFoundError(
+            f"could not find model {name!r} locally or on the Hugging Face hub ({e}); "
+            f"pass a directory or set ${MODEL_ROOT_ENV} to a folder holding it"
+        ) from e
+
+
+def config_from_hf(hf: dict, num_labels: int) -> BertConfig:
+    """Our config from a Hugging Face `config.json` dict."""
+    if hf.get("model_type", "bert") != "bert":
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not BERT")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only absolute position embeddings are supported")
+    fields = {k: hf[k] for k in _HF_FIELDS if k in hf}
+    pruned = {int(k): set(v) for k, v in (hf.get("pruned_heads") or {}).items()}
+    if pruned:
+        heads = hf["num_attention_heads"]
+        fields["heads_per_layer"] = tuple(
+            heads - len(pruned.get(i, ())) for i in range(hf["num_hidden_layers"])
+        )
+        fields["head_size"] = hf["hidden_size"] // heads
+    return BertConfig(**fields, num_labels=num_labels)
+
+
+def _hf_key(flax_path: str) -> tuple[str, bool]:
+    """The HF weight name for a flattened flax path, and whether it is transposed."""
+    parts = flax_path.split("/")
+    leaf = parts[-1]
+    if leaf == "kernel":
+        return ".".join(parts[:-1]) + ".weight", True
+    if leaf == "scale":
+        return ".".join(parts[:-1]) + ".weight", False
+    if leaf == "bias":
+        return ".".join(parts), False
+    return ".".join(parts) + ".weight", False  # embedding tables
+
+
+def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+    pickled = directory / "pytorch_model.bin"
+    if pickled.exists():
+        if not allow_pickle:
+            raise ValueError(
+                f"{pickled} is a pickled PyTorch checkpoint, which can execute code when "
+                "loaded; convert it to safetensors, or pass allow_pickle=True if you trust it"
+            )
+        import torch
+
+        state = torch.load(pickled, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise FileNotFoundError(f"no model.safetensors (or sharded index) in {directory}")
+
+
+def _normalise_keys(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Give every key the `bert.` prefix and modern LayerNorm names (gamma/beta -> weight/bias)."""
+    out = {}
+    for key, value in weights.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+            "LayerNorm.beta", "LayerNorm.bias"
+        )
+        if not key.startswith(("bert.", "classifier.", "cls.")):
+            key = "bert." + key
+        out[key] = value
+    return out
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    head_seed: int = 0,
+    allow_pickle: bool = False,
+    **overrides,
+) -> tuple[BertConfig, dict]:
+    """Load a Hugging Face BERT directory (or hub id) as `(config, params)`.
+
+    Works with or without the `bert.` prefix and with or without a classifier. `num_labels`
+    None keeps the checkpoint's head (or none); a number asks for that head, freshly
+    initialised (seeded by `head_seed`) when the checkpoint has none. `overrides` replace
+    config fields (e.g. `dtype="bfloat16"`, `hidden_dropout_prob=0.0`).
+    """
+    directory = resolve_model_dir(name_or_path)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    weights = _normalise_keys(_read_weights(directory, allow_pickle))
+    has_head = "classifier.weight" in weights
+    if num_labels is None:
+        num_labels = weights["classifier.weight"].shape[0] if has_head else 0
+    config = config_from_hf(json.loads(config_file.read_text()), num_labels).replace(**overrides)
+
+    fresh = abstract_params(config)
+    params, missing = {}, []
+    for path, spec in flatten_dict(fresh, sep="/").items():
+        key, transpose = _hf_key(path)
+        if key not in weights:
+            missing.append(key)
+            continue
+        value = weights.pop(key)
+        value = value.T if transpose else value
+        if value.shape != spec.shape:
+            raise ValueError(
+                f"{directory}: weight {key} has shape {value.shape}, but parameter {path} "
+                f"of the config needs {spec.shape}"
+            )
+        params[path] = jnp.asarray(value, jnp.float32)
+    head_missing = [k for k in missing if k.startswith("classifier.")]
+    if set(missing) - set(head_missing):
+        raise ValueError(
+            f"{directory}: weights missing for {sorted(set(missing) - set(head_missing))}"
+        )
+    if head_missing:
+        if has_head:
+            raise ValueError(
+                f"{directory}: classifier weights do not match num_labels={num_labels}"
+            )
+        log.info("initialising a fresh %d-label head (seed %d)", num_labels, head_seed)
+        std = config.initializer_range
+        key = jax.random.key(head_seed)
+        params["classifier/kernel"] = std * jax.random.normal(key, (config.hidden_size, num_labels))
+        params["classifier/bias"] = jnp.zeros((num_labels,))
+    ignored = sorted(k for k in weights if not k.endswith("position_ids"))
+    if ignored:
+        log.info("ignored %d checkpoint weights not used by the model: %s", len(ignored), ignored)
+    return config, unflatten_dict(params, sep="/")
+
+
+def dense_equivalent(config: BertConfig, params: dict) -> tuple[BertConfig, dict]:
+    """The same function as a uniform BERT that Hugging Face can load.
+
+    Factorized embeddings and low-rank kernels are multiplied out, shared layers copied to
+    every layer, and pruned heads and FFN neurons padded back with zeros: a zero neuron adds
+    nothing, and a head with zero query, key, value and output weights adds exactly nothing.
+    (transformers 5 dropped `pruned_heads`, so zero padding is the portable form.)
+    """
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_dict(params, sep="/").items()}
+    out: dict[str, np.ndarray] = {}
+    width = config.intermediate_size
+    for i in range(config.num_hidden_layers):
+        src, dst = f"bert/encoder/layer/{config.layer_group(i)}/", f"bert/encoder/layer/{i}/"
+        for path, value in flat.items():
+            if path.startswith(src):
+                out[dst + path[len(src) :]] = value
+    for path, value in flat.items():
+        if not path.startswith("bert/encoder/layer/"):
+            out[path] = value
+    for path in [p for p in out if p.endswith("/kernel_a")]:
+        base = path[: -len("/kernel_a")]
+        out[base + "/kernel"] = out.pop(path) @ out.pop(base + "/kernel_b")
+    if config.embedding_size is not None:
+        proj = out.pop("bert/embeddings/embedding_projection")
+        out["bert/embeddings/word_embeddings"] = out["bert/embeddings/word_embeddings"] @ proj
+    d = config.attention_head_size
+    for i in range(config.num_hidden_layers):
+        layer = f"bert/encoder/layer/{i}/"
+        _pad_width(out, [layer + "intermediate/dense"], layer + "output/dense", width)
+        qkv = [layer + f"attention/self/{name}" for name in ("query", "key", "value")]
+        _pad_width(out, qkv, layer + "attention/output/dense", config.num_attention_heads * d)
+    dense = config.replace(
+        embedding_size=None,
+        layer_groups=None,
+        low_rank=(),
+        intermediate_per_layer=None,
+        heads_per_layer=None,
+        head_size=None,
+    )
+    return dense, unflatten_dict({k: jnp.asarray(v) for k, v in out.items()}, sep="/")
+
+
+def _pad_width(flat: dict, producers: list[str], consumer: str, width: int) -> None:
+    """Zero-pad the output columns of `producers` and the input rows of `consumer` to `width`."""
+    for name in producers:
+        pad = width - flat[name + "/kernel"].shape[1]
+        flat[name + "/kernel"] = np.pad(flat[name + "/kernel"], ((0, 0), (0, pad)))
+        flat[name + "/bias"] = np.pad(flat[name + "/bias"], (0, pad))
+    pad = width - flat[consumer + "/kernel"].shape[0]
+    flat[consumer + "/kernel"] = np.pad(flat[consumer + "/kernel"], ((0, pad), (0, 0)))
+
+
+def hf_config_dict(config: BertConfig) -> dict:
+    """A `config.json` for `transformers.BertForSequenceClassification`."""
+    hf = {k: getattr(config, k) for k in _HF_FIELDS}
+    hf.update(model_type="bert", architectures=["BertForSequenceClassification"])
+    if config.num_labels > 0:
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    if config.num_labels == 1:
+        hf["problem_type"] = "regression"
+    return hf
+
+
+def save_pretrained(
+    config: BertConfig,
+    params: dict,
+    path: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write a Hugging Face directory (config.json + model.safetensors), atomically.
+
+    Compressed shapes are exported as their dense equivalent (see `dense_equivalent`).
+    """
+    if config.attention_head_size * config.num_attention_heads != config.hidden_size:
+        raise ValueError(
+            "Hugging Face BERT needs head_size * num_attention_heads == hidden_size; got "
+            f"{config.attention_head_size} * {config.num_attention_heads} != {config.hidden_size}"
+        )
+    dense_config, dense_params = dense_equivalent(config, params)
+    tensors = {}
+    for flax_path, value in flatten_dict(dense_params, sep="/").items():
+        key, transpose = _hf_key(flax_path)
+        value = np.asarray(value, np.float32)
+        tensors[key] = np.ascontiguousarray(value.T if transpose else value)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config_dict(dense_config), indent=2))
+        if tokenizer_dir is not None:
+            for name in _TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).exists():
+                    shutil.copy(Path(tokenizer_dir) / name, staging / name)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,31 @@
+"""Benchmark result files: `benchmarks/results/<name>.json` with provenance."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from jaxcompress import provenance
+
+
+def write_result(path: str | os.PathLike, benchmark: str, body: dict) -> Path:
+    """Write a result file: the command that made it, commit, date, machine, then `body`."""
+    record = {
+        "benchmark": benchmark,
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "commit": provenance.git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": provenance.machine(),
+        "packages": provenance.package_versions(),
+        **body,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,62 @@
+"""A run directory: resolved config, metrics.jsonl, summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ml_collections
+
+from jaxcompress import provenance
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class RunDir:
+    """Owns the files of one run; refuses to mix two different configs in one directory."""
+
+    def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        resolved = json.loads(json.dumps(config.to_dict(), default=_jsonable))
+        config_file = self.path / "config.json"
+        if config_file.exists():
+            previous = json.loads(config_file.read_text())
+            if previous != resolved:
+                changed = sorted(
+                    k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k)
+                )
+                raise ValueError(
+                    f"{self.path} holds a run with a different config (keys {changed}); "
+                    "use a new workdir or delete it"
+                )
+        else:
+            _write_json(config_file, resolved)
+        self.config = resolved
+
+    def log(self, **record) -> None:
+        record = {"time": time.time(), **record}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        full = {
+            "config": self.config,
+            "commit": provenance.git_commit(),
+            "packages": provenance.package_versions(),
+            "machine": provenance.machine(),
+            **summary,
+        }
+        _write_json(self.path / "summary.json", full)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

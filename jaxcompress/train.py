@@ -1,0 +1,330 @@
+"""Fine-tuning: optimizer, jitted train and eval steps, and the one readable train loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from jaxcompress import checkpoint, data, metrics
+from jaxcompress.config import glue_dir
+from jaxcompress.models.bert import Bert, BertConfig
+from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
+from jaxcompress.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; the step's dropout key is fold_in(rng, step)
+
+
+def make_optimizer(
+    train: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup and linear decay, global-norm clipping, no decay on biases/LN."""
+    warmup = int(round(train.warmup_ratio * total_steps))
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, train.lr, max(warmup, 1)),
+            optax.linear_schedule(train.lr, 0.0, max(total_steps - warmup, 1)),
+        ],
+        [warmup],
+    )
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: path[-1].key not in ("bias", "scale"), params
+        )
+
+    return optax.chain(
+        optax.clip_by_global_norm(train.clip_norm),
+        optax.adamw(
+            schedule,
+            b1=train.b1,
+            b2=train.b2,
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def task_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy (classification) or squared error (one output: regression)."""
+    if logits.shape[-1] == 1:
+        per_example = jnp.square(logits[:, 0] - labels)
+    else:
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(per_example * example_mask) / jnp.maximum(jnp.sum(example_mask), 1.0)
+
+
+def forward(model: Bert, params, batch: Batch, rng: jax.Array | None, **kwargs):
+    """The model on a batch; dropout on when a key is given."""
+    return model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+        **kwargs,
+    )
+
+
+def finetune_loss(model: Bert) -> LossFn:
+    def loss_fn(params, batch, rng):
+        logits = forward(model, params, batch, rng).logits
+        return task_loss(logits, batch["labels"], batch["example_mask"]), {}
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+    """A jitted `(state, batch) -> (state, metrics)` that donates the old state."""
+
+    def step(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model: Bert):
+    @jax.jit
+    def step(params, batch):
+        return forward(model, params, batch, None).logits
+
+    return step
+
+
+def evaluate(eval_step, params, split: data.TokenizedSplit, task: str, batch_size: int, buckets):
+    """GLUE metrics of `params` on a whole tokenized split."""
+    outputs = np.zeros((len(split), get_num_outputs(task)), np.float32)
+    for batch in data.eval_batches(split, batch_size, buckets):
+        index = batch.pop("index")
+        logits = np.asarray(eval_step(params, batch))
+        keep = index >= 0
+        outputs[index[keep]] = logits[keep]
+    return metrics.task_metrics(task, outputs, split.labels)
+
+
+def get_num_outputs(task: str) -> int:
+    spec = data.get_task(task)
+    return 1 if spec.is_regression else spec.num_labels
+
+
+def load_task_splits(
+    config: ml_collections.ConfigDict, tokenizer
+) -> tuple[data.TokenizedSplit, dict]:
+    """The tokenized train split (subset if asked) and every eval split of the task."""
+    spec, where = data.get_task(config.task), glue_dir(config)
+    train_ds = data.load_split(config.task, "train", where)
+    if config.train.examples > 0:
+        if config.train.examples > len(train_ds):
+            raise ValueError(f"train.examples={config.train.examples} > {len(train_ds)} rows")
+        rng = np.random.default_rng(config.train.subset_seed)
+        train_ds = train_ds.select(np.sort(rng.permutation(len(train_ds))[: config.train.examples]))
+    train = data.tokenize_split(train_ds, config.task, tokenizer, config.max_length)
+    evals = {
+        s: data.tokenize_split(
+            data.load_split(config.task, s, where), config.task, tokenizer, config.max_length
+        )
+        for s in spec.eval_splits
+    }
+    return train, evals
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(config.tokenizer or config.model))
+
+
+def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
+    outputs = get_num_outputs(config.task)
+    return load_pretrained(
+        config.model,
+        num_labels=outputs,
+        head_seed=config.seed,
+        dtype=config.dtype,
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
+    )
+
+
+def initial_state(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[BertConfig, Bert, optax.GradientTransformation, TrainState]:
+    """The model, optimizer and step-0 train state of a fine-tuning config."""
+    bert_config, params = load_model(config)
+    tx = make_optimizer(config.train, total_steps)
+    state = TrainState(
+        step=jnp.array(0, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(config.seed),
+    )
+    return bert_config, Bert(bert_config), tx, state
+
+
+def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
+    if config.train.steps > 0:
+        return config.train.steps
+    return max(1, math.floor(config.train.epochs * (n_train // config.train.batch_size)))
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_step: int | None = None
+) -> dict:
+    """Fine-tune `config.model` on `config.task`; resumes from `workdir` if it holds a checkpoint.
+
+    `stop_after_step` ends the run early (after checkpointing), as a preemption would.
+    Returns the summary that is also written to `workdir/summary.json`.
+    """
+    run = RunDir(workdir, config)
+    tokenizer = load_tokenizer(config)
+    train_split, eval_splits = load_task_splits(config, tokenizer)
+    steps = total_steps(config, len(train_split))
+    steps_per_epoch = len(train_split) // config.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_split)} train examples < batch size {config.train.batch_size}"
+        )
+    bert_config, model, tx, state = initial_state(config, steps)
+    mngr = checkpoint.manager(run.path / "checkpoints", config.checkpoint_keep)
+    restored = checkpoint.restore_latest(mngr, state)
+    if restored is not None:
+        state = restored
+        log.info("resumed from step %d", int(state.step))
+    train_step = make_train_step(finetune_loss(model), tx)
+    eval_step = make_eval_step(model)
+
+    def evaluate_all(params) -> dict[str, dict[str, float]]:
+        return {
+            name: evaluate(
+                eval_step, params, split, config.task, config.eval.batch_size, config.buckets
+            )
+            for name, split in eval_splits.items()
+        }
+
+    def save_checkpoint(step: int, losses: list) -> None:
+        check_finite(losses, step, mngr)
+        checkpoint.save(mngr, step, state)
+
+    start = int(state.step)
+    last = steps if stop_after_step is None else min(steps, stop_after_step)
+    pending: list[jax.Array] = []
+    real_tokens = padded_tokens = 0
+    t0 = time.perf_counter()
+    window_t, window_tokens = t0, 0
+    order_cache: dict[int, list[np.ndarray]] = {}
+    bar = tqdm(
+        total=steps, initial=start, desc=f"finetune {config.task}", unit="step", disable=None
+    )
+    for step in range(start, last):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in order_cache:
+            order_cache = {
+                epoch: data.epoch_batches(
+                    train_split.lengths,
+                    config.train.batch_size,
+                    config.seed,
+                    epoch,
+                    config.train.sort_window,
+                )
+            }
+        batch = data.make_batch(train_split, order_cache[epoch][position], config.buckets)
+        n_real = int(batch["attention_mask"].sum())
+        real_tokens += n_real
+        window_tokens += n_real
+        padded_tokens += batch["input_ids"].size
+        state, step_metrics = train_step(state, batch)
+        pending.append(step_metrics["loss"])
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == last:
+            losses = [float(x) for x in jax.device_get(pending)]
+            check_finite(losses, done, mngr)
+            now = time.perf_counter()
+            rate = window_tokens / (now - window_t)
+            run.log(
+                step=done,
+                loss=float(np.mean(losses)),
+                grad_norm=float(step_metrics["grad_norm"]),
+                tokens_per_s=rate,
+            )
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", tok_s=f"{rate:.0f}")
+            if bar.disable:  # no terminal: progress goes to the log instead
+                log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, np.mean(losses), rate)
+            pending, window_t, window_tokens = [], now, 0
+        if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
+            run.log(step=done, eval=evaluate_all(state.params))
+        if done % config.checkpoint_every == 0 or done == last:
+            save_checkpoint(done, [])
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    if int(state.step) < steps:
+        log.info(
+            "stopped at step %d of %d; rerun the same command to resume", int(state.step), steps
+        )
+        return {"stopped_at": int(state.step), "steps": steps}
+
+    results = evaluate_all(state.params)
+    run.log(step=steps, eval=results)
+    model_dir = save_pretrained(
+        bert_config,
+        state.params,
+        run.path / "model",
+        tokenizer_dir=resolve_model_dir(config.tokenizer or config.model),
+    )
+    summary = {
+        "task": config.task,
+        "metric": metrics.main_metric(config.task),
+        "value": results[data.get_task(config.task).eval_splits[0]][
+            metrics.main_metric(config.task)
+        ],
+        "eval": results,
+        "steps": steps,
+        "train_examples": len(train_split),
+        "epochs": steps / steps_per_epoch,
+        "train_seconds_this_run": train_seconds,
+        "real_tokens_this_run": real_tokens,
+        "padded_tokens_this_run": padded_tokens,
+        "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
+        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+        "model_dir": str(model_dir),
+    }
+    run.write_summary(summary)
+    return summary
+
+
+def check_finite(losses: list[float], step: int, mngr) -> None:
+    """Stop with a clear message on NaN/inf; the last good checkpoint is left untouched."""
+    if all(math.isfinite(x) for x in losses):
+        return
+    raise FloatingPointError(
+        f"non-finite loss by step {step}; last good checkpoint: step {mngr.latest_step()} "
+        f"in {mngr.directory}. Lower train.lr or check the data."
+    )

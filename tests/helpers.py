@@ -1,0 +1,27 @@
+"""Tiny real-format models for fast tests."""
+
+from pathlib import Path
+
+import jax
+
+from jaxcompress.models.bert import BertConfig, init_params
+from jaxcompress.models.hf import save_pretrained
+
+
+def tiny_config(**changes) -> BertConfig:
+    base = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    return BertConfig(**{**base, **changes})
+
+
+def save_tiny_model(path: Path, tokenizer_dir: Path, seed: int = 0, **changes) -> Path:
+    """A random tiny BERT with the MiniLM vocabulary, saved as a Hugging Face directory."""
+    config = tiny_config(**changes)
+    params = init_params(config, jax.random.key(seed))
+    return save_pretrained(config, params, path, tokenizer_dir=tokenizer_dir)
