@@ -106,7 +106,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+        return new, {"loss": loss, **norms, **aux}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -229,60 +230,49 @@ def train(
             for name, split in eval_splits.items()
         }
 
-    def save_checkpoint(step: int, losses: list) -> None:
-        check_finite(losses, step, mngr)
-        checkpoint.save(mngr, step, state)
-
     start = int(state.step)
     last = steps if stop_after_step is None else min(steps, stop_after_step)
-    pending: list[jax.Array] = []
-    real_tokens = padded_tokens = 0
-    t0 = time.perf_counter()
-    window_t, window_tokens = t0, 0
-    order_cache: dict[int, list[np.ndarray]] = {}
+    unchecked: list[dict] = []  # step metrics since the last finiteness check
+    window: list[dict] = []  # step metrics since the last log line
+    real_tokens = padded_tokens = window_tokens = 0
+    t0 = window_t = time.perf_counter()
+    order: tuple[int, list[np.ndarray]] = (-1, [])
     bar = tqdm(
         total=steps, initial=start, desc=f"finetune {config.task}", unit="step", disable=None
     )
     for step in range(start, last):
         epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in order_cache:
-            order_cache = {
-                epoch: data.epoch_batches(
-                    train_split.lengths,
-                    config.train.batch_size,
-                    config.seed,
-                    epoch,
-                    config.train.sort_window,
-                )
-            }
-        batch = data.make_batch(train_split, order_cache[epoch][position], config.buckets)
+        if order[0] != epoch:
+            lengths, size = train_split.lengths, config.train.batch_size
+            order = (
+                epoch,
+                data.epoch_batches(lengths, size, config.seed, epoch, config.train.sort_window),
+            )
+        batch = data.make_batch(train_split, order[1][position], config.buckets)
         n_real = int(batch["attention_mask"].sum())
-        real_tokens += n_real
-        window_tokens += n_real
+        real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
         padded_tokens += batch["input_ids"].size
         state, step_metrics = train_step(state, batch)
-        pending.append(step_metrics["loss"])
+        unchecked.append(step_metrics)
         done = step + 1
         bar.update(1)
         if done % config.log_every == 0 or done == last:
-            losses = [float(x) for x in jax.device_get(pending)]
-            check_finite(losses, done, mngr)
+            window += check_finite(unchecked, done, mngr)
+            unchecked = []
             now = time.perf_counter()
             rate = window_tokens / (now - window_t)
-            run.log(
-                step=done,
-                loss=float(np.mean(losses)),
-                grad_norm=float(step_metrics["grad_norm"]),
-                tokens_per_s=rate,
-            )
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", tok_s=f"{rate:.0f}")
+            loss = float(np.mean([m["loss"] for m in window]))
+            run.log(step=done, loss=loss, grad_norm=window[-1]["grad_norm"], tokens_per_s=rate)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
             if bar.disable:  # no terminal: progress goes to the log instead
-                log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, np.mean(losses), rate)
-            pending, window_t, window_tokens = [], now, 0
+                log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, loss, rate)
+            window, window_t, window_tokens = [], now, 0
         if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
             run.log(step=done, eval=evaluate_all(state.params))
         if done % config.checkpoint_every == 0 or done == last:
-            save_checkpoint(done, [])
+            window += check_finite(unchecked, done, mngr)
+            unchecked = []
+            checkpoint.save(mngr, done, state)
     bar.close()
     train_seconds = time.perf_counter() - t0
     if int(state.step) < steps:
@@ -320,11 +310,13 @@ def train(
     return summary
 
 
-def check_finite(losses: list[float], step: int, mngr) -> None:
-    """Stop with a clear message on NaN/inf; the last good checkpoint is left untouched."""
-    if all(math.isfinite(x) for x in losses):
-        return
-    raise FloatingPointError(
-        f"non-finite loss by step {step}; last good checkpoint: step {mngr.latest_step()} "
-        f"in {mngr.directory}. Lower train.lr or check the data."
-    )
+def check_finite(step_metrics: list[dict], step: int, mngr) -> list[dict]:
+    """The metrics as floats; stops on a NaN/inf loss or parameter, before it is checkpointed."""
+    values = [{k: float(v) for k, v in m.items()} for m in jax.device_get(step_metrics)]
+    for m in values:
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["param_norm"])):
+            raise FloatingPointError(
+                f"non-finite loss or parameters by step {step}; last good checkpoint: step "
+                f"{mngr.latest_step()} in {mngr.directory}. Lower train.lr or check the data."
+            )
+    return values

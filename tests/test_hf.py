@@ -130,7 +130,9 @@ def test_shape_mismatch_names_the_parameter(tmp_path, minilm_dir):
     config = json.loads((model_dir / "config.json").read_text())
     config["intermediate_size"] = 48
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"parameter bert/encoder/layer/0/intermediate/dense/(kernel|bias)"):
+    with pytest.raises(
+        ValueError, match=r"parameter bert/encoder/layer/0/intermediate/dense/(kernel|bias)"
+    ):
         load_pretrained(model_dir)
 
 

@@ -1,0 +1,254 @@
+"""Training speed: jaxcompress (jitted, length-bucketed) against Hugging Face PyTorch, same machine.
+
+  JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
+    python benchmarks/train_speed.py
+
+Two comparisons, both in this one process, one after the other:
+1. One optimizer step at identical shapes (MiniLM, batch 32, sequence 64 and 128, no padding):
+   our jitted train step vs `BertForSequenceClassification` in PyTorch eager with AdamW.
+   Median of timed steps after warm-up.
+2. One pass over the same fixed slice of the SST-2 train set: `jaxcompress` fine-tuning
+   (length bucketing) vs the Hugging Face `Trainer` with dynamic padding (each batch padded to
+   its longest example), same hyperparameters. Wall time of the training loop, compile included.
+Writes benchmarks/results/train_speed.json with `ratio_vs_pytorch` = our throughput / theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from jaxcompress import data, train
+from jaxcompress.config import glue_dir, load_config
+from jaxcompress.models.bert import Bert
+from jaxcompress.models.hf import load_pretrained, resolve_model_dir
+from jaxcompress.results import write_result
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def time_jax_step(config, batch_size: int, length: int, steps: int) -> float:
+    """Median seconds of one jitted train step (forward, backward, AdamW) at a fixed shape."""
+    bert_config, params = load_pretrained(MODEL, num_labels=2)
+    tx = train.make_optimizer(config.train, 10_000)
+    state = train.TrainState(jnp.array(0), params, tx.init(params), jax.random.PRNGKey(0))
+    step = train.make_train_step(train.finetune_loss(Bert(bert_config)), tx)
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(1000, 30000, (batch_size, length)).astype(np.int32),
+        "attention_mask": np.ones((batch_size, length), np.int32),
+        "token_type_ids": np.zeros((batch_size, length), np.int32),
+        "labels": rng.integers(0, 2, batch_size).astype(np.int32),
+        "example_mask": np.ones(batch_size, np.float32),
+    }
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_torch_step(config, batch_size: int, length: int, steps: int) -> float:
+    """Median seconds of one PyTorch eager step of HF BertForSequenceClassification."""
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        resolve_model_dir(MODEL), num_labels=2
+    )
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(1000, 30000, (batch_size, length)))
+    labels = torch.tensor(rng.integers(0, 2, batch_size))
+    mask = torch.ones_like(ids)
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def same_shape_rows(config, steps: int) -> list[dict]:
+    rows = []
+    for length in (64, 128):
+        ours = time_jax_step(config, 32, length, steps)
+        theirs = time_torch_step(config, 32, length, steps)
+        tokens = 32 * length
+        rows.append(
+            {
+                "name": f"train_step_b32_l{length}",
+                "comparison": "one optimizer step at identical shapes, no padding",
+                "batch_size": 32,
+                "seq_len": length,
+                "ours_step_s": ours,
+                "pytorch_step_s": theirs,
+                "ours_tokens_per_s": tokens / ours,
+                "pytorch_tokens_per_s": tokens / theirs,
+                "ratio_vs_pytorch": theirs / ours,
+                "timed_steps": steps,
+            }
+        )
+        print(f"L={length}: ours {ours * 1e3:.0f} ms/step, pytorch {theirs * 1e3:.0f} ms/step")
+    return rows
+
+
+class CountingCollator:
+    """Dynamic padding (pad to the batch's longest example) that counts padded tokens."""
+
+    def __init__(self, tokenizer):
+        self.inner = transformers.DataCollatorWithPadding(tokenizer)
+        self.padded_tokens = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.padded_tokens += batch["input_ids"].numel()
+        return batch
+
+
+def trainer_pass(config, split: data.TokenizedSplit, workdir: Path) -> dict:
+    """One pass of the HF Trainer over the slice; returns its timing and saved model."""
+    import datasets
+
+    rows = datasets.Dataset.from_dict(
+        {
+            "input_ids": [x.tolist() for x in split.input_ids],
+            "token_type_ids": [x.tolist() for x in split.token_type_ids],
+            "attention_mask": [[1] * len(x) for x in split.input_ids],
+            "labels": split.labels.tolist(),
+        }
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_dir(MODEL))
+    collator = CountingCollator(tokenizer)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        resolve_model_dir(MODEL), num_labels=2
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(workdir / "hf_trainer"),
+        per_device_train_batch_size=config.train.batch_size,
+        num_train_epochs=1,
+        learning_rate=config.train.lr,
+        weight_decay=config.train.weight_decay,
+        warmup_steps=int(config.train.warmup_ratio * len(split) / config.train.batch_size),
+        max_grad_norm=config.train.clip_norm,
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=50,
+        seed=config.seed,
+        use_cpu=True,
+        dataloader_drop_last=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=collator
+    )
+    t0 = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - t0
+    out = workdir / "hf_trainer_model"
+    trainer.save_model(str(out))
+    return {
+        "wall_s": wall,
+        "steps": result.global_step,
+        "padded_tokens": collator.padded_tokens,
+        "model_dir": out,
+    }
+
+
+def dev_accuracy(config, model_dir: Path) -> float:
+    tokenizer = train.load_tokenizer(config)
+    dev = data.load_split("sst2", "validation", glue_dir(config))
+    split = data.tokenize_split(dev, "sst2", tokenizer, config.max_length)
+    bert_config, params = load_pretrained(model_dir)
+    step = train.make_eval_step(Bert(bert_config))
+    return train.evaluate(step, params, split, "sst2", 64, config.buckets)["accuracy"]
+
+
+def slice_row(config, examples: int, workdir: Path) -> dict:
+    with config.unlocked():
+        config.train.examples = examples
+        config.checkpoint_every = 10**9
+        config.log_every = 50
+    tokenizer = train.load_tokenizer(config)
+    split, _ = train.load_task_splits(config, tokenizer)
+    real_tokens = int(split.lengths.sum())
+
+    theirs = trainer_pass(config, split, workdir)
+    theirs_acc = dev_accuracy(config, theirs["model_dir"])
+    ours = train.train(config, workdir / "jaxcompress")
+    ours_examples = ours["steps"] * config.train.batch_size
+    theirs_examples = theirs["steps"] * config.train.batch_size
+    ours_rate = ours_examples / ours["train_seconds_this_run"]
+    theirs_rate = theirs_examples / theirs["wall_s"]
+    print(f"slice: ours {ours_rate:.1f} ex/s, HF Trainer {theirs_rate:.1f} ex/s")
+    return {
+        "name": f"sst2_slice_{examples}",
+        "comparison": "one pass over a fixed SST-2 train slice: length bucketing vs HF Trainer "
+        "with dynamic padding",
+        "train_examples": examples,
+        "train_subset": f"random subset, subset_seed={config.train.subset_seed}",
+        "real_tokens": real_tokens,
+        "batch_size": config.train.batch_size,
+        "ours_steps": ours["steps"],
+        "pytorch_steps": theirs["steps"],
+        "ours_wall_s": ours["train_seconds_this_run"],
+        "pytorch_wall_s": theirs["wall_s"],
+        "ours_examples_per_s": ours_rate,
+        "pytorch_examples_per_s": theirs_rate,
+        "ours_padded_tokens": ours["padded_tokens_this_run"],
+        "pytorch_padded_tokens": theirs["padded_tokens"],
+        "ours_padding_ratio": ours["padded_tokens_this_run"] / ours["real_tokens_this_run"],
+        "pytorch_padding_ratio": theirs["padded_tokens"] / real_tokens,
+        "ours_dev_accuracy": ours["value"],
+        "pytorch_dev_accuracy": theirs_acc,
+        "ratio_vs_pytorch": ours_rate / theirs_rate,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=10_000)
+    parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--skip-slice", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/train_speed.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    config = load_config(str(REPO / "configs/finetune.py:sst2"))
+    t0 = time.perf_counter()
+    rows = same_shape_rows(config, args.timed_steps)
+    if not args.skip_slice:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(slice_row(config, args.examples, Path(tmp)))
+    write_result(
+        args.out,
+        "train_speed",
+        {
+            "model": MODEL,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rows": rows,
+            "wall_s": time.perf_counter() - t0,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The `jaxcompress` command end to end on a tiny model: finetune, eval, export."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxcompress.cli import main
+
+from .helpers import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_finetune_eval_export(tmp_path, minilm_dir, glue_dir, capsys, monkeypatch):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    model = save_tiny_model(tmp_path / "tiny", minilm_dir)
+    workdir = tmp_path / "run"
+    overrides = [
+        f"model={model}",
+        "train.examples=64",
+        "train.batch_size=16",
+        "train.steps=3",
+        "checkpoint_every=2",
+        "eval.batch_size=128",
+    ]
+    args = ["finetune", "--config", f"{REPO}/configs/finetune.py:sst2", "--workdir", str(workdir)]
+    assert main(args + [x for o in overrides for x in ("--set", o)]) == 0
+    table = capsys.readouterr().out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert f"| validation | accuracy | {summary['value']:.4f} |" in table
+
+    assert main(["eval", "--model", str(workdir / "model"), "--task", "sst2"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated == summary["eval"]
+
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
+    a = load_file(workdir / "model" / "model.safetensors")
+    b = load_file(tmp_path / "exported" / "model.safetensors")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_bad_override_fails_before_writing(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["finetune", "--config", f"{REPO}/configs/finetune.py", "--workdir", str(workdir)]
+    with pytest.raises(KeyError, match="did you mean 'lr'"):
+        main(args + ["--set", "train.lrr=1e-3"])
+    assert not workdir.exists()

@@ -1,0 +1,67 @@
+"""Configs: strict keys, typed overrides, quick variants."""
+
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from jaxcompress.config import (
+    apply_overrides,
+    config_from_json,
+    finetune_defaults,
+    load_config,
+    merge,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_finetune_config_loads_with_overrides():
+    config = load_config(str(REPO / "configs/finetune.py:sst2,quick"), ["train.lr=3e-5", "seed=7"])
+    assert config.train.lr == 3e-5 and config.seed == 7
+    assert config.train.steps == 300 and config.train.examples == 9600
+    assert config.task == "sst2" and config.buckets == finetune_defaults().buckets
+
+
+def test_unknown_key_in_config_file_fails(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import ml_collections\n"
+        "def get_config(arg=''):\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.train = ml_collections.ConfigDict({'lrr': 1e-4})\n"
+        "    return c\n"
+    )
+    with pytest.raises(KeyError, match=r"train\.unknown config key 'lrr'; did you mean 'lr'"):
+        load_config(str(bad))
+
+
+def test_unknown_or_mistyped_override_fails():
+    config = merge(finetune_defaults(), ml_collections.ConfigDict())
+    with pytest.raises(KeyError, match="did you mean 'batch_size'"):
+        apply_overrides(config, ["train.batchsize=8"])
+    with pytest.raises(KeyError, match="unknown config key 'nope.lr'"):
+        apply_overrides(config, ["nope.lr=1"])
+    with pytest.raises(TypeError, match="'task' is str"):
+        apply_overrides(config, ["task=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(config, ["train.lr"])
+    apply_overrides(config, ["train.lr=1", "buckets=[8,16]", "task=cola"])
+    assert config.train.lr == 1.0 and config.buckets == (8, 16) and config.task == "cola"
+
+
+def test_missing_config_file_and_missing_get_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "none.py"))
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(AttributeError, match="get_config"):
+        load_config(str(empty))
+
+
+def test_saved_config_round_trips():
+    config = load_config(str(REPO / "configs/finetune.py:sst2"), ["buckets=[16,32]"])
+    import json
+
+    again = config_from_json(json.loads(json.dumps(config.to_dict(), default=list)))
+    assert again.to_dict() == config.to_dict()

@@ -1,0 +1,113 @@
+"""The fine-tuning loop on a tiny model and real SST-2 slices: resume, NaN stop, determinism."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxcompress import checkpoint
+from jaxcompress.config import finetune_defaults, merge
+from jaxcompress.train import make_optimizer, train
+
+from .helpers import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm_dir):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", minilm_dir)
+
+
+def tiny_run_config(model_dir, glue_dir, **train_changes):
+    c = ml_collections.ConfigDict()
+    c.model = str(model_dir)
+    c.glue_dir = str(glue_dir)
+    c.task = "sst2"
+    c.max_length = 64
+    c.buckets = (16, 32, 64)
+    c.log_every = 2
+    c.checkpoint_every = 2
+    c.checkpoint_keep = 5
+    c.train = ml_collections.ConfigDict(
+        {"examples": 32, "batch_size": 8, "steps": 6, "lr": 1e-3, **train_changes}
+    )
+    c.eval = ml_collections.ConfigDict({"batch_size": 128})
+    return merge(finetune_defaults(), c)
+
+
+def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir):
+    config = tiny_run_config(tiny_model, glue_dir)
+    straight = train(config, tmp_path / "straight")
+    partial = train(config, tmp_path / "resumed", stop_after_step=3)  # mid-epoch (4 steps/epoch)
+    assert partial == {"stopped_at": 3, "steps": 6}
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    resumed = train(config, tmp_path / "resumed")
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert straight["eval"] == resumed["eval"]
+    before = load_file(tiny_model / "model.safetensors")
+    assert not np.array_equal(before["bert.pooler.dense.weight"], a["bert.pooler.dense.weight"])
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["train_examples"] == 32
+    assert 0.0 <= summary["value"] <= 1.0 and summary["config"]["task"] == "sst2"
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "loss" in x] == [2, 4, 6]
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path, tiny_model, glue_dir):
+    config = tiny_run_config(tiny_model, glue_dir, steps=2)
+    first = train(config, tmp_path / "a")
+    again = train(config, tmp_path / "b")
+    assert first["eval"] == again["eval"]
+    with config.unlocked():
+        config.seed = 1
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    train(config, tmp_path / "c")
+    c = load_file(tmp_path / "c" / "model" / "model.safetensors")
+    assert not np.array_equal(a["classifier.weight"], c["classifier.weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model, glue_dir):
+    # Warmup starts at lr 0, so step 1 is harmless and checkpointed; step 2 overflows.
+    config = tiny_run_config(tiny_model, glue_dir, lr=1e38, warmup_ratio=0.5)
+    with config.unlocked():
+        config.checkpoint_every = 1
+        config.log_every = 100
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train(config, tmp_path / "run")
+    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    assert not (tmp_path / "run" / "model").exists()
+    assert mngr.latest_step() == 1
+    leaves = jax.tree_util.tree_leaves(mngr.restore(1)["params"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+
+
+def test_run_dir_refuses_a_different_config(tmp_path, tiny_model, glue_dir):
+    config = tiny_run_config(tiny_model, glue_dir, steps=1)
+    train(config, tmp_path / "run")
+    other = tiny_run_config(tiny_model, glue_dir, steps=2)
+    with pytest.raises(ValueError, match="different config"):
+        train(other, tmp_path / "run")
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    import jax.numpy as jnp
+
+    train_cfg = finetune_defaults().train
+    tx = make_optimizer(train_cfg, 100)
+    params = {"w": jnp.ones(3), "bias": jnp.ones(3)}
+    state = tx.init(params)
+    lrs = []
+    for _ in range(100):
+        grads = {"w": jnp.ones(3), "bias": jnp.ones(3)}
+        updates, state = tx.update(grads, state, params)
+        lrs.append(float(-updates["bias"][0]))  # no weight decay on biases: |update| ~ lr
+    assert lrs[0] == pytest.approx(0.0, abs=1e-9)
+    assert max(lrs) == pytest.approx(train_cfg.lr, rel=0.02)
+    assert int(np.argmax(lrs)) == 6  # 6% warmup
+    assert lrs[-1] < train_cfg.lr * 0.02
