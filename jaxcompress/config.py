@@ -22,7 +22,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.task = "sst2"
     c.glue_dir = ""  # '' = $JAXCOMPRESS_GLUE_DIR, else the `nyu-mll/glue` hub dataset
     c.max_length = 128
-    c.buckets = (16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
+    c.buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
     c.seed = 0
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.dropout = 0.1  # hidden and attention dropout

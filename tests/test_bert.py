@@ -102,7 +102,8 @@ def test_compressed_shapes_are_expressible():
         heads_per_layer=(4, 2, 2),
         intermediate_per_layer=(64, 16, 16),
         embedding_size=8,
-        layer_groups=(0, 1, 1),
+        attention_groups=(0, 1, 1),
+        ffn_groups=(0, 1, 1),
         low_rank=(("bert/encoder/layer/0/intermediate/dense", 5),),
     )
     flat = {
@@ -121,8 +122,8 @@ def test_compressed_shapes_are_expressible():
 def test_config_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="heads_per_layer has 1 entries, expected 2"):
         tiny_config(heads_per_layer=(4,))
-    with pytest.raises(ValueError, match="share group 0 but differ"):
-        tiny_config(layer_groups=(0, 0), heads_per_layer=(4, 2))
+    with pytest.raises(ValueError, match="share attention group 0 but differ"):
+        tiny_config(attention_groups=(0, 0), heads_per_layer=(4, 2))
     with pytest.raises(ValueError, match="dtype"):
         tiny_config(dtype="float64")
     with pytest.raises(ValueError, match="not a multiple"):

@@ -74,7 +74,8 @@ def test_compressed_model_exports_its_dense_equivalent(tmp_path, minilm_dir):
         heads_per_layer=(4, 2, 2),
         intermediate_per_layer=(64, 16, 16),
         embedding_size=8,
-        layer_groups=(0, 1, 1),
+        attention_groups=(0, 1, 1),
+        ffn_groups=(0, 1, 1),
         low_rank=(("bert/encoder/layer/0/output/dense", 5),),
     )
     params = init_params(config, jax.random.key(0))

@@ -55,14 +55,18 @@ class BertConfig:
     heads_per_layer: tuple[int, ...] | None = None  # after head pruning
     intermediate_per_layer: tuple[int, ...] | None = None  # after FFN-neuron pruning
     embedding_size: int | None = None  # ALBERT factorized embedding E (V x E then E x H)
-    layer_groups: tuple[int, ...] | None = None  # layer -> parameter group (cross-layer sharing)
+    # Cross-layer sharing: layer -> parameter group of its attention block and of its FFN block.
+    # Group g's parameters live under encoder/layer/g. `None` means no sharing.
+    attention_groups: tuple[int, ...] | None = None
+    ffn_groups: tuple[int, ...] | None = None
     # Low-rank dense layers: (module path, rank), e.g. ("bert/encoder/layer/0/output/dense", 96).
     low_rank: tuple[tuple[str, int], ...] = ()
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
-        for name in ("heads_per_layer", "intermediate_per_layer", "layer_groups"):
+        names = ("heads_per_layer", "intermediate_per_layer", "attention_groups", "ffn_groups")
+        for name in names:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(int(v) for v in value))
@@ -76,16 +80,18 @@ class BertConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}; set head_size"
             )
-        if self.layer_groups is not None:
-            groups = self.layer_groups
-            if sorted(set(groups)) != list(range(max(groups) + 1)):
-                raise ValueError(f"layer_groups {groups} must use every group 0..k-1")
+        for kind, size_of in (("attention", self.layer_heads), ("ffn", self.layer_intermediate)):
+            groups = getattr(self, f"{kind}_groups")
+            if groups is None:
+                continue
+            if any(g < 0 or g >= n for g in groups):
+                raise ValueError(f"{kind}_groups {groups} must name groups in 0..{n - 1}")
             for layer, group in enumerate(groups):
                 first = groups.index(group)
-                if self.layer_heads(layer) != self.layer_heads(first) or self.layer_intermediate(
-                    layer
-                ) != self.layer_intermediate(first):
-                    raise ValueError(f"layers {first} and {layer} share group {group} but differ")
+                if size_of(layer) != size_of(first):
+                    raise ValueError(
+                        f"layers {first} and {layer} share {kind} group {group} but differ in size"
+                    )
 
     @property
     def attention_head_size(self) -> int:
@@ -103,8 +109,11 @@ class BertConfig:
             return self.intermediate_per_layer[layer]
         return self.intermediate_size
 
-    def layer_group(self, layer: int) -> int:
-        return self.layer_groups[layer] if self.layer_groups else layer
+    def attention_group(self, layer: int) -> int:
+        return self.attention_groups[layer] if self.attention_groups else layer
+
+    def ffn_group(self, layer: int) -> int:
+        return self.ffn_groups[layer] if self.ffn_groups else layer
 
     def rank_of(self, module_path: str) -> int | None:
         return dict(self.low_rank).get(module_path)
@@ -281,36 +290,101 @@ class Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
+    """One encoder layer: `attend` and `feed_forward` can be called on different instances,
+    which is how attention-only or FFN-only sharing reuses one group's half of a layer.
+
+    Returns `(x, (x, probs))` so that `nn.scan` can stack hidden states and attentions.
+    """
+
     config: BertConfig
     heads: int
     width: int
+    deterministic: bool
 
-    @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def setup(self):
         cfg = self.config
-        x, probs = AttentionBlock(cfg, self.heads, name="attention")(x, bias, deterministic)
-        h = Intermediate(cfg, self.width, name="intermediate")(x)
-        return AddNorm(cfg, MLP, name="output")(h, x, deterministic), probs
+        self.attention = AttentionBlock(cfg, self.heads)
+        self.intermediate = Intermediate(cfg, self.width)
+        self.output = AddNorm(cfg, MLP)
+
+    def attend(self, x, bias):
+        return self.attention(x, bias, self.deterministic)
+
+    def feed_forward(self, x):
+        return self.output(self.intermediate(x), x, self.deterministic)
+
+    def __call__(self, x, bias):
+        x, probs = self.attend(x, bias)
+        x = self.feed_forward(x)
+        return x, (x, probs)
+
+
+def _consecutive_runs(groups: Sequence[int]) -> list[tuple[int, int]] | None:
+    """(group, repeats) per run if every group occupies one contiguous run, else None."""
+    runs: list[tuple[int, int]] = []
+    for g in groups:
+        if runs and runs[-1][0] == g:
+            runs[-1] = (g, runs[-1][1] + 1)
+        elif any(g == seen for seen, _ in runs):
+            return None
+        else:
+            runs.append((g, 1))
+    return runs
 
 
 class LayerStack(nn.Module):
-    """HF's `encoder.layer`: layers in one group (cross-layer sharing) call the same module."""
+    """HF's `encoder.layer`, with cross-layer sharing.
+
+    When whole layers are shared in contiguous runs (all layers one group, or every k
+    consecutive layers a group), each run is an `nn.scan` over one set of parameters, so jit
+    compiles the layer once per group instead of once per layer.
+    """
 
     config: BertConfig
+    deterministic: bool
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool, output_hidden_states: bool):
-        cfg = self.config
-        groups: dict[int, Layer] = {}
+    def __call__(self, x, bias):
+        cfg, n = self.config, self.config.num_hidden_layers
+        attention_groups = [cfg.attention_group(i) for i in range(n)]
+        ffn_groups = [cfg.ffn_group(i) for i in range(n)]
+        runs = _consecutive_runs(attention_groups) if attention_groups == ffn_groups else None
         hidden_states, attentions = [x], []
-        for i in range(cfg.num_hidden_layers):
-            g = cfg.layer_group(i)
-            if g not in groups:
-                heads, width = cfg.layer_heads(i), cfg.layer_intermediate(i)
-                groups[g] = Layer(cfg, heads, width, name=str(g))
-            x, probs = groups[g](x, bias, deterministic)
-            if output_hidden_states:
-                hidden_states.append(x)
+        if runs is not None and any(repeats > 1 for _, repeats in runs):
+            for group, repeats in runs:
+                layer = attention_groups.index(group)
+                sizes = (cfg.layer_heads(layer), cfg.layer_intermediate(layer))
+                scanned = nn.scan(
+                    Layer,
+                    variable_broadcast="params",
+                    split_rngs={"params": False, "dropout": True},
+                    in_axes=nn.broadcast,
+                    length=repeats,
+                )
+                x, (xs, probs) = scanned(cfg, *sizes, self.deterministic, name=str(group))(x, bias)
+                hidden_states += list(xs)
+                attentions += list(probs)
+            return x, tuple(hidden_states), tuple(attentions)
+
+        modules: dict[int, Layer] = {}
+
+        def module(group: int, layer: int) -> Layer:
+            if group not in modules:
+                heads = (
+                    cfg.layer_heads(attention_groups.index(group))
+                    if group in attention_groups
+                    else 0
+                )
+                width = (
+                    cfg.layer_intermediate(ffn_groups.index(group)) if group in ffn_groups else 0
+                )
+                modules[group] = Layer(cfg, heads, width, self.deterministic, name=str(group))
+            return modules[group]
+
+        for i in range(n):
+            x, probs = module(attention_groups[i], i).attend(x, bias)
+            x = module(ffn_groups[i], i).feed_forward(x)
+            hidden_states.append(x)
             attentions.append(probs)
         return x, tuple(hidden_states), tuple(attentions)
 
@@ -319,8 +393,8 @@ class Encoder(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool, output_hidden_states: bool):
-        return LayerStack(self.config, name="layer")(x, bias, deterministic, output_hidden_states)
+    def __call__(self, x, bias, deterministic: bool):
+        return LayerStack(self.config, deterministic, name="layer")(x, bias)
 
 
 class Pooler(nn.Module):
@@ -338,14 +412,12 @@ class BertBackbone(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic, output_hidden):
+    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
         cfg = self.config
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         neg = jnp.finfo(jnp.float32).min
         bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg)
-        x, hidden, attn = Encoder(cfg, name="encoder")(
-            x, bias_Bx1x1xL, deterministic, output_hidden
-        )
+        x, hidden, attn = Encoder(cfg, name="encoder")(x, bias_Bx1x1xL, deterministic)
         return x, Pooler(cfg, name="pooler")(x), hidden, attn
 
 
@@ -375,7 +447,7 @@ class Bert(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         last, pooled, hidden, attn = BertBackbone(cfg, name="bert")(
-            input_ids, attention_mask, token_type_ids, deterministic, output_hidden_states
+            input_ids, attention_mask, token_type_ids, deterministic
         )
         logits = None
         if cfg.num_labels > 0:

@@ -213,10 +213,13 @@ def dense_equivalent(config: BertConfig, params: dict) -> tuple[BertConfig, dict
     out: dict[str, np.ndarray] = {}
     width = config.intermediate_size
     for i in range(config.num_hidden_layers):
-        src, dst = f"bert/encoder/layer/{config.layer_group(i)}/", f"bert/encoder/layer/{i}/"
-        for path, value in flat.items():
-            if path.startswith(src):
-                out[dst + path[len(src) :]] = value
+        dst = f"bert/encoder/layer/{i}/"
+        for half, group in (("attention/", config.attention_group(i)), ("", config.ffn_group(i))):
+            src = f"bert/encoder/layer/{group}/"
+            for path, value in flat.items():
+                rest = path[len(src) :]
+                if path.startswith(src) and (rest.startswith("attention/") == bool(half)):
+                    out[dst + rest] = value
     for path, value in flat.items():
         if not path.startswith("bert/encoder/layer/"):
             out[path] = value
@@ -234,7 +237,8 @@ def dense_equivalent(config: BertConfig, params: dict) -> tuple[BertConfig, dict
         _pad_width(out, qkv, layer + "attention/output/dense", config.num_attention_heads * d)
     dense = config.replace(
         embedding_size=None,
-        layer_groups=None,
+        attention_groups=None,
+        ffn_groups=None,
         low_rank=(),
         intermediate_per_layer=None,
         heads_per_layer=None,
