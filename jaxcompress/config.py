@@ -26,6 +26,14 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.dropout = 0.1  # hidden and attention dropout
+    # Structure transforms applied to the loaded model, in order, e.g. ("low_rank(fraction=0.5)",)
+    # (names and arguments: jaxcompress/transforms.py).
+    c.transforms = ()
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # '' = plain fine-tuning; else a model directory or hub id
+    c.distill.alpha = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation loss
+    c.distill.temperature = 2.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32
@@ -46,6 +54,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     c.eval.every_steps = 0  # 0 = only at the end
 
+    # Persistent XLA compilation cache shared by runs ('' = off): each bucket shape of the train
+    # step takes ~10 s to compile on CPU, which a cache pays once per machine, not once per run.
+    c.compile_cache = "~/.cache/jaxcompress/xla"
     c.log_every = 50
     c.checkpoint_every = 500
     c.checkpoint_keep = 2

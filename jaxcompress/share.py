@@ -34,11 +34,14 @@ def unshare(config: BertConfig, params: dict) -> tuple[BertConfig, dict]:
     flat = flatten_dict(params, sep="/")
     out = {k: v for k, v in flat.items() if not k.startswith(_LAYER)}
     for layer in range(config.num_hidden_layers):
-        for group, attention in ((config.attention_group(layer), True), (config.ffn_group(layer), False)):
+        for group, attention in (
+            (config.attention_group(layer), True),
+            (config.ffn_group(layer), False),
+        ):
             src = f"{_LAYER}{group}/"
             for path, value in flat.items():
                 if path.startswith(src) and _is_attention(path[len(src) :]) == attention:
-                    out[f"{_LAYER}{layer}/{path[len(src):]}"] = value
+                    out[f"{_LAYER}{layer}/{path[len(src) :]}"] = value
     return config.replace(attention_groups=None, ffn_groups=None), unflatten_dict(out, sep="/")
 
 
@@ -75,11 +78,11 @@ def share_layers(
     ffn_groups = _normalise(ffn_groups, n, "ffn_groups")
     flat = flatten_dict(params, sep="/")
     out = {k: v for k, v in flat.items() if not k.startswith(_LAYER)}
-    for groups, attention in ((attention_groups, True), (ffn_groups, False)):
-        groups = groups or tuple(range(n))
+    for given, attention in ((attention_groups, True), (ffn_groups, False)):
+        groups = given or tuple(range(n))
         for group in sorted(set(groups)):
             members = [layer for layer in range(n) if groups[layer] == group]
-            sources = _init_sources(members, init)
+            sources = members if given is None else _init_sources(members, init)
             prefix = f"{_LAYER}{members[0]}/"
             for path in flat:
                 rest = path[len(prefix) :]

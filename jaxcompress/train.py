@@ -17,7 +17,7 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from jaxcompress import checkpoint, data, metrics
+from jaxcompress import artefact, checkpoint, data, distill, metrics, transforms
 from jaxcompress.config import glue_dir
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
@@ -89,20 +89,37 @@ def forward(model: Bert, params, batch: Batch, rng: jax.Array | None, **kwargs):
     )
 
 
-def finetune_loss(model: Bert) -> LossFn:
-    def loss_fn(params, batch, rng):
+def finetune_loss(model: Bert, teacher: Bert | None = None, alpha: float = 0.5, temperature=2.0):
+    """Task loss, mixed with logit distillation from `teacher` when one is given.
+
+    The loss takes `(params, batch, rng, teacher_params)`; the teacher runs in the same
+    jitted step, deterministic and without gradient.
+    """
+
+    def loss_fn(params, batch, rng, teacher_params):
         logits = forward(model, params, batch, rng).logits
-        return task_loss(logits, batch["labels"], batch["example_mask"]), {}
+        loss = task_loss(logits, batch["labels"], batch["example_mask"])
+        if teacher is None:
+            return loss, {}
+        teacher_logits = jax.lax.stop_gradient(forward(teacher, teacher_params, batch, None).logits)
+        if logits.shape[-1] == 1:
+            kd = distill.logit_mse(logits, teacher_logits, batch["example_mask"])
+        else:
+            kd = distill.soft_cross_entropy(
+                logits, teacher_logits, batch["example_mask"], temperature
+            )
+        return (1 - alpha) * loss + alpha * kd, {"task_loss": loss, "kd_loss": kd}
 
     return loss_fn
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
-    """A jitted `(state, batch) -> (state, metrics)` that donates the old state."""
+    """A jitted `(state, batch, teacher_params) -> (state, metrics)` that donates the state."""
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, batch: Batch, teacher_params=None):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, aux), grads = grad_fn(state.params, batch, rng, teacher_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -163,16 +180,38 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     return AutoTokenizer.from_pretrained(resolve_model_dir(config.tokenizer or config.model))
 
 
+def load_any(name_or_path: str, **kwargs) -> tuple[BertConfig, dict]:
+    """A jaxcompress model directory (compressed shapes kept) or a Hugging Face one."""
+    if (Path(name_or_path) / artefact.CONFIG_FILE).exists():
+        bert_config, params = artefact.load(name_or_path)
+        head = kwargs.pop("num_labels", bert_config.num_labels)
+        if head != bert_config.num_labels:
+            raise ValueError(f"{name_or_path} has {bert_config.num_labels} outputs, need {head}")
+        kwargs.pop("head_seed", None)
+        return bert_config.replace(**kwargs), params
+    return load_pretrained(name_or_path, **kwargs)
+
+
 def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
-    outputs = get_num_outputs(config.task)
-    return load_pretrained(
+    """The model to train: `config.model`, then `config.transforms` applied in order."""
+    bert_config, params = load_any(
         config.model,
-        num_labels=outputs,
+        num_labels=get_num_outputs(config.task),
         head_seed=config.seed,
         dtype=config.dtype,
         hidden_dropout_prob=config.dropout,
         attention_probs_dropout_prob=config.dropout,
     )
+    return transforms.from_specs(config.transforms)(bert_config, params)
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple[None, None]:
+    if not config.distill.teacher:
+        return None, None
+    teacher_config, teacher_params = load_any(config.distill.teacher, dtype=config.dtype)
+    if teacher_config.num_labels != get_num_outputs(config.task):
+        raise ValueError(f"teacher {config.distill.teacher} has the wrong number of outputs")
+    return Bert(teacher_config), teacher_params
 
 
 def initial_state(
@@ -205,6 +244,7 @@ def train(
     Returns the summary that is also written to `workdir/summary.json`.
     """
     run = RunDir(workdir, config)
+    enable_compile_cache(config.compile_cache)
     tokenizer = load_tokenizer(config)
     train_split, eval_splits = load_task_splits(config, tokenizer)
     steps = total_steps(config, len(train_split))
@@ -219,7 +259,9 @@ def train(
     if restored is not None:
         state = restored
         log.info("resumed from step %d", int(state.step))
-    train_step = make_train_step(finetune_loss(model), tx)
+    teacher, teacher_params = load_teacher(config)
+    d = config.distill
+    train_step = make_train_step(finetune_loss(model, teacher, d.alpha, d.temperature), tx)
     eval_step = make_eval_step(model)
 
     def evaluate_all(params) -> dict[str, dict[str, float]]:
@@ -252,7 +294,7 @@ def train(
         n_real = int(batch["attention_mask"].sum())
         real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
         padded_tokens += batch["input_ids"].size
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, teacher_params)
         unchecked.append(step_metrics)
         done = step + 1
         bar.update(1)
@@ -283,12 +325,12 @@ def train(
 
     results = evaluate_all(state.params)
     run.log(step=steps, eval=results)
+    tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
     model_dir = save_pretrained(
-        bert_config,
-        state.params,
-        run.path / "model",
-        tokenizer_dir=resolve_model_dir(config.tokenizer or config.model),
+        bert_config, state.params, run.path / "model", tokenizer_dir=tokenizer_dir
     )
+    if config.transforms:  # keep the compressed shapes too, not only the dense HF equivalent
+        artefact.save(bert_config, state.params, run.path / "compressed", tokenizer_dir)
     summary = {
         "task": config.task,
         "metric": metrics.main_metric(config.task),
@@ -304,10 +346,21 @@ def train(
         "padded_tokens_this_run": padded_tokens,
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+        **artefact.saved_bytes(state.params),
         "model_dir": str(model_dir),
     }
     run.write_summary(summary)
     return summary
+
+
+def enable_compile_cache(directory: str) -> None:
+    """Use a persistent XLA compilation cache in `directory` ('' leaves JAX's setting alone)."""
+    if not directory:
+        return
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def check_finite(step_metrics: list[dict], step: int, mngr) -> list[dict]:

@@ -269,6 +269,13 @@ def hf_config_dict(config: BertConfig) -> dict:
     return hf
 
 
+def copy_tokenizer(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the tokenizer files a model directory needs to be self-contained."""
+    for name in _TOKENIZER_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy(Path(source) / name, Path(target) / name)
+
+
 def save_pretrained(
     config: BertConfig,
     params: dict,
@@ -298,9 +305,7 @@ def save_pretrained(
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config_dict(dense_config), indent=2))
         if tokenizer_dir is not None:
-            for name in _TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copy(Path(tokenizer_dir) / name, staging / name)
+            copy_tokenizer(tokenizer_dir, staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -1,0 +1,125 @@
+"""ALBERT-family compression of the SST-2 teacher: size, accuracy after recovery, CPU latency.
+
+  JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
+    python benchmarks/albert_family.py --workdir runs/albert
+
+Each variant of configs/albert.py is applied to the teacher, its dev accuracy measured right
+after the transform, then recovered by logit distillation from the teacher (runs are
+resumable: a finished run is reused) and measured again. Latency is a jitted forward at
+batch 32, sequence 128, teacher and variant timed in this same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import jax
+
+from jaxcompress import artefact, data, train
+from jaxcompress.config import glue_dir, load_config
+from jaxcompress.latency import inference_latency
+from jaxcompress.models.bert import Bert
+from jaxcompress.results import write_result
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VARIANTS = "e128,e64,share_all,share_2,share_3,lowrank_ffn_50,lowrank_ffn_25"
+
+
+def dev_accuracy(config, bert_config, params, split) -> float:
+    step = train.make_eval_step(Bert(bert_config))
+    return train.evaluate(step, params, split, "sst2", 64, config.buckets)["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="runs/albert")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/albert_family.json"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for every variant")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    t_start = time.perf_counter()
+
+    base = load_config(str(REPO / "configs/albert.py:e128"), args.overrides)
+    tokenizer = train.load_tokenizer(base)
+    dev_ds = data.load_split("sst2", "validation", glue_dir(base))
+    dev = data.tokenize_split(dev_ds, "sst2", tokenizer, base.max_length)
+    teacher_config, teacher_params = train.load_any(base.distill.teacher)
+    teacher_acc = dev_accuracy(base, teacher_config, teacher_params, dev)
+    teacher_latency = inference_latency(teacher_config, teacher_params)
+    teacher_size = artefact.saved_bytes(teacher_params)
+    teacher_count = sum(x.size for x in jax.tree_util.tree_leaves(teacher_params))
+    print(f"teacher: accuracy {teacher_acc:.4f}, latency {teacher_latency['median_s']:.3f}s")
+
+    rows = []
+    for variant in args.variants.split(","):
+        config = load_config(str(REPO / f"configs/albert.py:{variant}"), args.overrides)
+        bert_config, params = train.load_model(config)
+        before = dev_accuracy(config, bert_config, params, dev)
+        t0 = time.perf_counter()
+        summary = train.train(config, Path(args.workdir) / variant)
+        wall = time.perf_counter() - t0
+        bert_config, params = artefact.load(Path(args.workdir) / variant / "compressed")
+        latency = inference_latency(bert_config, params)
+        again = inference_latency(teacher_config, teacher_params)  # same-run reference
+        size = artefact.saved_bytes(params)
+        count = sum(x.size for x in jax.tree_util.tree_leaves(params))
+        value = summary["value"]
+        rows.append(
+            {
+                "name": variant,
+                "transform": config.transforms[0],
+                "task": "sst2",
+                "metric": "accuracy",
+                "value": value,
+                "before_recovery": before,
+                "std": None,
+                "seeds": 1,
+                "relative": value / teacher_acc,
+                "params": int(count),
+                "params_relative": count / teacher_count,
+                **size,
+                "bytes_relative": size["bytes"] / teacher_size["bytes"],
+                "bytes_no_embeddings_relative": size["bytes_no_embeddings"]
+                / teacher_size["bytes_no_embeddings"],
+                "latency_s": latency["median_s"],
+                "teacher_latency_s": again["median_s"],
+                "latency_ratio": {"cpu": again["median_s"] / latency["median_s"], "gpu": None},
+                "train_examples": summary["steps"] * config.train.batch_size,
+                "train_subset": "first steps*batch examples of the seed-0 shuffle of SST-2 train",
+                "steps": summary["steps"],
+                "recovery": f"logit KD from the teacher, alpha {config.distill.alpha}, "
+                f"T {config.distill.temperature}, lr {config.train.lr}",
+                "wall_s": wall,
+            }
+        )
+        print(
+            f"{variant}: {before:.4f} -> {value:.4f} ({value / teacher_acc:.3f} of teacher), "
+            f"latency x{again['median_s'] / latency['median_s']:.2f}"
+        )
+    write_result(
+        args.out,
+        "albert_family",
+        {
+            "teacher": {
+                "model": base.distill.teacher,
+                "task": "sst2",
+                "metric": "accuracy",
+                "value": teacher_acc,
+                "params": int(teacher_count),
+                **teacher_size,
+                "latency_s": teacher_latency["median_s"],
+            },
+            "latency_setting": "jitted forward, batch 32, sequence 128, median of 10",
+            "rows": rows,
+            "wall_s": time.perf_counter() - t_start,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""ALBERT-family compression of the SST-2 teacher, recovered by logit distillation from it.
+
+  jaxcompress finetune --config configs/albert.py:e128 --workdir runs/albert/e128
+  jaxcompress finetune --config configs/albert.py:share_all,quick --workdir runs/albert/q
+
+Variants: e128, e64 (factorized embeddings, SVD init), share_all, share_2, share_3
+(cross-layer sharing of whole layers, mean init), share_attention, share_ffn (all layers),
+lowrank_ffn_50, lowrank_ffn_25 (FFN kernels at that share of full rank). `quick` shortens
+recovery to 50 steps.
+"""
+
+import ml_collections
+
+TEACHER = "minilm-l6-sst2-teacher"
+VARIANTS = {
+    "e128": "factorize_embeddings(embedding_size=128)",
+    "e64": "factorize_embeddings(embedding_size=64)",
+    "share_all": "share_layers(groups='all')",
+    "share_2": "share_layers(groups='every:2')",
+    "share_3": "share_layers(groups='every:3')",
+    "share_attention": "share_layers(groups='all', scope='attention')",
+    "share_ffn": "share_layers(groups='all', scope='ffn')",
+    "lowrank_ffn_50": "low_rank(target='ffn', fraction=0.5)",
+    "lowrank_ffn_25": "low_rank(target='ffn', fraction=0.25)",
+}
+
+
+def get_config(arg: str = "e128") -> ml_collections.ConfigDict:
+    variant, *flags = arg.split(",")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.model = TEACHER
+    c.task = "sst2"
+    c.transforms = (VARIANTS[variant],)
+    c.distill = ml_collections.ConfigDict({"teacher": TEACHER, "alpha": 0.5, "temperature": 2.0})
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32
+    c.train.steps = 50 if "quick" in flags else 600
+    c.train.lr = 5e-5
+    c.train.warmup_ratio = 0.06
+    c.checkpoint_every = 200
+    return c

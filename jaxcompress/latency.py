@@ -1,0 +1,40 @@
+"""Wall-clock inference latency of a (config, params) on the device at hand."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.models.bert import Bert, BertConfig
+
+
+def inference_latency(
+    config: BertConfig,
+    params: dict,
+    batch_size: int = 32,
+    seq_len: int = 128,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median and spread of seconds per jitted forward pass on a full (unpadded) batch."""
+    ids = jax.random.randint(jax.random.key(0), (batch_size, seq_len), 1000, 29000)
+    mask = jnp.ones_like(ids)
+    forward = jax.jit(lambda p, x, m: Bert(config).apply({"params": p}, x, m).logits)
+    for _ in range(warmup):
+        jax.block_until_ready(forward(params, ids, mask))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(forward(params, ids, mask))
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+    }

@@ -1,0 +1,105 @@
+"""Structure transforms by name, so configs can list them: `"share_layers(groups='all')"`."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from collections.abc import Callable
+
+import jax
+
+from jaxcompress import factorize, share
+from jaxcompress.core import StructureTransform, compose
+from jaxcompress.models.bert import BertConfig
+
+# Rules for the BERT dense kernels each `target` of low_rank names.
+LOW_RANK_TARGETS = {
+    "ffn": r"bert/encoder/layer/\d+/(intermediate|output)/dense/kernel",
+    "attention": r"bert/encoder/layer/\d+/attention/(self/(query|key|value)|output/dense)/kernel",
+    "all": r"bert/encoder/layer/\d+/.*/kernel",
+}
+
+
+def _group_map(groups: str | tuple | list, num_layers: int) -> tuple[int, ...]:
+    if groups == "all":
+        return share.all_layers(num_layers)
+    if isinstance(groups, str) and groups.startswith("every:"):
+        return share.every_k(num_layers, int(groups.split(":", 1)[1]))
+    if isinstance(groups, tuple | list):
+        return tuple(groups)
+    raise ValueError(f"groups must be 'all', 'every:K' or a layer -> group list, got {groups!r}")
+
+
+def share_layers(groups="all", scope: str = "layer", init="mean") -> StructureTransform:
+    """Cross-layer sharing of whole layers, attention only, or FFN only."""
+    if scope not in ("layer", "attention", "ffn"):
+        raise ValueError(f"scope must be 'layer', 'attention' or 'ffn', got {scope!r}")
+
+    def transform(config: BertConfig, params: dict):
+        group_map = _group_map(groups, config.num_hidden_layers)
+        maps = {
+            "attention_groups": group_map if scope in ("layer", "attention") else None,
+            "ffn_groups": group_map if scope in ("layer", "ffn") else None,
+        }
+        return share.share_layers(config, params, init=init, **maps)
+
+    return transform
+
+
+def factorize_embeddings(embedding_size: int, init: str = "svd", seed: int = 0):
+    """ALBERT's V x E, E x H embedding factorization."""
+    key = jax.random.key(seed)
+    return functools.partial(
+        factorize.factorize_embeddings, embedding_size=embedding_size, init=init, key=key
+    )
+
+
+def low_rank(
+    target: str = "ffn",
+    fraction: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    pattern: str | None = None,
+) -> StructureTransform:
+    """Truncated-SVD factorization of the dense kernels of `target` (or a regex `pattern`)."""
+    if pattern is None:
+        if target not in LOW_RANK_TARGETS:
+            raise ValueError(f"target must be one of {sorted(LOW_RANK_TARGETS)}, got {target!r}")
+        pattern = LOW_RANK_TARGETS[target]
+    spec = factorize.LowRank(rank=rank, fraction=fraction, energy=energy)
+    return functools.partial(factorize.low_rank, rules=[(pattern, spec)])
+
+
+REGISTRY: dict[str, Callable[..., StructureTransform]] = {
+    "share_layers": share_layers,
+    "factorize_embeddings": factorize_embeddings,
+    "low_rank": low_rank,
+}
+
+
+def parse(text: str) -> StructureTransform:
+    """`"name(key=literal, ...)"` -> the transform; unknown names and arguments raise."""
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"transform {text!r} is not of the form name(key=value, ...)") from e
+    if isinstance(call, ast.Name):
+        call = ast.Call(func=call, args=[], keywords=[])
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+        raise ValueError(f"transform {text!r} is not of the form name(key=value, ...)")
+    name = call.func.id
+    if name not in REGISTRY:
+        raise ValueError(f"unknown transform {name!r}; known: {sorted(REGISTRY)}")
+    try:
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except ValueError as e:
+        raise ValueError(f"transform {text!r}: arguments must be literals") from e
+    try:
+        return REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"transform {text!r}: {e}") from None
+
+
+def from_specs(specs: tuple[str, ...] | list[str]) -> StructureTransform:
+    """The composition of a config's `transforms` list."""
+    return compose(*(parse(s) for s in specs))

@@ -1,0 +1,86 @@
+"""The conformance suite: every registered transform passes the same checks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress import train
+from jaxcompress.config import finetune_defaults
+from jaxcompress.models.bert import Bert
+
+from .conformance_cases import CASES, logits, model_and_batch
+
+IDS = [c.name for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_zero_strength_is_identity(case):
+    config, params, batch = model_and_batch()
+    new_config, new_params = case.identity(config, params)
+    np.testing.assert_allclose(
+        logits(new_config, new_params, batch), logits(config, params, batch), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_strong_changes_the_model_and_jit_equals_no_jit(case):
+    config, params, batch = model_and_batch()
+    new_config, new_params = case.strong(config, params)
+    eager = logits(new_config, new_params, batch)
+    jitted = jax.jit(lambda p: logits(new_config, p, batch))(new_params)
+    np.testing.assert_allclose(jitted, eager, atol=1e-6)
+    count = sum(x.size for x in jax.tree_util.tree_leaves(new_params))
+    assert count < sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_dtype_is_kept(case):
+    config, params, _ = model_and_batch()
+    bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    _, new_params = case.strong(config, bf16)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(new_params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_trains_one_step_with_finite_gradients_and_evaluates(case):
+    config, params, batch = model_and_batch()
+    new_config, new_params = case.strong(config, params)
+    model = Bert(new_config)
+    loss_fn = train.finetune_loss(model)
+    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), None)[0])(new_params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+    assert float(optax.tree.norm(grads)) > 0
+    tx = train.make_optimizer(finetune_defaults().train, 10)
+    state = train.TrainState(jnp.array(0), new_params, tx.init(new_params), jax.random.PRNGKey(0))
+    before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), new_params)
+    step = train.make_train_step(loss_fn, tx)
+    state, _ = step(state, batch)  # warmup starts at learning rate 0
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, state.params)
+    assert all(jax.tree_util.tree_leaves(changed))
+    assert train.make_eval_step(model)(state.params, batch).shape == (4, 2)
+
+
+def test_every_case_on_8_sharded_cpu_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    repo = Path(__file__).resolve().parents[1]
+    script = "from tests.conformance_sharded import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(report) == sorted(IDS)
+    for name, row in report.items():
+        assert row["devices"] == 8, name
+        assert row["sharded_params"] > 0, name
+        assert row["max_abs_diff"] < 1e-5, (name, row)
