@@ -24,6 +24,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.max_length = 128
     c.buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
     c.seed = 0
+    c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.dropout = 0.1  # hidden and attention dropout
     # Structure transforms applied to the loaded model, in order, e.g. ("low_rank(fraction=0.5)",)

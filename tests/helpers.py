@@ -20,6 +20,22 @@ def tiny_config(**changes) -> BertConfig:
     return BertConfig(**{**base, **changes})
 
 
+def compressed_tiny_config(
+    num_labels: int = 2, low_rank_module: str = "intermediate"
+) -> BertConfig:
+    """Every compressed shape at once: pruned heads and neurons, E, sharing, a low-rank layer."""
+    return tiny_config(
+        num_hidden_layers=3,
+        num_labels=num_labels,
+        heads_per_layer=(4, 2, 2),
+        intermediate_per_layer=(64, 16, 16),
+        embedding_size=8,
+        attention_groups=(0, 1, 1),
+        ffn_groups=(0, 1, 1),
+        low_rank=((f"bert/encoder/layer/0/{low_rank_module}/dense", 5),),
+    )
+
+
 def save_tiny_model(path: Path, tokenizer_dir: Path, seed: int = 0, **changes) -> Path:
     """A random tiny BERT with the MiniLM vocabulary, saved as a Hugging Face directory."""
     config = tiny_config(**changes)

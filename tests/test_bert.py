@@ -9,7 +9,7 @@ from flax.traverse_util import flatten_dict
 from jaxcompress.models.bert import Bert, BertConfig, init_params, param_logical_axes
 from jaxcompress.models.hf import load_pretrained
 
-from .helpers import tiny_config
+from .helpers import compressed_tiny_config, tiny_config
 
 SENTENCES = [
     "hide new secretions from the parental units",
@@ -96,16 +96,7 @@ def test_dropout_uses_explicit_keys():
 
 
 def test_compressed_shapes_are_expressible():
-    config = tiny_config(
-        num_hidden_layers=3,
-        num_labels=1,
-        heads_per_layer=(4, 2, 2),
-        intermediate_per_layer=(64, 16, 16),
-        embedding_size=8,
-        attention_groups=(0, 1, 1),
-        ffn_groups=(0, 1, 1),
-        low_rank=(("bert/encoder/layer/0/intermediate/dense", 5),),
-    )
+    config = compressed_tiny_config(num_labels=1)
     flat = {
         k: v.shape for k, v in flatten_dict(init_params(config, jax.random.key(0)), sep="/").items()
     }

@@ -59,7 +59,7 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
     assert float(optax.tree.norm(grads)) > 0
     tx = train.make_optimizer(finetune_defaults().train, 10)
-    state = train.TrainState(jnp.array(0), new_params, tx.init(new_params), jax.random.PRNGKey(0))
+    state = train.TrainState(jnp.array(0), new_params, tx.init(new_params), train.new_rng(0))
     before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), new_params)
     step = train.make_train_step(loss_fn, tx)
     state, _ = step(state, batch)  # warmup starts at learning rate 0

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
 
-from .helpers import save_tiny_model, tiny_config
+from .helpers import compressed_tiny_config, save_tiny_model, tiny_config
 
 
 def _logits(config, params, ids):
@@ -68,16 +68,7 @@ def test_compressed_model_exports_its_dense_equivalent(tmp_path, minilm_dir):
     torch = pytest.importorskip("torch")
     from transformers import BertForSequenceClassification
 
-    config = tiny_config(
-        num_hidden_layers=3,
-        num_labels=2,
-        heads_per_layer=(4, 2, 2),
-        intermediate_per_layer=(64, 16, 16),
-        embedding_size=8,
-        attention_groups=(0, 1, 1),
-        ffn_groups=(0, 1, 1),
-        low_rank=(("bert/encoder/layer/0/output/dense", 5),),
-    )
+    config = compressed_tiny_config(low_rank_module="output")
     params = init_params(config, jax.random.key(0))
     # Non-zero biases so that the padded neurons and pruned heads would show if wrong.
     params = jax.tree_util.tree_map(lambda x: x + 0.01 if x.ndim == 1 else x, params)
