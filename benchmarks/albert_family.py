@@ -20,7 +20,7 @@ import jax
 
 from jaxcompress import artefact, data, train
 from jaxcompress.config import glue_dir, load_config
-from jaxcompress.latency import inference_latency
+from jaxcompress.latency import compiled_program_size, inference_latency
 from jaxcompress.models.bert import Bert
 from jaxcompress.results import write_result
 
@@ -67,6 +67,7 @@ def main() -> None:
         print(f"{variant}: {before:.4f} -> {summary['value']:.4f} after recovery")
 
     # Phase 2: latency of every variant next to the teacher, nothing else running.
+    teacher_program = compiled_program_size(teacher_config, teacher_params)
     rows = []
     for variant, (config, before, summary, wall) in trained.items():
         bert_config, params = artefact.load(Path(args.workdir) / variant / "compressed")
@@ -95,6 +96,8 @@ def main() -> None:
                 "latency_s": latency["median_s"],
                 "teacher_latency_s": again["median_s"],
                 "latency_ratio": {"cpu": again["median_s"] / latency["median_s"], "gpu": None},
+                "compiled_program_chars": compiled_program_size(bert_config, params),
+                "teacher_compiled_program_chars": teacher_program,
                 "train_examples": summary["steps"] * config.train.batch_size,
                 "train_subset": "first steps*batch examples of the seed-0 shuffle of SST-2 train",
                 "steps": summary["steps"],

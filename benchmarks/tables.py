@@ -45,6 +45,20 @@ COLUMNS = {
         "ratio_vs_pytorch",
     ],
 }
+COLUMNS["albert_family"] = [
+    "name",
+    "value",
+    "before_recovery",
+    "relative",
+    "params",
+    "bytes",
+    "bytes_no_embeddings",
+    "bytes_relative",
+    "bytes_no_embeddings_relative",
+    "latency_ratio",
+    "compiled_program_chars",
+    "steps",
+]
 STANDARD = [
     "name",
     "task",

@@ -11,6 +11,16 @@ import jax.numpy as jnp
 from jaxcompress.models.bert import Bert, BertConfig
 
 
+def _forward(config: BertConfig):
+    return jax.jit(lambda p, x, m: Bert(config).apply({"params": p}, x, m).logits)
+
+
+def compiled_program_size(config: BertConfig, params: dict, seq_len: int = 128) -> int:
+    """Characters of the optimized HLO of the jitted forward: what sharing a layer saves."""
+    ids = jnp.ones((1, seq_len), jnp.int32)
+    return len(_forward(config).lower(params, ids, ids).compile().as_text())
+
+
 def inference_latency(
     config: BertConfig,
     params: dict,
@@ -22,7 +32,7 @@ def inference_latency(
     """Median and spread of seconds per jitted forward pass on a full (unpadded) batch."""
     ids = jax.random.randint(jax.random.key(0), (batch_size, seq_len), 1000, 29000)
     mask = jnp.ones_like(ids)
-    forward = jax.jit(lambda p, x, m: Bert(config).apply({"params": p}, x, m).logits)
+    forward = _forward(config)
     for _ in range(warmup):
         jax.block_until_ready(forward(params, ids, mask))
     times = []

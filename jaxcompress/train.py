@@ -26,7 +26,8 @@ from jaxcompress.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]
-LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# (params, batch, dropout key or None, teacher params or None) -> (loss, auxiliary metrics)
+LossFn = Callable[[Any, Batch, jax.Array | None, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(struct.PyTreeNode):
