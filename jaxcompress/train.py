@@ -254,7 +254,6 @@ def train(
     `stop_after_step` ends the run early (after checkpointing), as a preemption would.
     Returns the summary that is also written to `workdir/summary.json`.
     """
-    run = RunDir(workdir, config)
     enable_compile_cache(config.compile_cache)
     tokenizer = load_tokenizer(config)
     train_split, eval_splits = load_task_splits(config, tokenizer)
@@ -265,6 +264,7 @@ def train(
             f"{len(train_split)} train examples < batch size {config.train.batch_size}"
         )
     bert_config, model, tx, state = initial_state(config, steps)
+    run = RunDir(workdir, config)  # only once inputs load: a bad model or data path writes nothing
     mngr = checkpoint.manager(run.path / "checkpoints", config.checkpoint_keep)
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
@@ -302,7 +302,13 @@ def train(
                 epoch,
                 data.epoch_batches(lengths, size, config.seed, epoch, config.train.sort_window),
             )
-        batch = data.make_batch(train_split, order[1][position], config.buckets)
+        batch = data.make_batch(
+            train_split,
+            order[1][position],
+            config.buckets,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         n_real = int(batch["attention_mask"].sum())
         real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
         padded_tokens += batch["input_ids"].size

@@ -111,3 +111,10 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert max(lrs) == pytest.approx(train_cfg.lr, rel=0.02)
     assert int(np.argmax(lrs)) == 6  # 6% warmup
     assert lrs[-1] < train_cfg.lr * 0.02
+
+
+def test_missing_model_fails_before_writing_anything(tmp_path, glue_dir):
+    config = tiny_run_config(tmp_path / "no_such_model", glue_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
