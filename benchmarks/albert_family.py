@@ -19,19 +19,17 @@ from pathlib import Path
 
 import jax
 
-from jaxcompress import artefact, data, train
-from jaxcompress.config import glue_dir, load_config
+from jaxcompress import artefact, train
+from jaxcompress.config import load_config
 from jaxcompress.latency import compiled_program_size, inference_latency
-from jaxcompress.models.bert import Bert
 from jaxcompress.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = "e128,e64,share_all,share_2,share_3,lowrank_ffn_50,lowrank_ffn_25"
 
 
-def dev_accuracy(config, bert_config, params, split) -> float:
-    step = train.make_eval_step(Bert(bert_config))
-    return train.evaluate(step, params, split, "sst2", 64, config.buckets)["accuracy"]
+def dev_accuracy(config, bert_config, params, splits) -> float:
+    return train.evaluate_model(config, bert_config, params, splits)["validation"]["accuracy"]
 
 
 def main() -> None:
@@ -47,8 +45,7 @@ def main() -> None:
 
     base = load_config(str(REPO / "configs/albert.py:e128"), args.overrides)
     tokenizer = train.load_tokenizer(base)
-    dev_ds = data.load_split("sst2", "validation", glue_dir(base))
-    dev = data.tokenize_split(dev_ds, "sst2", tokenizer, base.max_length)
+    dev = train.load_eval_splits(base, tokenizer)
     teacher_config, teacher_params = train.load_any(base.distill.teacher)
     teacher_acc = dev_accuracy(base, teacher_config, teacher_params, dev)
     teacher_latency = inference_latency(teacher_config, teacher_params)

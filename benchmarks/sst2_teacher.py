@@ -13,9 +13,8 @@ import logging
 import time
 from pathlib import Path
 
-from jaxcompress import data, train
+from jaxcompress import train
 from jaxcompress.config import load_config
-from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained
 from jaxcompress.results import write_result
 
@@ -24,16 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def evaluate_reference(config, model: str) -> float:
     """Dev accuracy of a saved HF model with our data pipeline and Flax model."""
-    tokenizer = train.load_tokenizer(config)
-    split = data.tokenize_split(
-        data.load_split("sst2", "validation", train.glue_dir(config)),
-        "sst2",
-        tokenizer,
-        config.max_length,
-    )
-    bert_config, params = load_pretrained(model)
-    step = train.make_eval_step(Bert(bert_config))
-    return train.evaluate(step, params, split, "sst2", 64, config.buckets)["accuracy"]
+    splits = train.load_eval_splits(config, train.load_tokenizer(config))
+    return train.evaluate_model(config, *load_pretrained(model), splits)["validation"]["accuracy"]
 
 
 def main() -> None:

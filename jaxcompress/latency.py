@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 from jaxcompress.models.bert import Bert, BertConfig
 
 
+@functools.lru_cache(maxsize=32)
 def _forward(config: BertConfig):
+    """One jitted forward per config, so repeated measurements reuse the compiled program."""
     return jax.jit(lambda p, x, m: Bert(config).apply({"params": p}, x, m).logits)
 
 

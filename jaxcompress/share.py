@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress.models.bert import BertConfig
+from jaxcompress.models.bert import BertConfig, unshare_layers
+
+unshare = unshare_layers  # re-exported: sharing and unsharing belong together for users
 
 _LAYER = "bert/encoder/layer/"
 
@@ -23,26 +25,6 @@ def every_k(num_layers: int, k: int) -> tuple[int, ...]:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return tuple(i // k for i in range(num_layers))
-
-
-def _is_attention(rest: str) -> bool:
-    return rest.startswith("attention/")
-
-
-def unshare(config: BertConfig, params: dict) -> tuple[BertConfig, dict]:
-    """Give every layer its own copy of the parameters it uses (the identity on unshared models)."""
-    flat = flatten_dict(params, sep="/")
-    out = {k: v for k, v in flat.items() if not k.startswith(_LAYER)}
-    for layer in range(config.num_hidden_layers):
-        for group, attention in (
-            (config.attention_group(layer), True),
-            (config.ffn_group(layer), False),
-        ):
-            src = f"{_LAYER}{group}/"
-            for path, value in flat.items():
-                if path.startswith(src) and _is_attention(path[len(src) :]) == attention:
-                    out[f"{_LAYER}{layer}/{path[len(src) :]}"] = value
-    return config.replace(attention_groups=None, ffn_groups=None), unflatten_dict(out, sep="/")
 
 
 def _normalise(groups: Sequence[int] | None, num_layers: int, name: str) -> tuple[int, ...] | None:
@@ -86,7 +68,7 @@ def share_layers(
             prefix = f"{_LAYER}{members[0]}/"
             for path in flat:
                 rest = path[len(prefix) :]
-                if not path.startswith(prefix) or _is_attention(rest) != attention:
+                if not path.startswith(prefix) or rest.startswith("attention/") != attention:
                     continue
                 stacked = jnp.stack([flat[f"{_LAYER}{m}/{rest}"] for m in sources])
                 out[f"{_LAYER}{group}/{rest}"] = stacked.mean(0).astype(flat[path].dtype)

@@ -168,21 +168,38 @@ def load_task_splits(
     config: ml_collections.ConfigDict, tokenizer
 ) -> tuple[data.TokenizedSplit, dict]:
     """The tokenized train split (subset if asked) and every eval split of the task."""
-    spec, where = data.get_task(config.task), glue_dir(config)
-    train_ds = data.load_split(config.task, "train", where)
+    train_ds = data.load_split(config.task, "train", glue_dir(config))
     if config.train.examples > 0:
         if config.train.examples > len(train_ds):
             raise ValueError(f"train.examples={config.train.examples} > {len(train_ds)} rows")
         rng = np.random.default_rng(config.train.subset_seed)
         train_ds = train_ds.select(np.sort(rng.permutation(len(train_ds))[: config.train.examples]))
     train = data.tokenize_split(train_ds, config.task, tokenizer, config.max_length)
-    evals = {
+    return train, load_eval_splits(config, tokenizer)
+
+
+def load_eval_splits(
+    config: ml_collections.ConfigDict, tokenizer
+) -> dict[str, data.TokenizedSplit]:
+    """Every eval split of the task, tokenized (always the full split)."""
+    where = glue_dir(config)
+    return {
         s: data.tokenize_split(
             data.load_split(config.task, s, where), config.task, tokenizer, config.max_length
         )
-        for s in spec.eval_splits
+        for s in data.get_task(config.task).eval_splits
     }
-    return train, evals
+
+
+def evaluate_model(
+    config: ml_collections.ConfigDict, bert_config: BertConfig, params, splits: dict
+) -> dict[str, dict[str, float]]:
+    """GLUE metrics of a model on tokenized eval splits (name -> split)."""
+    step = make_eval_step(Bert(bert_config))
+    return {
+        name: evaluate(step, params, split, config.task, config.eval.batch_size, config.buckets)
+        for name, split in splits.items()
+    }
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 # Logical axis names carried by every parameter; sharding rules map them to mesh axes.
 VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (
@@ -468,6 +469,24 @@ def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict:
     ids = jnp.zeros((1, seq_len), jnp.int32)
     variables = Bert(config).init(rng, ids)
     return nn.meta.unbox(variables["params"])
+
+
+def unshare_layers(config: BertConfig, params: dict) -> tuple[BertConfig, dict]:
+    """Give every layer its own copy of the parameters it uses (identity on unshared models)."""
+    prefix = "bert/encoder/layer/"
+    flat = flatten_dict(params, sep="/")
+    out = {k: v for k, v in flat.items() if not k.startswith(prefix)}
+    for layer in range(config.num_hidden_layers):
+        for group, attention in (
+            (config.attention_group(layer), True),
+            (config.ffn_group(layer), False),
+        ):
+            src = f"{prefix}{group}/"
+            for path, value in flat.items():
+                rest = path[len(src) :]
+                if path.startswith(src) and rest.startswith("attention/") == attention:
+                    out[f"{prefix}{layer}/{rest}"] = value
+    return config.replace(attention_groups=None, ffn_groups=None), unflatten_dict(out, sep="/")
 
 
 def _abstract_boxed(config: BertConfig) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
-from jaxcompress.models.bert import BertConfig, abstract_params
+from jaxcompress.models.bert import BertConfig, abstract_params, unshare_layers
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +209,9 @@ def dense_equivalent(config: BertConfig, params: dict) -> tuple[BertConfig, dict
     nothing, and a head with zero query, key, value and output weights adds exactly nothing.
     (transformers 5 dropped `pruned_heads`, so zero padding is the portable form.)
     """
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten_dict(params, sep="/").items()}
-    out: dict[str, np.ndarray] = {}
+    config, params = unshare_layers(config, params)
+    out = {k: np.asarray(v, np.float32) for k, v in flatten_dict(params, sep="/").items()}
     width = config.intermediate_size
-    for i in range(config.num_hidden_layers):
-        dst = f"bert/encoder/layer/{i}/"
-        for half, group in (("attention/", config.attention_group(i)), ("", config.ffn_group(i))):
-            src = f"bert/encoder/layer/{group}/"
-            for path, value in flat.items():
-                rest = path[len(src) :]
-                if path.startswith(src) and (rest.startswith("attention/") == bool(half)):
-                    out[dst + rest] = value
-    for path, value in flat.items():
-        if not path.startswith("bert/encoder/layer/"):
-            out[path] = value
     for path in [p for p in out if p.endswith("/kernel_a")]:
         base = path[: -len("/kernel_a")]
         out[base + "/kernel"] = out.pop(path) @ out.pop(base + "/kernel_b")
