@@ -25,7 +25,11 @@ from jaxcompress.latency import compiled_program_size, inference_latency
 from jaxcompress.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = "e128,e64,share_all,share_2,share_3,lowrank_ffn_50,lowrank_ffn_25"
+# A variant of configs/albert.py, with its flags after '+': "share_all+long".
+DEFAULT_VARIANTS = (
+    "e128,e64,e128_svd,e64_svd,share_all,share_all+long,share_2,share_3,"
+    "lowrank_ffn_50,lowrank_ffn_25"
+)
 
 
 def dev_accuracy(config, bert_config, params, splits) -> float:
@@ -56,7 +60,8 @@ def main() -> None:
     # Phase 1: transform, measure, recover (the CPU-heavy part; resumable).
     trained = {}
     for variant in args.variants.split(","):
-        config = load_config(str(REPO / f"configs/albert.py:{variant}"), args.overrides)
+        config_arg = variant.replace("+", ",")
+        config = load_config(str(REPO / f"configs/albert.py:{config_arg}"), args.overrides)
         bert_config, params = train.load_model(config)
         before = dev_accuracy(config, bert_config, params, dev)
         run_dir = Path(args.workdir) / variant

@@ -332,6 +332,14 @@ def tokenize_split(
     )
 
 
+def token_counts(split: TokenizedSplit, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in a split (special tokens included)."""
+    ids = np.concatenate(split.input_ids) if len(split) else np.zeros(0, np.int32)
+    if ids.size and ids.max() >= vocab_size:
+        raise ValueError(f"token id {ids.max()} outside a vocabulary of {vocab_size}")
+    return np.bincount(ids, minlength=vocab_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching
 

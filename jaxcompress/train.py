@@ -164,18 +164,22 @@ def get_num_outputs(task: str) -> int:
     return 1 if spec.is_regression else spec.num_labels
 
 
-def load_task_splits(
-    config: ml_collections.ConfigDict, tokenizer
-) -> tuple[data.TokenizedSplit, dict]:
-    """The tokenized train split (subset if asked) and every eval split of the task."""
+def load_train_split(config: ml_collections.ConfigDict, tokenizer) -> data.TokenizedSplit:
+    """The tokenized train split of the task (the `train.examples` subset if asked)."""
     train_ds = data.load_split(config.task, "train", glue_dir(config))
     if config.train.examples > 0:
         if config.train.examples > len(train_ds):
             raise ValueError(f"train.examples={config.train.examples} > {len(train_ds)} rows")
         rng = np.random.default_rng(config.train.subset_seed)
         train_ds = train_ds.select(np.sort(rng.permutation(len(train_ds))[: config.train.examples]))
-    train = data.tokenize_split(train_ds, config.task, tokenizer, config.max_length)
-    return train, load_eval_splits(config, tokenizer)
+    return data.tokenize_split(train_ds, config.task, tokenizer, config.max_length)
+
+
+def load_task_splits(
+    config: ml_collections.ConfigDict, tokenizer
+) -> tuple[data.TokenizedSplit, dict]:
+    """The tokenized train split (subset if asked) and every eval split of the task."""
+    return load_train_split(config, tokenizer), load_eval_splits(config, tokenizer)
 
 
 def load_eval_splits(
@@ -230,7 +234,16 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
         hidden_dropout_prob=config.dropout,
         attention_probs_dropout_prob=config.dropout,
     )
-    return transforms.from_specs(config.transforms)(bert_config, params)
+    return transforms.from_specs(config.transforms, transform_context(config))(bert_config, params)
+
+
+def transform_context(config: ml_collections.ConfigDict) -> transforms.TransformContext:
+    """Lazily computed task data a transform may ask for (token counts of the train split)."""
+
+    def token_counts(vocab_size: int) -> np.ndarray:
+        return data.token_counts(load_train_split(config, load_tokenizer(config)), vocab_size)
+
+    return transforms.TransformContext(token_counts=token_counts)
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple[None, None]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 from jaxcompress import factorize, share
 from jaxcompress.core import StructureTransform, compose
@@ -18,6 +21,13 @@ LOW_RANK_TARGETS = {
     "attention": r"bert/encoder/layer/\d+/attention/(self/(query|key|value)|output/dense)/kernel",
     "all": r"bert/encoder/layer/\d+/.*/kernel",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformContext:
+    """What a transform may need beyond (config, params), supplied lazily by the caller."""
+
+    token_counts: Callable[[int], np.ndarray] | None = None  # vocab size -> train token counts
 
 
 def _group_map(groups: str | tuple | list, num_layers: int) -> tuple[int, ...]:
@@ -46,12 +56,24 @@ def share_layers(groups="all", scope: str = "layer", init="mean") -> StructureTr
     return transform
 
 
-def factorize_embeddings(embedding_size: int, init: str = "svd", seed: int = 0):
-    """ALBERT's V x E, E x H embedding factorization."""
-    key = jax.random.key(seed)
-    return functools.partial(
-        factorize.factorize_embeddings, embedding_size=embedding_size, init=init, key=key
-    )
+def factorize_embeddings(
+    embedding_size: int,
+    init: str = "svd",
+    seed: int = 0,
+    *,
+    context: TransformContext | None = None,
+) -> StructureTransform:
+    """ALBERT's V x E, E x H embedding factorization; `frequency_svd` counts training tokens."""
+    if init == "frequency_svd" and (context is None or context.token_counts is None):
+        raise ValueError("init='frequency_svd' needs training token counts from the caller")
+
+    def transform(config: BertConfig, params: dict):
+        counts = context.token_counts(config.vocab_size) if init == "frequency_svd" else None
+        return factorize.factorize_embeddings(
+            config, params, embedding_size, init=init, key=jax.random.key(seed), token_counts=counts
+        )
+
+    return transform
 
 
 def low_rank(
@@ -77,7 +99,7 @@ REGISTRY: dict[str, Callable[..., StructureTransform]] = {
 }
 
 
-def parse(text: str) -> StructureTransform:
+def parse(text: str, context: TransformContext | None = None) -> StructureTransform:
     """`"name(key=literal, ...)"` -> the transform; unknown names and arguments raise."""
     try:
         call = ast.parse(text.strip(), mode="eval").body
@@ -94,12 +116,19 @@ def parse(text: str) -> StructureTransform:
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except ValueError as e:
         raise ValueError(f"transform {text!r}: arguments must be literals") from e
+    factory = REGISTRY[name]
+    if "context" in kwargs:
+        raise ValueError(f"transform {text!r}: 'context' is supplied by the caller")
+    if "context" in inspect.signature(factory).parameters:
+        kwargs["context"] = context
     try:
-        return REGISTRY[name](**kwargs)
+        return factory(**kwargs)
     except TypeError as e:
         raise ValueError(f"transform {text!r}: {e}") from None
 
 
-def from_specs(specs: tuple[str, ...] | list[str]) -> StructureTransform:
+def from_specs(
+    specs: tuple[str, ...] | list[str], context: TransformContext | None = None
+) -> StructureTransform:
     """The composition of a config's `transforms` list."""
-    return compose(*(parse(s) for s in specs))
+    return compose(*(parse(s, context) for s in specs))

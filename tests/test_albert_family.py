@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress import artefact, factorize, share
+from jaxcompress import artefact, factorize, share, transforms
 from jaxcompress.models.bert import Bert, init_params
 
 from .conformance_cases import logits, model_and_batch
@@ -49,6 +49,49 @@ def test_svd_keeps_the_best_rank_r_approximation():
     assert factorize.LowRank(fraction=0.5).rank_for(s) == 16
     with pytest.raises(ValueError, match="exactly one"):
         factorize.LowRank(rank=3, fraction=0.5)
+
+
+def test_weighted_svd_minimises_the_weighted_error():
+    kernel = np.asarray(jax.random.normal(jax.random.key(1), (40, 12)), np.float64)
+    weights = np.exp(np.asarray(jax.random.normal(jax.random.key(2), (40,)), np.float64) * 2)
+
+    def weighted_error(a, b):
+        return np.sum(weights[:, None] * (np.asarray(a @ b, np.float64) - kernel) ** 2)
+
+    plain = factorize.svd_factors(jnp.asarray(kernel), 4)
+    uniform = factorize.weighted_svd_factors(jnp.asarray(kernel), 4, np.ones(40))
+    np.testing.assert_allclose(uniform[0] @ uniform[1], plain[0] @ plain[1], atol=1e-10)
+    weighted = factorize.weighted_svd_factors(jnp.asarray(kernel), 4, weights)
+    assert weighted_error(*weighted) < weighted_error(*plain)
+    # The closed form is optimal: no random rank-4 perturbation of it does better.
+    for seed in range(5):
+        noise = 1e-3 * np.random.default_rng(seed).normal(size=(40, 4))
+        assert weighted_error(weighted[0] + noise, weighted[1]) > weighted_error(*weighted)
+    with pytest.raises(ValueError, match="positive"):
+        factorize.weighted_svd_factors(jnp.asarray(kernel), 4, np.zeros(40))
+
+
+def test_frequency_svd_embeddings_use_the_callers_token_counts():
+    config, params, batch = model_and_batch()
+    counts = np.zeros(config.vocab_size)
+    counts[np.asarray(batch["input_ids"]).ravel()] = 1000.0
+    seen = []
+
+    def token_counts(vocab_size):
+        seen.append(vocab_size)
+        return counts
+
+    context = transforms.TransformContext(token_counts=token_counts)
+    spec = "factorize_embeddings(embedding_size=8, init='frequency_svd')"
+    freq_config, freq = transforms.from_specs([spec], context)(config, params)
+    assert seen == [config.vocab_size] and freq_config.embedding_size == 8
+    plain_config, plain = factorize.factorize_embeddings(config, params, 8)
+    reference = logits(config, params, batch)
+    freq_error = np.abs(logits(freq_config, freq, batch) - reference).max()
+    plain_error = np.abs(logits(plain_config, plain, batch) - reference).max()
+    assert freq_error < plain_error  # the rank went to the tokens in use
+    with pytest.raises(ValueError, match="token counts"):
+        transforms.parse(spec)
 
 
 def test_low_rank_counts_flops_and_config():

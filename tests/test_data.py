@@ -238,6 +238,16 @@ def test_tokenize_truncates_and_regression_labels(glue_dir: Path, tokenizer):
     assert split.labels[:2].tolist() == [5.0, 4.75]
 
 
+def test_token_counts(tokenizer, mrpc_dev_split: TokenizedSplit):
+    counts = data.token_counts(mrpc_dev_split, len(tokenizer))
+    assert counts.shape == (len(tokenizer),)
+    assert counts.sum() == mrpc_dev_split.lengths.sum()
+    assert counts[tokenizer.cls_token_id] == len(mrpc_dev_split)
+    assert counts[tokenizer.sep_token_id] == 2 * len(mrpc_dev_split)
+    with pytest.raises(ValueError, match="outside a vocabulary"):
+        data.token_counts(mrpc_dev_split, 100)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bucketing and training batches
 
