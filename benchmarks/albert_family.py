@@ -17,8 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-import jax
-
 from jaxcompress import artefact, train
 from jaxcompress.config import load_config
 from jaxcompress.latency import compiled_program_size, inference_latency
@@ -54,7 +52,7 @@ def main() -> None:
     teacher_acc = dev_accuracy(base, teacher_config, teacher_params, dev)
     teacher_latency = inference_latency(teacher_config, teacher_params)
     teacher_size = artefact.saved_bytes(teacher_params)
-    teacher_count = sum(x.size for x in jax.tree_util.tree_leaves(teacher_params))
+    teacher_count = artefact.count_params(teacher_params)
     print(f"teacher: accuracy {teacher_acc:.4f}, latency {teacher_latency['median_s']:.3f}s")
 
     # Phase 1: transform, measure, recover (the CPU-heavy part; resumable).
@@ -81,7 +79,7 @@ def main() -> None:
         latency = inference_latency(bert_config, params)
         again = inference_latency(teacher_config, teacher_params)  # same-run reference
         size = artefact.saved_bytes(params)
-        count = sum(x.size for x in jax.tree_util.tree_leaves(params))
+        count = artefact.count_params(params)
         value = summary["value"]
         rows.append(
             {

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 
-from jaxcompress import data, train
+from jaxcompress import data, objectives, train
 from jaxcompress.config import load_config
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir
@@ -43,7 +43,7 @@ def time_jax_step(config, batch_size: int, length: int, steps: int) -> float:
     bert_config, params = load_pretrained(MODEL, num_labels=2)
     tx = train.make_optimizer(config.train, 10_000)
     state = train.TrainState(jnp.array(0), params, tx.init(params), train.new_rng(0))
-    step = train.make_train_step(train.finetune_loss(Bert(bert_config)), tx)
+    step = train.make_train_step(objectives.finetune_loss(Bert(bert_config)), tx)
     rng = np.random.default_rng(0)
     batch = {
         "input_ids": rng.integers(1000, 30000, (batch_size, length)).astype(np.int32),

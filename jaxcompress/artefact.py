@@ -58,6 +58,11 @@ def load(path: str | os.PathLike) -> tuple[BertConfig, dict]:
     return config, unflatten_dict(flat, sep="/")
 
 
+def count_params(params: dict) -> int:
+    """Number of stored parameters (a shared set counted once)."""
+    return int(sum(np.size(x) for x in flatten_dict(params).values()))
+
+
 def saved_bytes(params: dict) -> dict[str, int]:
     """Bytes of the saved parameter file, with and without the embedding tables (the survey
     reports both), measured by writing the files."""

@@ -1,4 +1,4 @@
-"""The `jaxcompress` command: finetune, eval, export."""
+"""The `jaxcompress` command: finetune, recipe, eval, export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jaxcompress import checkpoint, data, train
+from jaxcompress import checkpoint, data, recipes, train
 from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import (
@@ -50,6 +50,15 @@ def cmd_finetune(args) -> int:
     print(f"\n{config.task}: {summary['steps']} steps on {summary['train_examples']} examples\n")
     print(markdown_table(rows, ["split", "metric", "value"]))
     print(f"\nmodel: {summary['model_dir']}  summary: {Path(args.workdir) / 'summary.json'}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    summaries = recipes.run_recipe(recipes.load_recipe(args.config), args.workdir, args.set)
+    table = recipes.results_table(summaries)
+    (Path(args.workdir) / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nstage outputs and results.md under {args.workdir}")
     return 0
 
 
@@ -109,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.lr=1e-4",
     )
     p.set_defaults(fn=cmd_finetune)
+    p = sub.add_parser("recipe", help="run a compression recipe's stages (resumes a workdir)")
+    p.add_argument("--config", required=True, help="path/to/recipe.py[:arg]")
+    p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every finetune stage, e.g. --set train.steps=50",
+    )
+    p.set_defaults(fn=cmd_recipe)
     p = sub.add_parser("eval", help="evaluate a saved model on a GLUE task's dev split(s)")
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--task", required=True)

@@ -33,8 +33,22 @@ def finetune_defaults() -> ml_collections.ConfigDict:
 
     c.distill = ml_collections.ConfigDict()
     c.distill.teacher = ""  # '' = plain fine-tuning; else a model directory or hub id
-    c.distill.alpha = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation loss
+    # loss = prediction * ((1 - alpha) * task + alpha * logit KD) + the weighted layer terms
+    # below (each averaged over mapped layers); jaxcompress/objectives.py has the details.
+    c.distill.alpha = 0.5
     c.distill.temperature = 2.0
+    c.distill.logit_loss = "kl"  # "kl" (Hinton) or "mse" (Tang et al.); regression uses mse
+    c.distill.prediction = 1.0  # 0 = intermediate layers only (TinyBERT's first stage)
+    c.distill.hidden = 0.0  # layer outputs, TinyBERT MSE (projected if narrower) or cosine
+    c.distill.hidden_loss = "mse"  # "mse" or "cosine" (DistilBERT)
+    c.distill.embedding = 0.0  # embedding-layer output MSE (TinyBERT)
+    c.distill.attention = 0.0  # per-head attention KL on mapped layers (TinyBERT, MobileBERT)
+    c.distill.patient = 0.0  # normalised [CLS] distance on mapped layers but the last (BERT-PKD)
+    c.distill.relation = 0.0  # last-layer self-relations (MiniLM)
+    c.distill.relation_heads = 0  # 0: attention KL + value relation (MiniLM, equal head count);
+    # > 0: query, key and value relations over this many relation heads (MiniLMv2; any shapes)
+    c.distill.layer_map = "uniform"  # "uniform", "skip", "last" or teacher layers "2,4,6"
+    c.distill.cache_logits = False  # precompute teacher logits once (logit-only objectives)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32

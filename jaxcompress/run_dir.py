@@ -37,7 +37,7 @@ class RunDir:
                     "use a new workdir or delete it"
                 )
         else:
-            _write_json(config_file, resolved)
+            write_json(config_file, resolved)
         self.config = resolved
 
     def log(self, **record) -> None:
@@ -53,10 +53,11 @@ class RunDir:
             "machine": provenance.machine(),
             **summary,
         }
-        _write_json(self.path / "summary.json", full)
+        write_json(self.path / "summary.json", full)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """Atomically write `obj` as indented JSON."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)

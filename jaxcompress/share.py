@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -88,8 +87,3 @@ def _init_sources(members: list[int], init: str | int) -> list[int]:
             raise ValueError(f"init layer {init} is not in the group {members}")
         return [init]
     raise ValueError(f"init must be 'mean', 'first', 'last' or a layer index, got {init!r}")
-
-
-def count_params(params: dict) -> int:
-    """Number of stored parameters (shared sets counted once)."""
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,23 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from jaxcompress import artefact, checkpoint, data, distill, metrics, transforms
+from jaxcompress import artefact, checkpoint, data, metrics, transforms
 from jaxcompress.config import glue_dir
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
+from jaxcompress.objectives import (
+    DISTILL_PARAMS,
+    Batch,
+    LossFn,
+    Objective,
+    forward,
+    init_distill_params,
+    make_loss,
+    model_params,
+)
 from jaxcompress.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-
-Batch = dict[str, jax.Array]
-# (params, batch, dropout key or None, teacher params or None) -> (loss, auxiliary metrics)
-LossFn = Callable[[Any, Batch, jax.Array | None, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(struct.PyTreeNode):
@@ -73,52 +78,6 @@ def make_optimizer(
     )
 
 
-def task_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy (classification) or squared error (one output: regression)."""
-    if logits.shape[-1] == 1:
-        per_example = jnp.square(logits[:, 0] - labels)
-    else:
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(per_example * example_mask) / jnp.maximum(jnp.sum(example_mask), 1.0)
-
-
-def forward(model: Bert, params, batch: Batch, rng: jax.Array | None, **kwargs):
-    """The model on a batch; dropout on when a key is given."""
-    return model.apply(
-        {"params": params},
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["token_type_ids"],
-        deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng},
-        **kwargs,
-    )
-
-
-def finetune_loss(model: Bert, teacher: Bert | None = None, alpha: float = 0.5, temperature=2.0):
-    """Task loss, mixed with logit distillation from `teacher` when one is given.
-
-    The loss takes `(params, batch, rng, teacher_params)`; the teacher runs in the same
-    jitted step, deterministic and without gradient.
-    """
-
-    def loss_fn(params, batch, rng, teacher_params):
-        logits = forward(model, params, batch, rng).logits
-        loss = task_loss(logits, batch["labels"], batch["example_mask"])
-        if teacher is None:
-            return loss, {}
-        teacher_logits = jax.lax.stop_gradient(forward(teacher, teacher_params, batch, None).logits)
-        if logits.shape[-1] == 1:
-            kd = distill.logit_mse(logits, teacher_logits, batch["example_mask"])
-        else:
-            kd = distill.soft_cross_entropy(
-                logits, teacher_logits, batch["example_mask"], temperature
-            )
-        return (1 - alpha) * loss + alpha * kd, {"task_loss": loss, "kd_loss": kd}
-
-    return loss_fn
-
-
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng_impl: str = "rbg"):
     """A jitted `(state, batch, teacher_params) -> (state, metrics)` that donates the state.
 
@@ -148,14 +107,22 @@ def make_eval_step(model: Bert):
     return step
 
 
-def evaluate(eval_step, params, split: data.TokenizedSplit, task: str, batch_size: int, buckets):
-    """GLUE metrics of `params` on a whole tokenized split."""
-    outputs = np.zeros((len(split), get_num_outputs(task)), np.float32)
+def predict(eval_step, params, split: data.TokenizedSplit, batch_size: int, buckets) -> np.ndarray:
+    """The model's outputs for every example of a split, in the split's order."""
+    outputs = None
     for batch in data.eval_batches(split, batch_size, buckets):
         index = batch.pop("index")
         logits = np.asarray(eval_step(params, batch))
+        if outputs is None:
+            outputs = np.zeros((len(split), logits.shape[-1]), np.float32)
         keep = index >= 0
         outputs[index[keep]] = logits[keep]
+    return outputs
+
+
+def evaluate(eval_step, params, split: data.TokenizedSplit, task: str, batch_size: int, buckets):
+    """GLUE metrics of `params` on a whole tokenized split."""
+    outputs = predict(eval_step, params, split, batch_size, buckets)
     return metrics.task_metrics(task, outputs, split.labels)
 
 
@@ -256,10 +223,18 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple
 
 
 def initial_state(
-    config: ml_collections.ConfigDict, total_steps: int
+    config: ml_collections.ConfigDict, total_steps: int, teacher_config: BertConfig | None = None
 ) -> tuple[BertConfig, Bert, optax.GradientTransformation, TrainState]:
-    """The model, optimizer and step-0 train state of a fine-tuning config."""
+    """The model, optimizer and step-0 train state of a fine-tuning config.
+
+    With a teacher, the trainable tree also holds the objective's projections (if any).
+    """
     bert_config, params = load_model(config)
+    if teacher_config is not None:
+        objective = Objective.from_config(config.distill)
+        projections = init_distill_params(objective, bert_config, teacher_config)
+        if projections:
+            params = {**params, DISTILL_PARAMS: projections}
     tx = make_optimizer(config.train, total_steps)
     state = TrainState(
         step=jnp.array(0, jnp.int32),
@@ -293,16 +268,31 @@ def train(
         raise ValueError(
             f"{len(train_split)} train examples < batch size {config.train.batch_size}"
         )
-    bert_config, model, tx, state = initial_state(config, steps)
+    teacher, teacher_params = load_teacher(config)
+    bert_config, model, tx, state = initial_state(
+        config, steps, None if teacher is None else teacher.config
+    )
+    objective = Objective.from_config(config.distill)
+    loss_fn = make_loss(model, objective, teacher)
+    teacher_logits = None
+    if teacher is not None and config.distill.cache_logits:
+        if objective.uses_layers:
+            raise ValueError(
+                "distill.cache_logits caches logits only; layer terms need the teacher"
+            )
+        teacher_logits = predict(
+            make_eval_step(teacher),
+            teacher_params,
+            train_split,
+            config.eval.batch_size,
+            config.buckets,
+        )
     run = RunDir(workdir, config)  # only once inputs load: a bad model or data path writes nothing
     mngr = checkpoint.manager(run.path / "checkpoints", config.checkpoint_keep)
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
         state = restored
         log.info("resumed from step %d", int(state.step))
-    teacher, teacher_params = load_teacher(config)
-    d = config.distill
-    loss_fn = finetune_loss(model, teacher, d.alpha, d.temperature)
     train_step = make_train_step(loss_fn, tx, config.rng_impl)
     eval_step = make_eval_step(model)
 
@@ -332,13 +322,17 @@ def train(
                 epoch,
                 data.epoch_batches(lengths, size, config.seed, epoch, config.train.sort_window),
             )
+        indices = order[1][position]
         batch = data.make_batch(
             train_split,
-            order[1][position],
+            indices,
             config.buckets,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+        if teacher_logits is not None:
+            rows = len(batch["labels"])
+            batch["teacher_logits"] = teacher_logits[indices[jax.process_index() * rows :][:rows]]
         n_real = int(batch["attention_mask"].sum())
         real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
         padded_tokens += batch["input_ids"].size
@@ -358,7 +352,7 @@ def train(
                 log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, loss, rate)
             window, window_t, window_tokens = [], now, 0
         if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
-            run.log(step=done, eval=evaluate_all(state.params))
+            run.log(step=done, eval=evaluate_all(model_params(state.params)))
         if done % config.checkpoint_every == 0 or done == last:
             window += check_finite(unchecked, done, mngr)
             unchecked = []
@@ -371,14 +365,15 @@ def train(
         )
         return {"stopped_at": int(state.step), "steps": steps}
 
-    results = evaluate_all(state.params)
+    params = model_params(state.params)
+    results = evaluate_all(params)
     run.log(step=steps, eval=results)
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
     model_dir = save_pretrained(
-        bert_config, state.params, run.path / "model", tokenizer_dir=tokenizer_dir
+        bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir
     )
-    if config.transforms:  # keep the compressed shapes too, not only the dense HF equivalent
-        artefact.save(bert_config, state.params, run.path / "compressed", tokenizer_dir)
+    if config.transforms or not bert_config.is_uniform:  # keep the compressed shapes too
+        artefact.save(bert_config, params, run.path / "compressed", tokenizer_dir)
     summary = {
         "task": config.task,
         "metric": metrics.main_metric(config.task),
@@ -393,8 +388,8 @@ def train(
         "real_tokens_this_run": real_tokens,
         "padded_tokens_this_run": padded_tokens,
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
-        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
-        **artefact.saved_bytes(state.params),
+        "params": artefact.count_params(params),
+        **artefact.saved_bytes(params),
         "model_dir": str(model_dir),
     }
     run.write_summary(summary)

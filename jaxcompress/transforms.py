@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxcompress import factorize, share
+from jaxcompress import factorize, share, student
 from jaxcompress.core import StructureTransform, compose
 from jaxcompress.models.bert import BertConfig
 
@@ -92,10 +92,56 @@ def low_rank(
     return functools.partial(factorize.low_rank, rules=[(pattern, spec)])
 
 
+def keep_layers(
+    keep: int | None = None, strategy: str = "every_other", layers: tuple | list | None = None
+) -> StructureTransform:
+    """A shallower student: `keep` teacher layers chosen by `strategy`, or the given `layers`."""
+    if (keep is None) == (layers is None):
+        raise ValueError("keep_layers needs exactly one of keep or layers")
+    if strategy not in student.LAYER_STRATEGIES:
+        raise ValueError(f"strategy must be one of {student.LAYER_STRATEGIES}, got {strategy!r}")
+
+    def transform(config: BertConfig, params: dict):
+        chosen = layers
+        if chosen is None:
+            chosen = student.select_layers(config.num_hidden_layers, keep, strategy)
+        return student.keep_layers(config, params, chosen)
+
+    return transform
+
+
+def shrink_width(
+    hidden_size: int | None = None,
+    num_heads: int | None = None,
+    intermediate_size: int | None = None,
+    init: str = "slice",
+    seed: int = 0,
+) -> StructureTransform:
+    """A narrower student, sliced from the teacher or freshly initialised."""
+    if init not in ("slice", "fresh"):
+        raise ValueError(f"init must be 'slice' or 'fresh', got {init!r}")
+    return functools.partial(
+        student.shrink_width,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        init=init,
+        seed=seed,
+    )
+
+
+def reinitialize(seed: int = 0) -> StructureTransform:
+    """Same shape, fresh parameters: the from-scratch baseline."""
+    return functools.partial(student.reinitialize, seed=seed)
+
+
 REGISTRY: dict[str, Callable[..., StructureTransform]] = {
     "share_layers": share_layers,
     "factorize_embeddings": factorize_embeddings,
     "low_rank": low_rank,
+    "keep_layers": keep_layers,
+    "shrink_width": shrink_width,
+    "reinitialize": reinitialize,
 }
 
 

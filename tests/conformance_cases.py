@@ -48,6 +48,16 @@ CASES = [
         transforms.share_layers(groups=[0, 1, 2], scope="ffn", init="first"),
         transforms.share_layers(groups="all", scope="ffn", init="first"),
     ),
+    Case(
+        "keep_layers",
+        transforms.keep_layers(layers=[0, 1, 2]),
+        transforms.keep_layers(keep=2, strategy="every_other"),
+    ),
+    Case(
+        "shrink_width",
+        transforms.shrink_width(),
+        transforms.shrink_width(hidden_size=16, num_heads=2, intermediate_size=32),
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import train
+from jaxcompress import objectives, train
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert
 
@@ -54,7 +54,7 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     config, params, batch = model_and_batch()
     new_config, new_params = case.strong(config, params)
     model = Bert(new_config)
-    loss_fn = train.finetune_loss(model)
+    loss_fn = objectives.finetune_loss(model)
     grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), None)[0])(new_params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
     assert float(optax.tree.norm(grads)) > 0

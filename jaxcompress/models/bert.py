@@ -119,6 +119,20 @@ class BertConfig:
     def rank_of(self, module_path: str) -> int | None:
         return dict(self.low_rank).get(module_path)
 
+    @property
+    def is_uniform(self) -> bool:
+        """Whether Hugging Face's BertConfig can express this shape exactly."""
+        if self.attention_head_size * self.num_attention_heads != self.hidden_size:
+            return False
+        compressed = (
+            self.heads_per_layer,
+            self.intermediate_per_layer,
+            self.embedding_size,
+            self.attention_groups,
+            self.ffn_groups,
+        )
+        return all(v is None for v in compressed) and not self.low_rank
+
     def replace(self, **changes: Any) -> BertConfig:
         return dataclasses.replace(self, **changes)
 
@@ -248,6 +262,9 @@ class SelfAttention(nn.Module):
             return y.reshape(b, length, self.heads, d)
 
         q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = project("query"), project("key"), project("value")
+        # Kept only when applied with mutable=["intermediates"] (self-relation distillation).
+        for name, t in (("queries", q_BxLxNxD), ("keys", k_BxLxNxD), ("values", v_BxLxNxD)):
+            self.sow("intermediates", name, t.reshape(b, length, self.heads * d))
         scores_BxNxLxL = jnp.einsum("blnd,bmnd->bnlm", q_BxLxNxD, k_BxLxNxD) / jnp.sqrt(d)
         probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL.astype(jnp.float32) + bias_Bx1x1xL, -1)
         drop = nn.Dropout(cfg.attention_probs_dropout_prob)
@@ -358,6 +375,7 @@ class LayerStack(nn.Module):
                 scanned = nn.scan(
                     Layer,
                     variable_broadcast="params",
+                    variable_axes={"intermediates": 0},
                     split_rngs={"params": False, "dropout": True},
                     in_axes=nn.broadcast,
                     length=repeats,
@@ -462,6 +480,27 @@ class Bert(nn.Module):
             hidden_states=hidden if output_hidden_states else None,
             attentions=attn if output_attentions else None,
         )
+
+
+def layer_projections(config: BertConfig, intermediates: dict) -> tuple[dict[str, jax.Array], ...]:
+    """Each layer's queries, keys and values (B, L, heads * head_size), in layer order, from
+    the `intermediates` of an apply with `mutable=["intermediates"]` (scanned or not)."""
+    layers = intermediates["bert"]["encoder"]["layer"]
+    calls_so_far: dict[int, int] = {}
+    out = []
+    for layer in range(config.num_hidden_layers):
+        group = config.attention_group(layer)
+        k = calls_so_far.get(group, 0)
+        calls_so_far[group] = k + 1
+        sown = layers[str(group)]["attention"]["self"]
+        # A scanned run sows once, stacked over its layers: (repeats, B, L, W).
+        out.append(
+            {
+                name: calls[0][k] if calls[0].ndim == 4 else calls[k]
+                for name, calls in ((n, sown[n]) for n in ("queries", "keys", "values"))
+            }
+        )
+    return tuple(out)
 
 
 def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict:

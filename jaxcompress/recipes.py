@@ -1,0 +1,223 @@
+"""Compression pipelines as data: ordered, resumable stages that end in a results table.
+
+A recipe config has a `task` and a tuple of `stages`, each a dict with a `name`, a `kind`
+and the kind's fields:
+
+- `finetune`: `config` (a partial fine-tuning config, as in configs/finetune.py). Covers
+  fine-tuning a teacher, building a student by `transforms` and distilling into it.
+- `transform`: `model` and `transforms`; applies them and saves the model (no training).
+- `evaluate`: `models` (a tuple); measures each on the dev set, with latency if `latency`.
+
+Wherever a model is named (`config.model`, `config.distill.teacher`, `model`, `models`),
+`@stage` means the model an earlier stage wrote, so stages chain: teacher -> assistant ->
+student, or TinyBERT's intermediate-layer stage -> prediction-layer stage. Each stage writes
+`workdir/<name>/summary.json` when done; a rerun skips finished stages and resumes a
+`finetune` stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ml_collections
+
+from jaxcompress import artefact, train, transforms
+from jaxcompress.config import apply_overrides, finetune_defaults, merge
+from jaxcompress.measure import measure_model
+from jaxcompress.models.hf import resolve_model_dir
+from jaxcompress.run_dir import write_json
+
+log = logging.getLogger(__name__)
+
+STAGE_FIELDS = {
+    "finetune": {"name", "kind", "config"},
+    "transform": {"name", "kind", "model", "transforms"},
+    "evaluate": {"name", "kind", "models", "latency"},
+}
+SUMMARY = "summary.json"
+
+
+def load_recipe(spec: str) -> dict:
+    """`path/to/recipe.py[:arg]` -> the recipe dict its `get_config(arg)` returns, checked."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"recipe file {file} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_recipe_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    recipe = module.get_config(arg)
+    check_recipe(recipe)
+    return recipe
+
+
+def check_recipe(recipe: dict) -> None:
+    """Unknown keys, kinds, duplicate names and forward `@` references raise, naming the stage."""
+    if set(recipe) - {"task", "stages"} or "stages" not in recipe:
+        raise KeyError(f"a recipe has 'task' and 'stages'; got {sorted(recipe)}")
+    seen: set[str] = set()
+    for i, stage in enumerate(recipe["stages"]):
+        name = stage.get("name") or f"#{i}"
+        kind = stage.get("kind")
+        if kind not in STAGE_FIELDS:
+            raise ValueError(f"stage {name}: kind {kind!r} not in {sorted(STAGE_FIELDS)}")
+        if unknown := set(stage) - STAGE_FIELDS[kind]:
+            raise KeyError(f"stage {name}: unknown keys {sorted(unknown)} for a {kind} stage")
+        if name in seen:
+            raise ValueError(f"two stages are named {name!r}")
+        for ref in _references(stage):
+            if ref not in seen:
+                raise ValueError(f"stage {name} uses @{ref}, which is not an earlier stage")
+        seen.add(name)
+
+
+def _references(stage: dict) -> list[str]:
+    names = [stage.get("model", "")] + list(stage.get("models", ()))
+    config = stage.get("config", {})
+    names += [config.get("model", ""), config.get("distill", {}).get("teacher", "")]
+    return [n[1:] for n in names if isinstance(n, str) and n.startswith("@")]
+
+
+def stage_model(workdir: Path, name: str) -> str:
+    """The model a finished stage wrote: its native artefact if it has one, else HF format."""
+    stage_dir = workdir / name
+    for sub in ("compressed", "model"):
+        if (stage_dir / sub).exists():
+            return str(stage_dir / sub)
+    raise FileNotFoundError(f"stage {name} has written no model under {stage_dir}")
+
+
+def _resolve(value: str, workdir: Path) -> str:
+    return stage_model(workdir, value[1:]) if value.startswith("@") else value
+
+
+def stage_config(
+    recipe: dict, stage: dict, workdir: Path, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+    """The full fine-tuning config of a `finetune` stage, `@` references resolved."""
+    partial = ml_collections.ConfigDict({"task": recipe.get("task", "sst2"), **stage["config"]})
+    config = merge(finetune_defaults(), partial)
+    apply_overrides(config, overrides)
+    with config.unlocked():
+        config.model = _resolve(config.model, workdir)
+        config.distill.teacher = _resolve(config.distill.teacher, workdir)
+        if not config.tokenizer:  # a stage's output holds the tokenizer of its source
+            config.tokenizer = config.model
+    return config
+
+
+def run_finetune(recipe, stage, workdir, overrides) -> dict:
+    config = stage_config(recipe, stage, workdir, overrides)
+    run = workdir / stage["name"]
+    if (run / SUMMARY).exists():  # finished earlier (train() wrote it): reuse, don't retrain
+        summary = json.loads((run / SUMMARY).read_text())
+    else:
+        summary = train.train(config, run)
+    if "stopped_at" in summary:
+        return summary
+    return {
+        "model": config.model,
+        "teacher": config.distill.teacher or None,
+        "steps": summary["steps"],
+        "train_examples": summary["train_examples"],
+        **{k: summary[k] for k in ("metric", "value", "params", "bytes", "bytes_no_embeddings")},
+    }
+
+
+def _task_config(recipe: dict, model: str) -> ml_collections.ConfigDict:
+    config = merge(finetune_defaults(), ml_collections.ConfigDict({"task": recipe["task"]}))
+    with config.unlocked():
+        config.model = config.tokenizer = model
+    return config
+
+
+def run_transform(recipe, stage, workdir, overrides) -> dict:
+    source = _resolve(stage["model"], workdir)
+    config = _task_config(recipe, source)
+    bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(recipe["task"]))
+    context = train.transform_context(config)
+    bert_config, params = transforms.from_specs(stage["transforms"], context)(bert_config, params)
+    out = artefact.save(
+        bert_config, params, workdir / stage["name"] / "compressed", resolve_model_dir(source)
+    )
+    tokenizer = train.load_tokenizer(config)
+    dev = train.load_eval_splits(config, tokenizer)
+    return {"model": source, **measure_model(config, bert_config, params, dev), "saved": str(out)}
+
+
+def run_evaluate(recipe, stage, workdir, overrides) -> dict:
+    rows = []
+    for name in stage["models"]:
+        path = _resolve(name, workdir)
+        config = _task_config(recipe, path)
+        bert_config, params = train.load_any(path)
+        dev = train.load_eval_splits(config, train.load_tokenizer(config))
+        row = measure_model(config, bert_config, params, dev, stage.get("latency", False))
+        rows.append({"model": name, **row})
+    reference = rows[-1]  # the last listed model (usually the teacher) is the reference
+    for row in rows:
+        row["relative"] = row["value"] / reference["value"]
+        row["params_relative"] = row["params"] / reference["params"]
+        if "latency_s" in row:
+            row["speedup"] = reference["latency_s"] / row["latency_s"]
+    return {"rows": rows}
+
+
+RUNNERS: dict[str, Callable[[dict, dict, Path, Sequence[str]], dict]] = {
+    "finetune": run_finetune,
+    "transform": run_transform,
+    "evaluate": run_evaluate,
+}
+
+
+def run_recipe(recipe: dict, workdir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
+    """Runs every unfinished stage in order; returns each stage's summary (None if a stage
+    was interrupted, after which later stages do not run). `overrides` apply to every
+    finetune stage, e.g. `train.steps=50`."""
+    check_recipe(recipe)
+    workdir = Path(workdir)
+    summaries = []
+    for stage in recipe["stages"]:
+        done = workdir / stage["name"] / SUMMARY
+        if done.exists() and stage["kind"] != "finetune":
+            summaries.append(json.loads(done.read_text()))
+            log.info("stage %s: done earlier", stage["name"])
+            continue
+        log.info("stage %s (%s)", stage["name"], stage["kind"])
+        summary = RUNNERS[stage["kind"]](recipe, stage, workdir, overrides)
+        if "stopped_at" in summary:
+            return summaries
+        summary = {"stage": stage["name"], "kind": stage["kind"], **summary}
+        if stage["kind"] != "finetune":  # train() writes a finetune stage's own summary
+            done.parent.mkdir(parents=True, exist_ok=True)
+            write_json(done, summary)
+        summaries.append(summary)
+    return summaries
+
+
+def results_table(summaries: list[dict]) -> str:
+    """A markdown table of every stage's model: metric, size, and latency where measured."""
+    columns = ["stage", "model", "metric", "value", "relative", "params", "MB", "speedup"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for summary in summaries:
+        for row in summary.get("rows", [summary]):
+            cells = {
+                "stage": summary["stage"],
+                "model": Path(str(row.get("model", ""))).name,
+                "metric": row.get("metric", ""),
+                "value": _fmt(row.get("value")),
+                "relative": _fmt(row.get("relative")),
+                "params": f"{row['params'] / 1e6:.2f}M" if "params" in row else "",
+                "MB": f"{row['bytes'] / 1e6:.1f}" if "bytes" in row else "",
+                "speedup": f"{row['speedup']:.2f}x" if "speedup" in row else "",
+            }
+            lines.append("| " + " | ".join(cells[c] for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}"
