@@ -12,8 +12,8 @@ batch 32, sequence 128, teacher and variant timed in this same process.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -23,11 +23,15 @@ from jaxcompress.latency import compiled_program_size, inference_latency
 from jaxcompress.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
-# A variant of configs/albert.py, with its flags after '+': "share_all+long".
+# A variant of configs/albert.py, its flags after '+', seeds after ':': "share_all+long:1".
 DEFAULT_VARIANTS = (
-    "e128,e64,e128_svd,e64_svd,share_all,share_all+long,share_2,share_3,"
-    "lowrank_ffn_50,lowrank_ffn_25"
+    "e128:3,e64,e128_svd,e64_svd,share_all,share_all+long,share_2,share_3,"
+    "lowrank_ffn_50:3,lowrank_ffn_25"
 )
+
+
+def run_name(variant: str, seed: int) -> str:
+    return variant if seed == 0 else f"{variant}_s{seed}"  # seed 0 keeps the plain name
 
 
 def dev_accuracy(config, bert_config, params, splits) -> float:
@@ -57,30 +61,36 @@ def main() -> None:
 
     # Phase 1: transform, measure, recover (the CPU-heavy part; resumable).
     trained = {}
-    for variant in args.variants.split(","):
+    for spec in args.variants.split(","):
+        variant, _, seeds = spec.partition(":")
         config_arg = variant.replace("+", ",")
         config = load_config(str(REPO / f"configs/albert.py:{config_arg}"), args.overrides)
         bert_config, params = train.load_model(config)
         before = dev_accuracy(config, bert_config, params, dev)
-        run_dir = Path(args.workdir) / variant
-        t0 = time.perf_counter()
-        if (run_dir / "summary.json").exists():  # finished earlier: reuse, don't retrain
-            summary = json.loads((run_dir / "summary.json").read_text())
-        else:
-            summary = train.train(config, run_dir)
-        trained[variant] = (config, before, summary, time.perf_counter() - t0)
-        print(f"{variant}: {before:.4f} -> {summary['value']:.4f} after recovery")
+        summaries, t0 = [], time.perf_counter()
+        for seed in range(int(seeds or 1)):
+            seeded = load_config(
+                str(REPO / f"configs/albert.py:{config_arg}"), [*args.overrides, f"seed={seed}"]
+            )
+            summaries.append(
+                train.train_or_reuse(seeded, Path(args.workdir) / run_name(variant, seed))
+            )
+        trained[variant] = (config, before, summaries, time.perf_counter() - t0)
+        values = [s["value"] for s in summaries]
+        print(f"{variant}: {before:.4f} -> {values} after recovery")
 
     # Phase 2: latency of every variant next to the teacher, nothing else running.
     teacher_program = compiled_program_size(teacher_config, teacher_params)
     rows = []
-    for variant, (config, before, summary, wall) in trained.items():
+    for variant, (config, before, summaries, wall) in trained.items():
+        summary = summaries[0]
+        values = [s["value"] for s in summaries]
         bert_config, params = artefact.load(Path(args.workdir) / variant / "compressed")
         latency = inference_latency(bert_config, params)
         again = inference_latency(teacher_config, teacher_params)  # same-run reference
         size = artefact.saved_bytes(params)
         count = artefact.count_params(params)
-        value = summary["value"]
+        value = statistics.mean(values)
         rows.append(
             {
                 "name": variant,
@@ -89,8 +99,9 @@ def main() -> None:
                 "metric": "accuracy",
                 "value": value,
                 "before_recovery": before,
-                "std": None,
-                "seeds": 1,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "seeds": len(values),
+                "values": values,
                 "relative": value / teacher_acc,
                 "params": int(count),
                 "params_relative": count / teacher_count,

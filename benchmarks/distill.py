@@ -11,7 +11,6 @@ at batch 32, sequence 128, each student timed next to the teacher in this same p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -58,10 +57,7 @@ def main() -> None:
             )
             run_dir = Path(args.workdir) / f"{row.replace(',', '_')}_s{seed}"
             t0 = time.perf_counter()
-            if (run_dir / "summary.json").exists():
-                summary = json.loads((run_dir / "summary.json").read_text())
-            else:
-                summary = train.train(config, run_dir)
+            summary = train.train_or_reuse(config, run_dir)
             runs.setdefault(row, []).append((summary, time.perf_counter() - t0, config))
             print(f"{row} seed {seed}: {summary['value']:.4f}")
 

@@ -112,11 +112,7 @@ def stage_config(
 
 def run_finetune(recipe, stage, workdir, overrides) -> dict:
     config = stage_config(recipe, stage, workdir, overrides)
-    run = workdir / stage["name"]
-    if (run / SUMMARY).exists():  # finished earlier (train() wrote it): reuse, don't retrain
-        summary = json.loads((run / SUMMARY).read_text())
-    else:
-        summary = train.train(config, run)
+    summary = train.train_or_reuse(config, workdir / stage["name"])
     if "stopped_at" in summary:
         return summary
     return {

@@ -10,6 +10,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxcompress import provenance
+from jaxcompress.config import config_from_json
 
 
 def _jsonable(value):
@@ -24,11 +25,11 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        resolved = json.loads(json.dumps(config.to_dict(), default=_jsonable))
+        resolved = _resolved(config)
         config_file = self.path / "config.json"
         if config_file.exists():
             previous = json.loads(config_file.read_text())
-            if previous != resolved:
+            if previous != resolved and _upgraded(previous) != resolved:
                 changed = sorted(
                     k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k)
                 )
@@ -54,6 +55,18 @@ class RunDir:
             **summary,
         }
         write_json(self.path / "summary.json", full)
+
+
+def _upgraded(saved: dict) -> dict:
+    """A saved config read under today's schema: keys added since take their defaults."""
+    try:
+        return _resolved(config_from_json(saved))
+    except (KeyError, TypeError, ValueError):
+        return saved
+
+
+def _resolved(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=_jsonable))
 
 
 def write_json(path: Path, obj) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -394,6 +395,16 @@ def train(
     }
     run.write_summary(summary)
     return summary
+
+
+def train_or_reuse(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """The summary of the finished run in `workdir` (any config change is refused), else
+    `train` it (resuming from its checkpoints)."""
+    summary_file = Path(workdir) / "summary.json"
+    if summary_file.exists():
+        RunDir(workdir, config)  # raises if the finished run had a different config
+        return json.loads(summary_file.read_text())
+    return train(config, workdir)
 
 
 def enable_compile_cache(directory: str) -> None:

@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from jaxcompress import checkpoint
 from jaxcompress.config import finetune_defaults, merge
+from jaxcompress.run_dir import RunDir
 from jaxcompress.train import make_optimizer, train
 
 from .helpers import save_tiny_model
@@ -93,6 +94,19 @@ def test_run_dir_refuses_a_different_config(tmp_path, tiny_model, glue_dir):
     other = tiny_run_config(tiny_model, glue_dir, steps=2)
     with pytest.raises(ValueError, match="different config"):
         train(other, tmp_path / "run")
+
+
+def test_run_dir_reads_older_configs_under_todays_defaults(tmp_path):
+    config = finetune_defaults()
+    RunDir(tmp_path, config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["distill"]["hidden"]  # written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    RunDir(tmp_path, config)  # the missing key has today's default: same run
+    with config.unlocked():
+        config.distill.hidden = 1.0
+    with pytest.raises(ValueError, match="different config"):
+        RunDir(tmp_path, config)
 
 
 def test_schedule_warms_up_then_decays_to_zero():
