@@ -48,6 +48,8 @@ COLUMNS = {
 COLUMNS["albert_family"] = [
     "name",
     "value",
+    "std",
+    "seeds",
     "before_recovery",
     "relative",
     "params",
@@ -57,6 +59,20 @@ COLUMNS["albert_family"] = [
     "bytes_no_embeddings_relative",
     "latency_ratio",
     "compiled_program_chars",
+    "steps",
+]
+COLUMNS["distill"] = [
+    "name",
+    "value",
+    "std",
+    "seeds",
+    "relative",
+    "layers",
+    "hidden_size",
+    "params",
+    "params_relative",
+    "bytes",
+    "latency_ratio",
     "steps",
 ]
 STANDARD = [

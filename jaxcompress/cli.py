@@ -99,6 +99,10 @@ def cmd_export(args) -> int:
     return 0
 
 
+def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcompress",
@@ -110,24 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model on a GLUE task (resumes a workdir)")
     p.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     p.add_argument("--workdir", required=True)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=1e-4",
-    )
+    add_overrides(p, "override a config key, e.g. --set train.lr=1e-4")
     p.set_defaults(fn=cmd_finetune)
     p = sub.add_parser("recipe", help="run a compression recipe's stages (resumes a workdir)")
     p.add_argument("--config", required=True, help="path/to/recipe.py[:arg]")
     p.add_argument("--workdir", required=True)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of every finetune stage, e.g. --set train.steps=50",
-    )
+    add_overrides(p, "override a key of every finetune stage, e.g. --set train.steps=50")
     p.set_defaults(fn=cmd_recipe)
     p = sub.add_parser("eval", help="evaluate a saved model on a GLUE task's dev split(s)")
     p.add_argument("--model", required=True, help="model directory or hub id")

@@ -7,7 +7,7 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxcompress import artefact, factorize, share, transforms
-from jaxcompress.models.bert import Bert, init_params
+from jaxcompress.models.bert import Bert, init_params, unshare_layers
 
 from .conformance_cases import logits, model_and_batch
 from .helpers import tiny_config
@@ -217,4 +217,20 @@ def test_saved_bytes_match_the_parameter_count(tmp_path):
     assert loaded_config == config
     np.testing.assert_array_equal(
         logits(loaded_config, loaded, batch), logits(config, params, batch)
+    )
+
+
+def test_unsharing_a_low_rank_shared_layer_keeps_its_outputs():
+    config, params, batch = model_and_batch()
+    shared_config, shared = share.share_layers(
+        config, params, attention_groups=(0, 0, 0), ffn_groups=(0, 0, 0)
+    )
+    rule = [(r"bert/encoder/layer/0/intermediate/dense/kernel", factorize.LowRank(rank=4))]
+    low_config, low = factorize.low_rank(shared_config, shared, rule)
+    unshared_config, unshared = unshare_layers(low_config, low)
+    assert dict(unshared_config.low_rank) == {
+        f"bert/encoder/layer/{i}/intermediate/dense": 4 for i in range(3)
+    }
+    np.testing.assert_allclose(
+        logits(unshared_config, unshared, batch), logits(low_config, low, batch), atol=1e-5
     )

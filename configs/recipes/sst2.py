@@ -6,7 +6,7 @@ Recipes: `distil_l3` (the teacher's layers 2, 4, 6 as a 3-layer student, distill
 logits, hidden states and attention in one stage, then evaluated against the teacher);
 `tinybert` (the same student trained TinyBERT's way: intermediate layers first, then the
 prediction layer); `assistant` (teacher -> 4-layer assistant -> 2-layer student, Mirzadeh
-et al.). Add `,quick` for a 30-step smoke run of every training stage.
+et al.). Add `,quick` to train every stage for 100 steps only.
 """
 
 TEACHER = "minilm-l6-sst2-teacher"
@@ -60,5 +60,5 @@ def get_config(arg: str = "distil_l3") -> dict:
     if "quick" in flags:
         for stage in stages:
             if stage["kind"] == "finetune":
-                stage["config"]["train"]["steps"] = 30
+                stage["config"]["train"]["steps"] = 100
     return {"task": "sst2", "stages": tuple(stages)}

@@ -515,6 +515,7 @@ def unshare_layers(config: BertConfig, params: dict) -> tuple[BertConfig, dict]:
     prefix = "bert/encoder/layer/"
     flat = flatten_dict(params, sep="/")
     out = {k: v for k, v in flat.items() if not k.startswith(prefix)}
+    ranks = {m: r for m, r in config.low_rank if not m.startswith(prefix)}
     for layer in range(config.num_hidden_layers):
         for group, attention in (
             (config.attention_group(layer), True),
@@ -525,7 +526,14 @@ def unshare_layers(config: BertConfig, params: dict) -> tuple[BertConfig, dict]:
                 rest = path[len(src) :]
                 if path.startswith(src) and rest.startswith("attention/") == attention:
                     out[f"{prefix}{layer}/{rest}"] = value
-    return config.replace(attention_groups=None, ffn_groups=None), unflatten_dict(out, sep="/")
+            for module, rank in config.low_rank:  # a low-rank shared module: every user's copy
+                rest = module[len(src) :]
+                if module.startswith(src) and rest.startswith("attention/") == attention:
+                    ranks[f"{prefix}{layer}/{rest}"] = rank
+    unshared = config.replace(
+        attention_groups=None, ffn_groups=None, low_rank=tuple(sorted(ranks.items()))
+    )
+    return unshared, unflatten_dict(out, sep="/")
 
 
 def _abstract_boxed(config: BertConfig) -> dict:
