@@ -25,9 +25,19 @@ from jaxcompress.results import write_result
 REPO = Path(__file__).resolve().parents[1]
 # A variant of configs/albert.py, its flags after '+', seeds after ':': "share_all+long:1".
 DEFAULT_VARIANTS = (
-    "e128:3,e64,e128_svd,e64_svd,share_all,share_all+long,share_2,share_3,"
-    "lowrank_ffn_50:3,lowrank_ffn_25"
+    "e128:3,e64,e128_svd,e64_svd,share_all,share_all+long+layers,share_2,share_3,"
+    "lowrank_ffn_50,lowrank_ffn_25"
 )
+
+
+def recovery_text(config) -> str:
+    d = config.distill
+    layers = [f"{k} {d[k]}" for k in ("hidden", "embedding", "attention") if d[k]]
+    extra = f" + layer terms ({', '.join(layers)})" if layers else ""
+    return (
+        f"logit KD from the teacher, alpha {d.alpha}, T {d.temperature}{extra}, "
+        f"lr {config.train.lr}"
+    )
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -63,7 +73,7 @@ def main() -> None:
     trained = {}
     for spec in args.variants.split(","):
         variant, _, seeds = spec.partition(":")
-        config_arg = variant.replace("+", ",")
+        config_arg = variant.replace("+", ",")  # "share_all+long" -> "share_all,long"
         config = load_config(str(REPO / f"configs/albert.py:{config_arg}"), args.overrides)
         bert_config, params = train.load_model(config)
         before = dev_accuracy(config, bert_config, params, dev)
@@ -117,8 +127,7 @@ def main() -> None:
                 "train_examples": summary["steps"] * config.train.batch_size,
                 "train_subset": "first steps*batch examples of the seed-0 shuffle of SST-2 train",
                 "steps": summary["steps"],
-                "recovery": f"logit KD from the teacher, alpha {config.distill.alpha}, "
-                f"T {config.distill.temperature}, lr {config.train.lr}",
+                "recovery": recovery_text(config),
                 "wall_s": summary.get("train_seconds_this_run", wall),
             }
         )
