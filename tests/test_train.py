@@ -60,6 +60,29 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir)
     assert [json.loads(x)["step"] for x in lines if "loss" in x] == [2, 4, 6]
 
 
+def test_cached_teacher_logits_train_like_the_live_teacher(
+    tmp_path, tiny_model, glue_dir, minilm_dir
+):
+    teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, seed=1, num_labels=2)
+    config = tiny_run_config(tiny_model, glue_dir, steps=2)
+    with config.unlocked():
+        config.distill.teacher = str(teacher)
+    train(config, tmp_path / "live")
+    with config.unlocked():
+        config.distill.cache_logits = True
+    train(config, tmp_path / "cached")
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if "loss" in x]
+
+    np.testing.assert_allclose(losses("cached"), losses("live"), rtol=1e-4)
+    with config.unlocked():
+        config.distill.hidden = 1.0
+    with pytest.raises(ValueError, match="caches logits only"):
+        train(config, tmp_path / "layers")
+
+
 def test_same_seed_same_result_other_seed_differs(tmp_path, tiny_model, glue_dir):
     config = tiny_run_config(tiny_model, glue_dir, steps=2)
     first = train(config, tmp_path / "a")
