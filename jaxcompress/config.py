@@ -149,8 +149,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         node[parts[-1]] = value
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> the merged, locked config with overrides applied."""
+def run_config_file(spec: str):
+    """`path/to/file.py[:arg]` -> (the module, its `get_config(arg)`)."""
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.exists():
@@ -160,7 +160,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{file} has no get_config(arg) function")
-    config = module.get_config(arg)
+    return module, module.get_config(arg)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> the merged, locked config with overrides applied."""
+    module, config = run_config_file(spec)
     defaults = getattr(module, "DEFAULTS", finetune_defaults)()
     merged = merge(defaults, config)
     apply_overrides(merged, overrides)

@@ -17,7 +17,6 @@ student, or TinyBERT's intermediate-layer stage -> prediction-layer stage. Each 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxcompress import artefact, train, transforms
-from jaxcompress.config import apply_overrides, finetune_defaults, merge
+from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
 from jaxcompress.measure import measure_model
 from jaxcompress.models.hf import resolve_model_dir
 from jaxcompress.run_dir import write_json
@@ -43,14 +42,7 @@ SUMMARY = "summary.json"
 
 def load_recipe(spec: str) -> dict:
     """`path/to/recipe.py[:arg]` -> the recipe dict its `get_config(arg)` returns, checked."""
-    path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"recipe file {file} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_recipe_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    recipe = module.get_config(arg)
+    _, recipe = run_config_file(spec)
     check_recipe(recipe)
     return recipe
 
