@@ -7,6 +7,8 @@ and the kind's fields:
   fine-tuning a teacher, building a student by `transforms` and distilling into it.
 - `transform`: `model` and `transforms`; applies them and saves the model (no training).
 - `evaluate`: `models` (a tuple); measures each on the dev set, with latency if `latency`.
+- `export`: `model`; writes it as a Hugging Face directory (the dense equivalent of any
+  compressed shape) to `workdir/<name>/model`.
 
 Wherever a model is named (`config.model`, `config.distill.teacher`, `model`, `models`),
 `@stage` means the model an earlier stage wrote, so stages chain: teacher -> assistant ->
@@ -27,7 +29,7 @@ import ml_collections
 from jaxcompress import artefact, train, transforms
 from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
 from jaxcompress.measure import measure_model
-from jaxcompress.models.hf import resolve_model_dir
+from jaxcompress.models.hf import resolve_model_dir, save_pretrained
 from jaxcompress.run_dir import write_json
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ STAGE_FIELDS = {
     "finetune": {"name", "kind", "config"},
     "transform": {"name", "kind", "model", "transforms"},
     "evaluate": {"name", "kind", "models", "latency"},
+    "export": {"name", "kind", "model"},
 }
 SUMMARY = "summary.json"
 
@@ -155,10 +158,23 @@ def run_evaluate(recipe, stage, workdir, overrides) -> dict:
     return {"rows": rows}
 
 
+def run_export(recipe, stage, workdir, overrides) -> dict:
+    source = _resolve(stage["model"], workdir)
+    bert_config, params = train.load_any(source)
+    out = save_pretrained(
+        bert_config,
+        params,
+        workdir / stage["name"] / "model",
+        tokenizer_dir=resolve_model_dir(source),
+    )
+    return {"model": source, "exported": str(out)}
+
+
 RUNNERS: dict[str, Callable[[dict, dict, Path, Sequence[str]], dict]] = {
     "finetune": run_finetune,
     "transform": run_transform,
     "evaluate": run_evaluate,
+    "export": run_export,
 }
 
 

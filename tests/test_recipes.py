@@ -52,6 +52,7 @@ def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, mo
             ),
             finetune_stage("prediction", "@student", teacher, alpha=1.0),
             {"name": "evaluate", "kind": "evaluate", "models": ("@prediction", teacher)},
+            {"name": "export", "kind": "export", "model": "@student"},
         ),
     }
     workdir = tmp_path / "recipe"
@@ -70,18 +71,20 @@ def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, mo
 
     monkeypatch.setattr(train, "train", real_train)
     summaries = recipes.run_recipe(recipe, workdir)
-    assert [s["stage"] for s in summaries] == ["student", "prediction", "evaluate"]
+    assert [s["stage"] for s in summaries] == ["student", "prediction", "evaluate", "export"]
     assert (workdir / "student" / "metrics.jsonl").read_text() == student_log  # not retrained
     prediction_log = (workdir / "prediction" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in prediction_log if "loss" in line] == [1, 2]
 
     config, params = artefact.load(recipes.stage_model(workdir, "student"))
     assert config.num_hidden_layers == 1 and "distill" not in params
-    rows = summaries[-1]["rows"]
+    rows = summaries[2]["rows"]
     assert rows[-1]["relative"] == 1.0 and rows[0]["params"] < rows[1]["params"]
     assert rows[0]["value"] == summaries[1]["value"]  # evaluated again, same number
     table = recipes.results_table(summaries)
-    assert table.count("\n") == 1 + 4 and "| evaluate | teacher |" in table
+    assert table.count("\n") == 1 + 5 and "| evaluate | teacher |" in table
+    exported, _ = train.load_any(str(workdir / "export" / "model"))
+    assert exported.num_hidden_layers == 1  # a Hugging Face directory of the student
 
     # A rerun of a finished recipe trains nothing and gives the same table, via the CLI too.
     recipe_file = tmp_path / "recipe.py"
