@@ -111,7 +111,7 @@ def run_finetune(recipe, stage, workdir, overrides) -> dict:
     if "stopped_at" in summary:
         return summary
     return {
-        "model": config.model,
+        "source": config.model,
         "teacher": config.distill.teacher or None,
         "steps": summary["steps"],
         "train_examples": summary["train_examples"],
@@ -137,7 +137,7 @@ def run_transform(recipe, stage, workdir, overrides) -> dict:
     )
     tokenizer = train.load_tokenizer(config)
     dev = train.load_eval_splits(config, tokenizer)
-    return {"model": source, **measure_model(config, bert_config, params, dev), "saved": str(out)}
+    return {"source": source, **measure_model(config, bert_config, params, dev), "saved": str(out)}
 
 
 def run_evaluate(recipe, stage, workdir, overrides) -> dict:
@@ -167,7 +167,7 @@ def run_export(recipe, stage, workdir, overrides) -> dict:
         workdir / stage["name"] / "model",
         tokenizer_dir=resolve_model_dir(source),
     )
-    return {"model": source, "exported": str(out)}
+    return {"source": source, "exported": str(out)}
 
 
 RUNNERS: dict[str, Callable[[dict, dict, Path, Sequence[str]], dict]] = {
@@ -211,7 +211,9 @@ def results_table(summaries: list[dict]) -> str:
         for row in summary.get("rows", [summary]):
             cells = {
                 "stage": summary["stage"],
-                "model": Path(str(row.get("model", ""))).name,
+                "model": Path(row["model"]).name
+                if "model" in row
+                else f"from {Path(str(row.get('source'))).name}",
                 "metric": row.get("metric", ""),
                 "value": _fmt(row.get("value")),
                 "relative": _fmt(row.get("relative")),
