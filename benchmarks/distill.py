@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # transfer against logits only at equal size), one for the rest on this 2-core machine.
 DEFAULT_ROWS = (
     "l3,logits:3 l3,tinybert:3 l2,logits:1 l2,tinybert:1 l3,hidden:1 l3,minilm:1 "
-    "l2,hidden:1 l2,minilm:1 l3_h256,minilmv2:1"
+    "l2,hidden:1 l2,minilm:1 l3_h256,minilmv2:1 l3,tinybert,long:1"
 )
 
 
@@ -81,7 +81,7 @@ def main() -> None:
             {
                 "name": row,
                 "student": student,
-                "objective": row.split(",")[1],
+                "objective": ",".join(row.split(",")[1:]),
                 "transforms": list(config.transforms),
                 "distill": {
                     k: d[k]

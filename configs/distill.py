@@ -8,7 +8,7 @@ The argument is `student,objective[,quick]`. Students, built from the teacher by
 mixed with the task loss), `hidden` (+ layer-output MSE, projected when narrower),
 `tinybert` (+ embedding MSE and per-head attention KL), `minilm` (logits + the last layer's
 attention distribution and value relation), `minilmv2` (logits + query/key/value relations
-over 8 relation heads: any widths and head counts). `quick` trains 30 steps.
+over 8 relation heads: any widths and head counts). `quick` trains 30 steps, `long` 1,200.
 """
 
 import ml_collections
@@ -37,8 +37,8 @@ def get_config(arg: str = "l3,logits") -> ml_collections.ConfigDict:
         raise ValueError(
             f"unknown {arg!r}: students {sorted(STUDENTS)}, objectives {sorted(OBJECTIVES)}"
         )
-    if unknown := set(flags) - {"quick"}:
-        raise ValueError(f"unknown flags {sorted(unknown)}; known: quick")
+    if unknown := set(flags) - {"quick", "long"}:
+        raise ValueError(f"unknown flags {sorted(unknown)}; known: quick, long")
     c = ml_collections.ConfigDict()
     c.model = TEACHER
     c.task = "sst2"
@@ -48,7 +48,7 @@ def get_config(arg: str = "l3,logits") -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32
-    c.train.steps = 30 if "quick" in flags else 400
+    c.train.steps = 30 if "quick" in flags else 1200 if "long" in flags else 400
     c.train.lr = 1e-4
     c.train.warmup_ratio = 0.06
     c.checkpoint_every = 200

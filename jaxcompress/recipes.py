@@ -111,7 +111,7 @@ def run_finetune(recipe, stage, workdir, overrides) -> dict:
     if "stopped_at" in summary:
         return summary
     return {
-        "source": config.model,
+        "source": stage["config"].get("model", config.model),  # as written: "@stage" or id
         "teacher": config.distill.teacher or None,
         "steps": summary["steps"],
         "train_examples": summary["train_examples"],
@@ -137,7 +137,8 @@ def run_transform(recipe, stage, workdir, overrides) -> dict:
     )
     tokenizer = train.load_tokenizer(config)
     dev = train.load_eval_splits(config, tokenizer)
-    return {"source": source, **measure_model(config, bert_config, params, dev), "saved": str(out)}
+    row = measure_model(config, bert_config, params, dev)
+    return {"source": stage["model"], **row, "saved": str(out)}
 
 
 def run_evaluate(recipe, stage, workdir, overrides) -> dict:
@@ -167,7 +168,7 @@ def run_export(recipe, stage, workdir, overrides) -> dict:
         workdir / stage["name"] / "model",
         tokenizer_dir=resolve_model_dir(source),
     )
-    return {"source": source, "exported": str(out)}
+    return {"source": stage["model"], "exported": str(out)}
 
 
 RUNNERS: dict[str, Callable[[dict, dict, Path, Sequence[str]], dict]] = {
