@@ -20,6 +20,7 @@ from pathlib import Path
 from jaxcompress import artefact, train
 from jaxcompress.config import load_config
 from jaxcompress.latency import compiled_program_size, inference_latency
+from jaxcompress.measure import measure_model
 from jaxcompress.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +64,9 @@ def main() -> None:
     tokenizer = train.load_tokenizer(base)
     dev = train.load_eval_splits(base, tokenizer)
     teacher_config, teacher_params = train.load_any(base.distill.teacher)
-    teacher_acc = dev_accuracy(base, teacher_config, teacher_params, dev)
-    teacher_latency = inference_latency(teacher_config, teacher_params)
-    teacher_size = artefact.saved_bytes(teacher_params)
-    teacher_count = artefact.count_params(teacher_params)
-    print(f"teacher: accuracy {teacher_acc:.4f}, latency {teacher_latency['median_s']:.3f}s")
+    teacher = measure_model(base, teacher_config, teacher_params, dev, latency=True)
+    teacher_acc = teacher["value"]
+    print(f"teacher: accuracy {teacher_acc:.4f}, latency {teacher['latency_s']:.3f}s")
 
     # Phase 1: transform, measure, recover (the CPU-heavy part; resumable).
     trained = {}
@@ -114,11 +113,11 @@ def main() -> None:
                 "values": values,
                 "relative": value / teacher_acc,
                 "params": int(count),
-                "params_relative": count / teacher_count,
+                "params_relative": count / teacher["params"],
                 **size,
-                "bytes_relative": size["bytes"] / teacher_size["bytes"],
+                "bytes_relative": size["bytes"] / teacher["bytes"],
                 "bytes_no_embeddings_relative": size["bytes_no_embeddings"]
-                / teacher_size["bytes_no_embeddings"],
+                / teacher["bytes_no_embeddings"],
                 "latency_s": latency["median_s"],
                 "teacher_latency_s": again["median_s"],
                 "latency_ratio": {"cpu": again["median_s"] / latency["median_s"], "gpu": None},
@@ -140,11 +139,7 @@ def main() -> None:
             "teacher": {
                 "model": base.distill.teacher,
                 "task": "sst2",
-                "metric": "accuracy",
-                "value": teacher_acc,
-                "params": int(teacher_count),
-                **teacher_size,
-                "latency_s": teacher_latency["median_s"],
+                **{k: v for k, v in teacher.items() if k != "eval"},
             },
             "latency_setting": "jitted forward, batch 32, sequence 128, median of 10",
             "rows": rows,

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxcompress.results import markdown_table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -109,8 +111,7 @@ def table(result: dict) -> str:
     rows = result["rows"]
     wanted = COLUMNS.get(result["benchmark"], STANDARD)
     columns = [c for c in wanted if any(c in r for r in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    body = markdown_table([{c: r.get(c) for c in columns} for r in rows], columns, fmt)
     machine = result.get("machine", {})
     where = f"{machine.get('cpu')} ({machine.get('cores')} cores), gpu: {machine.get('gpu')}"
     header = f"### {result['benchmark']}\n\n`{result['command']}`  \n{where}; commit "
@@ -118,7 +119,7 @@ def table(result: dict) -> str:
     teacher = result.get("teacher")
     if teacher:
         header += f"  \nteacher: {teacher['model']}, {teacher['metric']} {fmt(teacher['value'])}"
-    return header + "\n\n" + "\n".join(lines)
+    return header + "\n\n" + body
 
 
 def render(results_dir: Path = RESULTS) -> str:

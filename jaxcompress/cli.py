@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jaxcompress import checkpoint, data, recipes, train
+from jaxcompress import checkpoint, data, objectives, recipes, train
 from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import (
@@ -20,6 +20,7 @@ from jaxcompress.models.hf import (
     resolve_model_dir,
     save_pretrained,
 )
+from jaxcompress.results import markdown_table
 
 EPILOG = f"""
 Offline assets: set {MODEL_ROOT_ENV} to a folder of model directories (hub ids are looked up
@@ -28,13 +29,8 @@ there by their last component) and {GLUE_DIR_ENV} to a folder of GLUE TSVs (SST-
 """
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+def format_value(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def cmd_finetune(args) -> int:
@@ -48,7 +44,7 @@ def cmd_finetune(args) -> int:
         for name, value in values.items()
     ]
     print(f"\n{config.task}: {summary['steps']} steps on {summary['train_examples']} examples\n")
-    print(markdown_table(rows, ["split", "metric", "value"]))
+    print(markdown_table(rows, ["split", "metric", "value"], fmt=format_value))
     print(f"\nmodel: {summary['model_dir']}  summary: {Path(args.workdir) / 'summary.json'}")
     return 0
 
@@ -89,12 +85,16 @@ def cmd_export(args) -> int:
     if not (run / "config.json").exists():
         raise SystemExit(f"{run} is not a run directory (no config.json)")
     config = config_from_json(json.loads((run / "config.json").read_text()))
-    bert_config, _, _, state = train.initial_state(config, total_steps=1)
+    teacher, _ = train.load_teacher(config)  # its width decides the checkpoint's projections
+    bert_config, _, _, state = train.initial_state(
+        config, total_steps=1, teacher_config=None if teacher is None else teacher.config
+    )
     restored = checkpoint.restore_latest(checkpoint.manager(run / "checkpoints"), state)
     if restored is None:
         raise SystemExit(f"no checkpoint in {run / 'checkpoints'}")
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
-    out = save_pretrained(bert_config, restored.params, args.out, tokenizer_dir=tokenizer_dir)
+    params = objectives.model_params(restored.params)
+    out = save_pretrained(bert_config, params, args.out, tokenizer_dir=tokenizer_dir)
     print(f"exported step {int(restored.step)} of {run} to {out}")
     return 0
 

@@ -183,7 +183,8 @@ def _layer_terms(
             )
         )
     if objective.patient:
-        pairs = list(enumerate(mapping, start=1))[:-1] or list(enumerate(mapping, start=1))
+        mapped = list(enumerate(mapping, start=1))
+        pairs = mapped[:-1] or mapped  # the last layer is the logits' job, unless it is alone
         terms["patient"] = distill.patient_loss(
             [s_out.hidden_states[m][:, 0] for m, _ in pairs],
             [t_out.hidden_states[t][:, 0] for _, t in pairs],

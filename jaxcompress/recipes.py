@@ -30,6 +30,7 @@ from jaxcompress import artefact, train, transforms
 from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
 from jaxcompress.measure import measure_model
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
+from jaxcompress.results import markdown_table
 from jaxcompress.run_dir import write_json
 
 log = logging.getLogger(__name__)
@@ -207,23 +208,24 @@ def run_recipe(recipe: dict, workdir: str | Path, overrides: Sequence[str] = ())
 def results_table(summaries: list[dict]) -> str:
     """A markdown table of every stage's model: metric, size, and latency where measured."""
     columns = ["stage", "model", "metric", "value", "relative", "params", "MB", "speedup"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    cells = []
     for summary in summaries:
         for row in summary.get("rows", [summary]):
-            cells = {
-                "stage": summary["stage"],
-                "model": Path(row["model"]).name
-                if "model" in row
-                else f"from {Path(str(row.get('source'))).name}",
-                "metric": row.get("metric", ""),
-                "value": _fmt(row.get("value")),
-                "relative": _fmt(row.get("relative")),
-                "params": f"{row['params'] / 1e6:.2f}M" if "params" in row else "",
-                "MB": f"{row['bytes'] / 1e6:.1f}" if "bytes" in row else "",
-                "speedup": f"{row['speedup']:.2f}x" if "speedup" in row else "",
-            }
-            lines.append("| " + " | ".join(cells[c] for c in columns) + " |")
-    return "\n".join(lines)
+            cells.append(
+                {
+                    "stage": summary["stage"],
+                    "model": Path(row["model"]).name
+                    if "model" in row
+                    else f"from {Path(str(row.get('source'))).name}",
+                    "metric": row.get("metric", ""),
+                    "value": _fmt(row.get("value")),
+                    "relative": _fmt(row.get("relative")),
+                    "params": f"{row['params'] / 1e6:.2f}M" if "params" in row else "",
+                    "MB": f"{row['bytes'] / 1e6:.1f}" if "bytes" in row else "",
+                    "speedup": f"{row['speedup']:.2f}x" if "speedup" in row else "",
+                }
+            )
+    return markdown_table(cells, columns)
 
 
 def _fmt(value) -> str:

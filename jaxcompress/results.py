@@ -1,4 +1,4 @@
-"""Benchmark result files: `benchmarks/results/<name>.json` with provenance."""
+"""Benchmark result files (`benchmarks/results/<name>.json` with provenance) and tables."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxcompress import provenance
@@ -29,3 +30,10 @@ def write_result(path: str | os.PathLike, benchmark: str, body: dict) -> Path:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(target)
     return target
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str], fmt: Callable = str) -> str:
+    """A Markdown table: one row per dict, one column per key (missing keys blank)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -22,14 +22,6 @@ from jaxcompress.models.bert import (
 LAYER_STRATEGIES = ("every_other", "uniform", "first", "top")
 
 _LAYER = "bert/encoder/layer/"
-_COMPRESSED_FIELDS = (
-    "embedding_size",
-    "heads_per_layer",
-    "intermediate_per_layer",
-    "attention_groups",
-    "ffn_groups",
-    "low_rank",
-)
 
 
 def select_layers(num_layers: int, keep: int, strategy: str = "every_other") -> tuple[int, ...]:
@@ -113,9 +105,8 @@ def shrink_width(
     heads (head size unchanged) and the first `intermediate_size` FFN neurons of every
     parameter; `init="fresh"` draws new parameters from `seed`.
     """
-    for name in _COMPRESSED_FIELDS:
-        if getattr(config, name):
-            raise ValueError(f"shrink_width needs an uncompressed model; config.{name} is set")
+    if compressed := config.compressed_fields():
+        raise ValueError(f"shrink_width needs an uncompressed model; config.{compressed[0]} is set")
     if init not in ("slice", "fresh"):
         raise ValueError(f"init must be 'slice' or 'fresh', got {init!r}")
     h = config.hidden_size if hidden_size is None else hidden_size

@@ -167,9 +167,17 @@ def evaluate_model(
     config: ml_collections.ConfigDict, bert_config: BertConfig, params, splits: dict
 ) -> dict[str, dict[str, float]]:
     """GLUE metrics of a model on tokenized eval splits (name -> split)."""
-    step = make_eval_step(Bert(bert_config))
+    return evaluate_splits(config, make_eval_step(Bert(bert_config)), params, splits)
+
+
+def evaluate_splits(
+    config: ml_collections.ConfigDict, eval_step, params, splits: dict
+) -> dict[str, dict[str, float]]:
+    """GLUE metrics of `params` under a compiled eval step on each split (name -> split)."""
     return {
-        name: evaluate(step, params, split, config.task, config.eval.batch_size, config.buckets)
+        name: evaluate(
+            eval_step, params, split, config.task, config.eval.batch_size, config.buckets
+        )
         for name, split in splits.items()
     }
 
@@ -298,12 +306,7 @@ def train(
     eval_step = make_eval_step(model)
 
     def evaluate_all(params) -> dict[str, dict[str, float]]:
-        return {
-            name: evaluate(
-                eval_step, params, split, config.task, config.eval.batch_size, config.buckets
-            )
-            for name, split in eval_splits.items()
-        }
+        return evaluate_splits(config, eval_step, params, eval_splits)
 
     start = int(state.step)
     last = steps if stop_after_step is None else min(steps, stop_after_step)

@@ -49,3 +49,26 @@ def test_bad_override_fails_before_writing(tmp_path):
     with pytest.raises(KeyError, match="did you mean 'lr'"):
         main(args + ["--set", "train.lrr=1e-3"])
     assert not workdir.exists()
+
+
+def test_export_of_a_run_with_distillation_projections(tmp_path, minilm_dir, glue_dir, monkeypatch):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_labels=2)
+    workdir = tmp_path / "run"
+    overrides = [
+        f"model={teacher}",
+        f"distill.teacher={teacher}",
+        "distill.hidden=1.0",
+        "transforms=['shrink_width(hidden_size=16, num_heads=2)']",
+        "train.examples=32",
+        "train.batch_size=16",
+        "train.steps=2",
+        "checkpoint_every=1",
+    ]
+    args = ["finetune", "--config", f"{REPO}/configs/finetune.py:sst2", "--workdir", str(workdir)]
+    assert main(args + [x for o in overrides for x in ("--set", o)]) == 0
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    trained = load_file(workdir / "model" / "model.safetensors")
+    assert exported.keys() == trained.keys()  # the projection is not part of the model
+    np.testing.assert_array_equal(exported["classifier.weight"], trained["classifier.weight"])

@@ -25,6 +25,15 @@ VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (
     "types",
 )
 
+# BertConfig fields that describe a shape Hugging Face's BertConfig cannot (head_size aside).
+COMPRESSED_FIELDS = (
+    "heads_per_layer",
+    "intermediate_per_layer",
+    "embedding_size",
+    "attention_groups",
+    "ffn_groups",
+    "low_rank",
+)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -119,19 +128,15 @@ class BertConfig:
     def rank_of(self, module_path: str) -> int | None:
         return dict(self.low_rank).get(module_path)
 
+    def compressed_fields(self) -> tuple[str, ...]:
+        """The compressed-shape fields that are set (head_size aside)."""
+        return tuple(name for name in COMPRESSED_FIELDS if getattr(self, name))
+
     @property
     def is_uniform(self) -> bool:
         """Whether Hugging Face's BertConfig can express this shape exactly."""
-        if self.attention_head_size * self.num_attention_heads != self.hidden_size:
-            return False
-        compressed = (
-            self.heads_per_layer,
-            self.intermediate_per_layer,
-            self.embedding_size,
-            self.attention_groups,
-            self.ffn_groups,
-        )
-        return all(v is None for v in compressed) and not self.low_rank
+        heads_fill_width = self.attention_head_size * self.num_attention_heads == self.hidden_size
+        return heads_fill_width and not self.compressed_fields()
 
     def replace(self, **changes: Any) -> BertConfig:
         return dataclasses.replace(self, **changes)
@@ -493,13 +498,12 @@ def layer_projections(config: BertConfig, intermediates: dict) -> tuple[dict[str
         k = calls_so_far.get(group, 0)
         calls_so_far[group] = k + 1
         sown = layers[str(group)]["attention"]["self"]
-        # A scanned run sows once, stacked over its layers: (repeats, B, L, W).
-        out.append(
-            {
-                name: calls[0][k] if calls[0].ndim == 4 else calls[k]
-                for name, calls in ((n, sown[n]) for n in ("queries", "keys", "values"))
-            }
-        )
+        projections = {}
+        for name in ("queries", "keys", "values"):
+            calls = sown[name]
+            # A scanned run sows once, stacked over its layers: (repeats, B, L, W).
+            projections[name] = calls[0][k] if calls[0].ndim == 4 else calls[k]
+        out.append(projections)
     return tuple(out)
 
 
