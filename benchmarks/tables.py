@@ -112,6 +112,9 @@ def table(result: dict) -> str:
     wanted = COLUMNS.get(result["benchmark"], STANDARD)
     columns = [c for c in wanted if any(c in r for r in rows)]
     body = markdown_table([{c: r.get(c) for c in columns} for r in rows], columns, fmt)
+    if "table" in result:  # a report's own layout (sweeps: the survey's Table 1), and plots
+        body = result["table"]
+        body += "".join(f"\n\n![{p}](benchmarks/results/{p})" for p in result.get("plots", ()))
     machine = result.get("machine", {})
     where = f"{machine.get('cpu')} ({machine.get('cores')} cores), gpu: {machine.get('gpu')}"
     header = f"### {result['benchmark']}\n\n`{result['command']}`  \n{where}; commit "

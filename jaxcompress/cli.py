@@ -1,4 +1,4 @@
-"""The `jaxcompress` command: finetune, recipe, eval, export."""
+"""The `jaxcompress` command: finetune, recipe, sweep, report, eval, export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jaxcompress import checkpoint, data, objectives, recipes, train
+from jaxcompress import checkpoint, data, objectives, recipes, report, sweep, train
 from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import (
@@ -55,6 +55,44 @@ def cmd_recipe(args) -> int:
     (Path(args.workdir) / "results.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\nstage outputs and results.md under {args.workdir}")
+    return 0
+
+
+def parse_only(items: list[str]) -> dict[str, list[str]]:
+    """`["technique=a,b", "seed=0"]` -> {"technique": ["a", "b"], "seed": ["0"]}."""
+    only: dict[str, list[str]] = {}
+    for item in items:
+        axis, sep, values = item.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--only {item!r} must look like AXIS=VALUE[,VALUE...]")
+        only.setdefault(axis.strip(), []).extend(v.strip() for v in values.split(","))
+    return only
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit():
+        raise SystemExit(f"--shard {text!r} must look like INDEX/COUNT, e.g. 0/2")
+    return int(index), int(count)
+
+
+def cmd_sweep(args) -> int:
+    config = sweep.load_sweep(args.config)
+    only, shard = parse_only(args.only), parse_shard(args.shard)
+    summaries = sweep.run_sweep(config, args.workdir, only, shard, args.set)
+    total = len(sweep.expand(config, only, args.set)[shard[0] :: shard[1]])
+    print(f"\n{len(summaries)} of {total} runs finished under {args.workdir}")
+    if len(summaries) == total and shard[1] == 1:
+        written = report.write_report([args.workdir], Path(args.workdir) / "report", plots=False)
+        print("\n" + written["table"])
+    return 0
+
+
+def cmd_report(args) -> int:
+    out = args.out or str(Path(args.dirs[0]) / "report")
+    written = report.write_report(args.dirs, out, args.allow_mixed, plots=not args.no_plots)
+    print(written["table"])
+    print("\nwrote " + ", ".join(str(p) for p in written["written"]))
     return 0
 
 
@@ -121,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     add_overrides(p, "override a key of every finetune stage, e.g. --set train.steps=50")
     p.set_defaults(fn=cmd_recipe)
+    p = sub.add_parser("sweep", help="run a sweep of variants x seeds (resumes a workdir)")
+    p.add_argument("config", help="path/to/sweep.py[:arg], e.g. configs/ablations/sst2_main.py")
+    p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="AXIS=V[,V]",
+        help="run only these technique / strength / seed values (repeatable)",
+    )
+    p.add_argument("--shard", default="0/1", help="INDEX/COUNT: this process's share of runs")
+    add_overrides(p, "override a key of every finetune stage, e.g. --set train.steps=50")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("report", help="aggregate sweep runs: Table-1 markdown, CSV, plots")
+    p.add_argument("dirs", nargs="+", help="sweep workdirs (or their runs/ folders)")
+    p.add_argument("--out", default="", help="output prefix (default: DIR/report)")
+    p.add_argument("--allow-mixed", action="store_true", help="accept different base configs")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("eval", help="evaluate a saved model on a GLUE task's dev split(s)")
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--task", required=True)
@@ -138,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     return args.fn(args)
 

@@ -51,3 +51,39 @@ def inference_latency(
         "batch_size": batch_size,
         "seq_len": seq_len,
     }
+
+
+def paired_latency(
+    reference: tuple[BertConfig, dict],
+    model: tuple[BertConfig, dict],
+    batch_size: int = 32,
+    seq_len: int = 128,
+    rounds: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Latency of `model` against `reference`, timed alternately in the same process.
+
+    On a shared machine slow spells last seconds; alternating the two forwards makes both see
+    them, and the median of per-round ratios discards the rounds they hit unevenly.
+    """
+    ids = jax.random.randint(jax.random.key(0), (batch_size, seq_len), 1000, 29000)
+    mask = jnp.ones_like(ids)
+    pairs = [(_forward(config), params) for config, params in (reference, model)]
+
+    def timed(forward, params) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(forward(params, ids, mask))
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for forward, params in pairs:
+            timed(forward, params)
+    times = [[timed(f, p) for f, p in pairs] for _ in range(rounds)]
+    return {
+        "latency_s": statistics.median(t[1] for t in times),
+        "reference_latency_s": statistics.median(t[0] for t in times),
+        "speedup": statistics.median(t[0] / t[1] for t in times),
+        "rounds": rounds,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+    }

@@ -78,37 +78,45 @@ def _references(stage: dict) -> list[str]:
     return [n[1:] for n in names if isinstance(n, str) and n.startswith("@")]
 
 
-def stage_model(workdir: Path, name: str) -> str:
+def stage_model(stage_dir: Path) -> str:
     """The model a finished stage wrote: its native artefact if it has one, else HF format."""
-    stage_dir = workdir / name
     for sub in ("compressed", "model"):
         if (stage_dir / sub).exists():
             return str(stage_dir / sub)
-    raise FileNotFoundError(f"stage {name} has written no model under {stage_dir}")
+    raise FileNotFoundError(f"stage {stage_dir.name} has written no model under {stage_dir}")
 
 
-def _resolve(value: str, workdir: Path) -> str:
-    return stage_model(workdir, value[1:]) if value.startswith("@") else value
+def resolve(value: str, dirs: dict[str, Path]) -> str:
+    """A model name with `@stage` replaced by the model that stage wrote."""
+    return stage_model(dirs[value[1:]]) if value.startswith("@") else value
 
 
 def stage_config(
-    recipe: dict, stage: dict, workdir: Path, overrides: Sequence[str] = ()
+    recipe: dict, stage: dict, dirs: dict[str, Path], overrides: Sequence[str] = ()
 ) -> ml_collections.ConfigDict:
     """The full fine-tuning config of a `finetune` stage, `@` references resolved."""
-    partial = ml_collections.ConfigDict({"task": recipe.get("task", "sst2"), **stage["config"]})
-    config = merge(finetune_defaults(), partial)
-    apply_overrides(config, overrides)
+    config = merged_stage_config(recipe, stage, overrides)
     with config.unlocked():
-        config.model = _resolve(config.model, workdir)
-        config.distill.teacher = _resolve(config.distill.teacher, workdir)
+        config.model = resolve(config.model, dirs)
+        config.distill.teacher = resolve(config.distill.teacher, dirs)
         if not config.tokenizer:  # a stage's output holds the tokenizer of its source
             config.tokenizer = config.model
     return config
 
 
-def run_finetune(recipe, stage, workdir, overrides) -> dict:
-    config = stage_config(recipe, stage, workdir, overrides)
-    summary = train.train_or_reuse(config, workdir / stage["name"])
+def merged_stage_config(
+    recipe: dict, stage: dict, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+    """A `finetune` stage's config over the defaults, `@` references left as written."""
+    partial = ml_collections.ConfigDict({"task": recipe.get("task", "sst2"), **stage["config"]})
+    config = merge(finetune_defaults(), partial)
+    apply_overrides(config, overrides)
+    return config
+
+
+def run_finetune(recipe, stage, dirs, overrides) -> dict:
+    config = stage_config(recipe, stage, dirs, overrides)
+    summary = train.train_or_reuse(config, dirs[stage["name"]])
     if "stopped_at" in summary:
         return summary
     return {
@@ -120,21 +128,22 @@ def run_finetune(recipe, stage, workdir, overrides) -> dict:
     }
 
 
-def _task_config(recipe: dict, model: str) -> ml_collections.ConfigDict:
-    config = merge(finetune_defaults(), ml_collections.ConfigDict({"task": recipe["task"]}))
+def task_config(task: str, model: str) -> ml_collections.ConfigDict:
+    """The default config of `task` evaluating `model` (with its own tokenizer)."""
+    config = merge(finetune_defaults(), ml_collections.ConfigDict({"task": task}))
     with config.unlocked():
         config.model = config.tokenizer = model
     return config
 
 
-def run_transform(recipe, stage, workdir, overrides) -> dict:
-    source = _resolve(stage["model"], workdir)
-    config = _task_config(recipe, source)
+def run_transform(recipe, stage, dirs, overrides) -> dict:
+    source = resolve(stage["model"], dirs)
+    config = task_config(recipe["task"], source)
     bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(recipe["task"]))
     context = train.transform_context(config)
     bert_config, params = transforms.from_specs(stage["transforms"], context)(bert_config, params)
     out = artefact.save(
-        bert_config, params, workdir / stage["name"] / "compressed", resolve_model_dir(source)
+        bert_config, params, dirs[stage["name"]] / "compressed", resolve_model_dir(source)
     )
     tokenizer = train.load_tokenizer(config)
     dev = train.load_eval_splits(config, tokenizer)
@@ -142,11 +151,11 @@ def run_transform(recipe, stage, workdir, overrides) -> dict:
     return {"source": stage["model"], **row, "saved": str(out)}
 
 
-def run_evaluate(recipe, stage, workdir, overrides) -> dict:
+def run_evaluate(recipe, stage, dirs, overrides) -> dict:
     rows = []
     for name in stage["models"]:
-        path = _resolve(name, workdir)
-        config = _task_config(recipe, path)
+        path = resolve(name, dirs)
+        config = task_config(recipe["task"], path)
         bert_config, params = train.load_any(path)
         dev = train.load_eval_splits(config, train.load_tokenizer(config))
         row = measure_model(config, bert_config, params, dev, stage.get("latency", False))
@@ -160,19 +169,19 @@ def run_evaluate(recipe, stage, workdir, overrides) -> dict:
     return {"rows": rows}
 
 
-def run_export(recipe, stage, workdir, overrides) -> dict:
-    source = _resolve(stage["model"], workdir)
+def run_export(recipe, stage, dirs, overrides) -> dict:
+    source = resolve(stage["model"], dirs)
     bert_config, params = train.load_any(source)
     out = save_pretrained(
         bert_config,
         params,
-        workdir / stage["name"] / "model",
+        dirs[stage["name"]] / "model",
         tokenizer_dir=resolve_model_dir(source),
     )
     return {"source": stage["model"], "exported": str(out)}
 
 
-RUNNERS: dict[str, Callable[[dict, dict, Path, Sequence[str]], dict]] = {
+RUNNERS: dict[str, Callable[[dict, dict, dict[str, Path], Sequence[str]], dict]] = {
     "finetune": run_finetune,
     "transform": run_transform,
     "evaluate": run_evaluate,
@@ -180,27 +189,37 @@ RUNNERS: dict[str, Callable[[dict, dict, Path, Sequence[str]], dict]] = {
 }
 
 
+def run_stage(
+    recipe: dict, stage: dict, dirs: dict[str, Path], overrides: Sequence[str] = ()
+) -> dict | None:
+    """Runs one stage into `dirs[name]` (or reuses its finished output); returns its summary,
+    or None if it was interrupted."""
+    done = dirs[stage["name"]] / SUMMARY
+    if done.exists() and stage["kind"] != "finetune":
+        log.info("stage %s: done earlier", stage["name"])
+        return json.loads(done.read_text())
+    log.info("stage %s (%s)", stage["name"], stage["kind"])
+    summary = RUNNERS[stage["kind"]](recipe, stage, dirs, overrides)
+    if "stopped_at" in summary:
+        return None
+    summary = {"stage": stage["name"], "kind": stage["kind"], **summary}
+    if stage["kind"] != "finetune":  # train() writes a finetune stage's own summary
+        done.parent.mkdir(parents=True, exist_ok=True)
+        write_json(done, summary)
+    return summary
+
+
 def run_recipe(recipe: dict, workdir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
-    """Runs every unfinished stage in order; returns each stage's summary (None if a stage
-    was interrupted, after which later stages do not run). `overrides` apply to every
+    """Runs every unfinished stage in order, each in `workdir/<stage name>`; returns each
+    stage's summary (stopping early if a stage was interrupted). `overrides` apply to every
     finetune stage, e.g. `train.steps=50`."""
     check_recipe(recipe)
-    workdir = Path(workdir)
+    dirs = {stage["name"]: Path(workdir) / stage["name"] for stage in recipe["stages"]}
     summaries = []
     for stage in recipe["stages"]:
-        done = workdir / stage["name"] / SUMMARY
-        if done.exists() and stage["kind"] != "finetune":
-            summaries.append(json.loads(done.read_text()))
-            log.info("stage %s: done earlier", stage["name"])
-            continue
-        log.info("stage %s (%s)", stage["name"], stage["kind"])
-        summary = RUNNERS[stage["kind"]](recipe, stage, workdir, overrides)
-        if "stopped_at" in summary:
-            return summaries
-        summary = {"stage": stage["name"], "kind": stage["kind"], **summary}
-        if stage["kind"] != "finetune":  # train() writes a finetune stage's own summary
-            done.parent.mkdir(parents=True, exist_ok=True)
-            write_json(done, summary)
+        summary = run_stage(recipe, stage, dirs, overrides)
+        if summary is None:
+            break
         summaries.append(summary)
     return summaries
 

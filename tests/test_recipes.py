@@ -76,7 +76,7 @@ def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, mo
     prediction_log = (workdir / "prediction" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in prediction_log if "loss" in line] == [1, 2]
 
-    config, params = artefact.load(recipes.stage_model(workdir, "student"))
+    config, params = artefact.load(recipes.stage_model(workdir / "student"))
     assert config.num_hidden_layers == 1 and "distill" not in params
     rows = summaries[2]["rows"]
     assert rows[-1]["relative"] == 1.0 and rows[0]["params"] < rows[1]["params"]

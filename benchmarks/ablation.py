@@ -1,0 +1,86 @@
+"""Run an ablation sweep and keep its report (Table-1 markdown, CSV, Pareto plot) as results.
+
+  JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
+    python benchmarks/ablation.py configs/ablations/sst2.py:main --workdir runs/ablation_sst2
+
+Resumable (finished runs are reused). Writes benchmarks/results/ablation_<family>.json with
+one row per variant (mean and std over seeds), plus .md, .csv and one PNG per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from jaxcompress import report, sweep
+from jaxcompress.results import write_result
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="path/to/sweep.py[:arg]")
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    config = sweep.load_sweep(args.config)
+    summaries = sweep.run_sweep(config, args.workdir)
+    if len(summaries) < len(sweep.expand(config)):
+        raise SystemExit("the sweep was interrupted; rerun the same command to resume it")
+    name = f"ablation_{config['name'].removeprefix('sst2_')}_sst2"
+    prefix = REPO / "benchmarks" / "results" / name
+    written = report.write_report([args.workdir], prefix)
+    first = summaries[0]
+    rows = [
+        {
+            "name": f"{r['technique']} {r['strength']}",
+            "task": r["task"],
+            "metric": r["metric"],
+            "value": r["mean"],
+            "std": r["std"],
+            "seeds": len(r["seeds"]),
+            "relative": r["relative"],
+            "params": r["params"],
+            "bytes": r["bytes"],
+            "bytes_no_embeddings": r["bytes_no_embeddings"],
+            "bytes_relative": r["size"],
+            "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
+            "values": r["values"],
+        }
+        for r in written["rows"]
+    ]
+    student = first["config"]["recipe"]["stages"][-1]["config"]
+    write_result(
+        prefix.with_suffix(".json"),
+        name,
+        {
+            "sweep": args.config,
+            "teacher": {
+                "model": first["reference"]["model"],
+                "task": first["task"],
+                "metric": first["metric"],
+                "value": first["reference"]["value"],
+            },
+            "training": {
+                "steps": student["train"]["steps"],
+                "batch_size": student["train"]["batch_size"],
+                "train_examples": student["train"].get("examples"),
+                "note": "one pass over a fixed random subset of the SST-2 train set; full dev",
+            },
+            "latency": "paired CPU latency, batch 32 x 128, median of 10 alternating rounds",
+            "table": written["table"],
+            "plots": [p.name for p in written["written"] if p.suffix == ".png"],
+            "rows": rows,
+            "wall_s": time.perf_counter() - t0,
+        },
+    )
+    print(written["table"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Survey-style ablations on SST-2 from the MiniLM teacher, one sweep per method family.
+
+  jaxcompress sweep configs/ablations/sst2.py:main --workdir runs/ablation_sst2
+  jaxcompress report runs/ablation_sst2 --out benchmarks/results/ablation_sst2
+
+Families (the argument): `decomposition` (factorized embeddings E=128/64 with
+token-frequency-weighted SVD init; low-rank FFN at 50%/25% of full rank), `sharing`
+(cross-layer sharing of all layers, pairs, triples), `distillation` (6 -> 3 and 6 -> 2
+layers by logit KD and by TinyBERT's layer terms), `combined` (a 3-layer student that is
+also factorized or low-rank), and `main` (the committed comparison: factorized embeddings,
+low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
+or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
+random 12,800-example subset of the train set (a fifth of it), on seeds 0, 1, 2; it is
+measured on the full dev set with paired CPU latency.
+
+Flags after the family: `quick` (runlocal: 2 steps on 64 examples, one seed, small
+strengths, one padded length, no latency: what the tests run), `teacher=PATH` (another
+teacher; the tests pass a tiny random model).
+"""
+
+TEACHER = "minilm-l6-sst2-teacher"
+
+
+def student(transforms: tuple[str, ...], lr: float = 5e-5, **distill) -> dict:
+    """The changes to the `student` stage for one variant."""
+    return {"student": {"transforms": transforms, "train": {"lr": lr}, "distill": distill}}
+
+
+def families(quick: bool) -> dict[str, dict]:
+    e_large, e_small = (16, 8) if quick else (128, 64)
+
+    def factorize(e: int) -> str:
+        return f"factorize_embeddings(embedding_size={e}, init='frequency_svd')"
+
+    def keep(n: int) -> str:
+        return f"keep_layers(keep={n}, strategy='every_other')"
+
+    ffn = "low_rank(target='ffn', fraction={})".format
+    layers = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
+    return {
+        "decomposition": {
+            "factorize": {
+                f"e{e_large}": student((factorize(e_large),)),
+                f"e{e_small}": student((factorize(e_small),)),
+            },
+            "low_rank_ffn": {"r50": student((ffn(0.5),)), "r25": student((ffn(0.25),))},
+        },
+        "sharing": {
+            "share_layers": {
+                "all": student(("share_layers(groups='all')",), lr=1e-4),
+                "every3": student(("share_layers(groups='every:3')",), lr=1e-4),
+                "every2": student(("share_layers(groups='every:2')",), lr=1e-4),
+            },
+        },
+        "distillation": {
+            "kd_logits": {"l3": student((keep(3),), 1e-4), "l2": student((keep(2),), 1e-4)},
+            "kd_tinybert": {
+                "l3": student((keep(3),), 1e-4, **layers),
+                "l2": student((keep(2),), 1e-4, **layers),
+            },
+        },
+        "combined": {
+            "l3_plus": {
+                f"e{e_large}": student((keep(3), factorize(e_large)), 1e-4),
+                "ffn50": student((keep(3), ffn(0.5)), 1e-4),
+            },
+        },
+        "main": {
+            "factorize": {
+                f"e{e_large}": student((factorize(e_large),)),
+                f"e{e_small}": student((factorize(e_small),)),
+            },
+            "low_rank_ffn": {"r50": student((ffn(0.5),)), "r25": student((ffn(0.25),))},
+            "layer_drop_kd": {"l3": student((keep(3),), 1e-4), "l2": student((keep(2),), 1e-4)},
+        },
+    }
+
+
+def get_config(arg: str = "main") -> dict:
+    family, *flags = arg.split(",")
+    options = dict(flag.partition("=")[::2] for flag in flags)
+    if unknown := set(options) - {"quick", "teacher"}:
+        raise ValueError(f"unknown flags {sorted(unknown)}; known: quick, teacher=PATH")
+    quick = "quick" in options
+    teacher = options.get("teacher") or TEACHER
+    variants = families(quick)
+    if family not in variants:
+        raise ValueError(f"unknown family {family!r}; choose from {sorted(variants)}")
+    train = {"batch_size": 32, "steps": 400, "examples": 12800, "warmup_ratio": 0.06}
+    if quick:
+        train = {"batch_size": 16, "steps": 2, "examples": 64}
+    stage = {
+        "name": "student",
+        "kind": "finetune",
+        "config": {
+            "model": teacher,
+            "distill": {"teacher": teacher, "alpha": 0.5, "temperature": 2.0, "cache_logits": True},
+            "train": train,
+            "checkpoint_every": 1 if quick else 100,
+            **({"buckets": (128,)} if quick else {}),  # one compiled shape
+        },
+    }
+    return {
+        "name": f"sst2_{family}",
+        "recipe": {"task": "sst2", "stages": (stage,)},
+        "variants": variants[family],
+        "seeds": (0,) if quick else (0, 1, 2),
+        "measure": "student",
+        "reference": teacher,
+        "latency": not quick,
+    }

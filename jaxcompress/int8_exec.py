@@ -1,0 +1,105 @@
+"""Integer execution of quantized Dense layers: int8 x int8 -> int32 matmul, then one rescale."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.quant_pack import read, unpack
+from jaxcompress.quantize import QTensor, QuantSpec
+
+ACT_QMAX = 127  # activations: symmetric int8, absmax scale
+
+
+class Int8Weight(NamedTuple):
+    """A Dense kernel as int8 codes [in, out] and its scales (QuantSpec scale shapes)."""
+
+    codes: jax.Array  # int8 [in, out]
+    scale: jax.Array  # float32: (), (out,) or (in // group_size, out)
+
+
+def int8_weight(qt: QTensor, spec: QuantSpec) -> Int8Weight:
+    """The integer form of a symmetric (or ternary/binary) 2-D kernel quantized by `spec`."""
+    if spec.scheme == "asymmetric":
+        raise ValueError("int8 execution needs symmetric weights (no zero point)")
+    if qt.codes.ndim != 2:
+        raise ValueError(f"int8 execution needs a 2-D kernel, got shape {qt.codes.shape}")
+    return Int8Weight(qt.codes.astype(jnp.int8), jnp.asarray(qt.scale, jnp.float32))
+
+
+def quantize_activations(x: jax.Array, per_token: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes of `x` and their scale: one per token (last axis) or per tensor."""
+    x = x.astype(jnp.float32)
+    if per_token:
+        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    else:
+        amax = jnp.max(jnp.abs(x)).reshape((1,) * x.ndim)
+    scale = amax / ACT_QMAX
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    codes = jnp.clip(jnp.round(x / scale), -ACT_QMAX, ACT_QMAX).astype(jnp.int8)
+    return codes, scale
+
+
+def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, weight: Int8Weight) -> jax.Array:
+    """(x_codes * x_scale) @ (weight codes * weight scale), accumulated exactly in int32.
+
+    Group-wise weights (scale (groups, out)) run one int32 product per group of input rows,
+    rescaled and summed in float32.
+    """
+    k, n = weight.codes.shape
+    lead = x_codes.shape[:-1]
+    x2 = x_codes.reshape(-1, k)
+    if weight.scale.ndim < 2:
+        acc = jax.lax.dot_general(
+            x2, weight.codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+        )
+        y = acc.astype(jnp.float32) * x_scale.reshape(-1, 1) * weight.scale
+        return y.reshape(*lead, n)
+    groups = weight.scale.shape[0]
+    x3 = x2.reshape(-1, groups, k // groups)
+    w3 = weight.codes.reshape(groups, k // groups, n)
+    acc = jax.lax.dot_general(  # (groups, tokens, out)
+        x3, w3, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32
+    )
+    y = jnp.sum(acc.astype(jnp.float32) * weight.scale[:, None, :], axis=0)
+    return (y * x_scale.reshape(-1, 1)).reshape(*lead, n)
+
+
+def int8_dense(
+    x: jax.Array, weight: Int8Weight, bias: jax.Array | None = None, per_token: bool = True
+) -> jax.Array:
+    """A Dense layer run on integers: quantize `x` to int8, int8 matmul, rescale, add bias."""
+    x_codes, x_scale = quantize_activations(x, per_token)
+    y = int8_matmul(x_codes, x_scale, weight)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def fake_quant_dense(
+    x: jax.Array, weight: Int8Weight, bias: jax.Array | None = None, per_token: bool = True
+) -> jax.Array:
+    """The float computation `int8_dense` stands for: dequantized operands, float32 matmul."""
+    x_codes, x_scale = quantize_activations(x, per_token)
+    k, n = weight.codes.shape
+    scale = (
+        weight.scale
+        if weight.scale.ndim < 2
+        else jnp.repeat(weight.scale, k // weight.scale.shape[0], axis=0)
+    )
+    w = weight.codes.astype(jnp.float32) * scale
+    x_fq = x_codes.astype(jnp.float32) * x_scale
+    y = jnp.matmul(x_fq, w, precision=jax.lax.Precision.HIGHEST)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def int8_weights(path: str | os.PathLike) -> dict[str, Int8Weight]:
+    """The int8 form of every quantized 2-D kernel of a packed artefact (`quant_pack.save`),
+    by parameter path; asymmetric or non-kernel entries are left out."""
+    _, codes = unpack(read(path))
+    return {
+        path: int8_weight(qt, spec)
+        for path, (qt, spec) in codes.items()
+        if spec.scheme != "asymmetric" and qt.codes.ndim == 2 and path.endswith("kernel")
+    }

@@ -1,0 +1,144 @@
+"""Quantization-aware training as a `core.Reparam`: rules choose a `QuantSpec` per parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxcompress import core
+from jaxcompress.quantize import QTensor, QuantSpec, fake_quant, lsq_fake_quant, lsq_init, quantize
+
+# LSQ steps are trainable, so they live in the params tree beside their weight, under the
+# weight's key plus this suffix; `qat(...).apply` consumes them and returns the model's tree.
+LSQ_SUFFIX = "@lsq_step"
+
+EMBEDDINGS = r"bert/embeddings/(word|position|token_type)_embeddings"
+KERNELS = r".*/(kernel|kernel_a|kernel_b)|bert/embeddings/embedding_projection"
+INT8 = QuantSpec(bits=8)  # per output channel, absmax
+INT8_TENSOR = QuantSpec(bits=8, granularity="tensor")
+
+
+def default_rules(
+    kernels: QuantSpec | None = INT8, embeddings: QuantSpec | None = INT8_TENSOR
+) -> list[tuple[str, QuantSpec | None]]:
+    """Rules for our BERT: every dense kernel (low-rank factors and ALBERT's projection
+    included) and the embedding tables get their own spec; LayerNorm and biases stay float."""
+    return [(EMBEDDINGS, embeddings), (KERNELS, kernels), (".*", None)]
+
+
+def _check_rules(rules: core.Rules) -> None:
+    for pattern, spec in rules:
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise ValueError(f"qat rule {pattern!r}: expected a QuantSpec or None, got {spec!r}")
+
+
+def split_lsq_steps(params: core.Params) -> tuple[core.Params, dict[str, jax.Array]]:
+    """The model's params without LSQ steps, and the steps by their weight's path."""
+    steps: dict[str, jax.Array] = {}
+
+    def strip(tree: Any, prefix: str) -> Any:
+        if isinstance(tree, dict):
+            out = {}
+            for key, value in tree.items():
+                name = str(key)
+                if name.endswith(LSQ_SUFFIX):
+                    steps[prefix + name.removesuffix(LSQ_SUFFIX)] = value
+                else:
+                    out[key] = strip(value, f"{prefix}{name}/")
+            return out
+        if isinstance(tree, list | tuple):
+            return type(tree)(strip(v, f"{prefix}{i}/") for i, v in enumerate(tree))
+        return tree
+
+    return strip(params, ""), steps
+
+
+def add_lsq_steps(params: core.Params, rules: core.Rules) -> core.Params:
+    """`params` plus an LSQ step (LSQ's initialization) beside every weight whose spec has
+    scale_method='lsq'; train the result, and `qat(rules).apply` uses and drops the steps."""
+    _check_rules(rules)
+    model, old = split_lsq_steps(params)
+    selected = core.match_rules(model, rules, name="qat")
+    flat = {core.path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(model)[0]}
+    lsq = {path: spec for path, spec in selected.items() if spec.scale_method == "lsq"}
+    steps = {p: old[p] if p in old else lsq_init(flat[p], spec) for p, spec in lsq.items()}
+
+    def insert(tree: Any, prefix: str) -> Any:
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            out[key] = insert(value, path + "/")
+            if path in steps:
+                out[f"{key}{LSQ_SUFFIX}"] = steps.pop(path)
+        return out
+
+    result = insert(model, "")
+    if steps:
+        raise ValueError(f"LSQ steps need a dict parent; cannot place them for {sorted(steps)}")
+    return result
+
+
+def _with_path(path: str, fn, *args):
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def quantize_tree(
+    params: core.Params, rules: core.Rules
+) -> tuple[core.Params, dict[str, tuple[QTensor, QuantSpec]]]:
+    """The model's params (LSQ steps removed) and the codes of every selected weight."""
+    _check_rules(rules)
+    model, steps = split_lsq_steps(params)
+    selected = core.match_rules(model, rules, name="qat")
+    out = {}
+    for key_path, w in jax.tree_util.tree_flatten_with_path(model)[0]:
+        path = core.path_str(key_path)
+        if path in selected:
+            spec = selected[path]
+            scale = _lsq_step(path, spec, steps)
+            out[path] = (_with_path(path, quantize, w, spec, scale), spec)
+    return model, out
+
+
+def _lsq_step(path: str, spec: QuantSpec, steps: dict[str, jax.Array]) -> jax.Array | None:
+    if spec.scale_method != "lsq":
+        return None
+    if path not in steps:
+        raise ValueError(
+            f"{path}: scale_method='lsq' needs a trained step; "
+            "call add_lsq_steps(params, rules) before training"
+        )
+    return steps[path]
+
+
+def qat(rules: core.Rules) -> core.Reparam:
+    """Fake quantization of the parameters `rules` select, with straight-through gradients.
+
+    Stateless: scales follow the weights at every step (absmax, percentile, MSE search), or
+    are trained (LSQ steps, which `add_lsq_steps` puts in the params tree).
+    """
+    _check_rules(rules)
+
+    def init(params: core.Params) -> tuple:
+        return ()
+
+    def apply(params: core.Params, state: tuple) -> core.Params:
+        model, steps = split_lsq_steps(params)
+
+        def fq(path: str, w: jax.Array, spec: QuantSpec) -> jax.Array:
+            step = _lsq_step(path, spec, steps)
+            if step is not None:
+                return _with_path(path, lsq_fake_quant, w, step, spec)
+            return _with_path(path, fake_quant, w, spec)
+
+        return core.map_rules(fq, model, rules, name="qat")
+
+    def update(params: core.Params, state: tuple, step: jax.Array) -> tuple:
+        return state
+
+    return core.Reparam(init, apply, update)

@@ -1,0 +1,314 @@
+"""Sweeps: hash-keyed runs, shared stages, resuming after a kill with identical reports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxcompress import artefact, report, sweep, train, transforms
+from jaxcompress import config as config_module
+
+from .helpers import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+SWEEP_FILE = """
+def get_config(teacher):
+    stage = {
+        "name": "student",
+        "kind": "finetune",
+        "config": {
+            "model": teacher,
+            "distill": {"teacher": teacher, "cache_logits": True},
+            "train": {"batch_size": 16, "steps": 8, "examples": 64},
+            "checkpoint_every": 2,
+            "buckets": (128,),
+        },
+    }
+    def rank(fraction):
+        return {"student": {"transforms": (f"low_rank(fraction={fraction})",)}}
+    return {
+        "name": "two_by_two",
+        "recipe": {"task": "sst2", "stages": (stage,)},
+        "variants": {"low_rank": {"r50": rank(0.5), "r25": rank(0.25)}},
+        "seeds": (0, 1),
+        "measure": "student",
+        "reference": teacher,
+    }
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, minilm_dir):
+    path = tmp_path_factory.mktemp("teacher") / "tiny"
+    return str(save_tiny_model(path, minilm_dir, num_labels=2))
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    path = tmp_path / "two_by_two.py"
+    path.write_text(SWEEP_FILE)
+    return path
+
+
+def _unfinished_checkpoint(workdir: Path) -> bool:
+    """Whether some stage has checkpointed but not finished, after a run has finished."""
+    if not list(workdir.glob("runs/*/summary.json")):
+        return False
+    return any(
+        not (stage / "summary.json").exists() and any((stage / "checkpoints").glob("[0-9]*"))
+        for stage in workdir.glob("stages/*")
+    )
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_to_the_same_report(
+    tmp_path, sweep_file, tiny_teacher, glue_dir, monkeypatch
+):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    env = {**os.environ, "JAXCOMPRESS_GLUE_DIR": str(glue_dir)}
+    spec = f"{sweep_file}:{tiny_teacher}"
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "jaxcompress.cli", "sweep", spec, "--workdir", str(killed)]
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not _unfinished_checkpoint(killed):
+        if process.poll() is not None:
+            pytest.fail(f"sweep ended before it could be killed: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "no checkpoint appeared within 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert len(list(killed.glob("runs/*/summary.json"))) < 4
+
+    config = sweep.load_sweep(spec)
+    resumed = sweep.run_sweep(config, killed)
+    fresh = sweep.run_sweep(config, tmp_path / "fresh")
+    assert len(resumed) == len(fresh) == 4
+    runs = sweep.expand(config)
+    assert sorted(p.name for p in (killed / "runs").iterdir()) == sorted(r.dir_name for r in runs)
+    for a, b in zip(resumed, fresh, strict=True):
+        assert a["key"] == b["key"] and a["eval"] == b["eval"]  # bit-identical metrics
+    reports = [
+        report.write_report([d], tmp_path / f"report_{d.name}", plots=False)
+        for d in (killed, tmp_path / "fresh")
+    ]
+    assert reports[0]["table"] == reports[1]["table"]
+    csvs = [r["written"][1].read_text() for r in reports]
+    assert csvs[0] == csvs[1] and len(csvs[0].splitlines()) == 3  # header + 2 variants
+    # A finished sweep is not rerun: the same summaries come back.
+    assert sweep.run_sweep(config, killed) == json.loads(json.dumps(resumed))
+
+
+@pytest.mark.slow
+def test_shared_stage_runs_once_and_latency_is_paired(
+    tmp_path, tiny_teacher, glue_dir, monkeypatch
+):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    small = {"batch_size": 16, "steps": 2, "examples": 32}
+    recipe = {
+        "task": "sst2",
+        "stages": (
+            {
+                "name": "teacher",
+                "kind": "finetune",
+                "config": {"model": tiny_teacher, "train": small, "buckets": (128,)},
+            },
+            {
+                "name": "student",
+                "kind": "finetune",
+                "config": {
+                    "model": "@teacher",
+                    "distill": {"teacher": "@teacher"},
+                    "train": small,
+                    "buckets": (128,),
+                },
+            },
+        ),
+    }
+
+    def shrink(transform):
+        return {"student": {"transforms": (transform,)}}
+
+    config = {
+        "name": "shared",
+        "recipe": recipe,
+        "variants": {
+            "shrink": {
+                "l1": shrink("keep_layers(keep=1)"),
+                "r25": shrink("low_rank(fraction=0.25)"),
+            }
+        },
+        "seeds": (3,),
+        "measure": "student",
+        "reference": "@teacher",
+        "latency": True,
+    }
+    summaries = sweep.run_sweep(config, tmp_path)
+    stages = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir())
+    assert stages == ["student", "student", "teacher"]  # the teacher is fine-tuned once
+    teacher = json.loads(next((tmp_path / "stages").glob("teacher-*/summary.json")).read_text())
+    for s in summaries:
+        assert s["reference"]["value"] == teacher["value"]
+        assert s["config"]["recipe"]["stages"][1]["config"]["seed"] == 3
+        assert "seed" not in s["config"]["recipe"]["stages"][0]["config"]
+        assert s["latency_s"] > 0 and s["reference_latency_s"] > 0 and s["speedup"] > 0
+        assert s["relative"] == s["value"] / teacher["value"]
+    assert [s["params"] < teacher["params"] for s in summaries] == [True, True]
+
+
+def test_stage_keys_follow_changes_and_ignore_new_defaults(monkeypatch):
+    recipe = {
+        "task": "sst2",
+        "stages": (
+            {"name": "a", "kind": "finetune", "config": {"model": "m"}},
+            {"name": "b", "kind": "finetune", "config": {"model": "@a"}},
+        ),
+    }
+    keys = sweep.stage_keys(recipe)
+    changed = sweep.apply_variant(recipe, {"a": {"train": {"lr": 1e-3}}}, 0, ())
+    new_keys = sweep.stage_keys(changed)
+    assert new_keys["a"] != keys["a"] and new_keys["b"] != keys["b"]  # b reads a's output
+    assert sweep.stage_keys(recipe, ["train.steps=5"])["a"] != keys["a"]
+
+    real_defaults = config_module.finetune_defaults
+
+    def grown():
+        defaults = real_defaults()
+        defaults.new_option = 0
+        return defaults
+
+    monkeypatch.setattr(sweep, "finetune_defaults", grown)
+    assert sweep.stage_keys(recipe) == keys
+
+
+def _minimal(**changes) -> dict:
+    stage = {"name": "student", "kind": "finetune", "config": {"model": "m"}}
+    config = {
+        "name": "x",
+        "recipe": {"task": "sst2", "stages": (stage,)},
+        "variants": {"t": {"s": {"student": {"train": {"lr": 1e-4}}}}},
+        "measure": "student",
+        "reference": "m",
+    }
+    return {**config, **changes}
+
+
+def test_bad_sweeps_fail_clearly():
+    sweep.check_sweep(_minimal())
+    with pytest.raises(ValueError, match=r"unknown sweep axis \['layer'\]"):
+        sweep.expand(_minimal(), only={"layer": ["1"]})
+    with pytest.raises(ValueError, match=r"no run has strength in \['z'\]"):
+        sweep.expand(_minimal(), only={"strength": ["z"]})
+    with pytest.raises(KeyError, match="unknown sweep key"):
+        sweep.check_sweep(_minimal(grid={}))
+    with pytest.raises(ValueError, match="variant t/s changes stage 'teacher'"):
+        sweep.check_sweep(_minimal(variants={"t": {"s": {"teacher": {}}}}))
+    with pytest.raises(KeyError, match=r"variant t/s: .*'tarin'"):
+        sweep.check_sweep(_minimal(variants={"t": {"s": {"student": {"tarin": {}}}}}))
+    with pytest.raises(ValueError, match="measure: no stage named 'x'"):
+        sweep.check_sweep(_minimal(measure="x"))
+    with pytest.raises(ValueError, match="shard 2/2"):
+        sweep.run_sweep(_minimal(), "/nonexistent", shard=(2, 2))
+
+
+def _summary(technique, strength, seed, value, base="b", task="sst2", **extra) -> dict:
+    return {
+        "format": sweep.FORMAT,
+        "base": base,
+        "technique": technique,
+        "strength": strength,
+        "seed": seed,
+        "position": [0, 0 if strength == "big" else 1],
+        "task": task,
+        "metric": "accuracy",
+        "value": value,
+        "params": 500,
+        "bytes": 2000,
+        "bytes_no_embeddings": 1000,
+        "reference": {
+            "model": "teacher",
+            "value": 0.9,
+            "params": 1000,
+            "bytes": 4000,
+            "bytes_no_embeddings": 4000,
+        },
+        **extra,
+    }
+
+
+def _write_runs(directory: Path, summaries: list[dict]) -> Path:
+    for i, s in enumerate(summaries):
+        (directory / "runs" / f"run{i}").mkdir(parents=True)
+        (directory / "runs" / f"run{i}" / "summary.json").write_text(json.dumps(s))
+    return directory
+
+
+def test_report_aggregates_over_seeds(tmp_path):
+    runs = [_summary("t", "big", s, v, speedup=2.0) for s, v in [(0, 0.8), (1, 0.9)]]
+    runs.append(_summary("t", "small", 0, 0.7, speedup=3.0))
+    written = report.write_report([_write_runs(tmp_path / "a", runs)], tmp_path / "out")
+    big, small = written["rows"]
+    assert (big["strength"], small["strength"]) == ("big", "small")
+    assert big["mean"] == pytest.approx(0.85) and big["std"] == pytest.approx(0.0707107, 1e-5)
+    assert big["relative"] == pytest.approx(0.85 / 0.9) and big["seeds"] == [0, 1]
+    assert big["size"] == 0.5 and big["size_no_embeddings"] == 0.25 and big["speedup"] == 2.0
+    lines = written["table"].splitlines()
+    assert lines[0].startswith("| model | params | size % | size % (no emb.) | speedup | SST-2")
+    assert lines[2] == "| reference (teacher) | 0.0M | 100 | 100 | 1.00x | 90.00 | 0 |"
+    assert lines[3] == "| t big | 0.0M | 50.0 | 25.0 | 2.00x | 85.00 ± 7.07 (n=2) | 5.00 |"
+    assert lines[4] == "| t small | 0.0M | 50.0 | 25.0 | 3.00x | 70.00 ± 0.00 (n=1) | 20.00 |"
+    assert written["written"][2].name == "out_sst2.png"
+    assert written["written"][2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_refuses_mixed_bases_and_other_formats(tmp_path):
+    a = _write_runs(tmp_path / "a", [_summary("t", "big", 0, 0.8, base="one")])
+    b = _write_runs(tmp_path / "b", [_summary("t", "big", 1, 0.9, base="two")])
+    with pytest.raises(ValueError, match="2 different base configs"):
+        report.collect([a, b])
+    assert len(report.collect([a, b], allow_mixed=True)) == 2
+    old = _write_runs(tmp_path / "old", [{**_summary("t", "big", 0, 0.8), "format": 0}])
+    with pytest.raises(ValueError, match="sweep format 0; this jaxcompress reads format 1"):
+        report.collect([old])
+    with pytest.raises(FileNotFoundError, match="no run summaries"):
+        report.collect([tmp_path / "a" / "runs" / "run0"])
+
+
+def test_pareto_front():
+    points = [(100, 0.9), (50, 0.88), (60, 0.85), (25, 0.80), (25, 0.70), (10, 0.5)]
+    assert report.pareto_front(points) == [5, 3, 1, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["decomposition", "sharing", "distillation", "combined", "main"])
+def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monkeypatch):
+    """Every variant's transforms apply to a tiny model; the first strength of each technique
+    runs end to end through sweep and report (all of them would add minutes to CI)."""
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_hidden_layers=4, num_labels=2)
+    config = sweep.load_sweep(f"{REPO}/configs/ablations/sst2.py:{family},quick,teacher={teacher}")
+    model = train.load_any(str(teacher))
+    context = transforms.TransformContext(token_counts=lambda vocab: np.ones(vocab))
+    for strengths in config["variants"].values():
+        for changes in strengths.values():
+            specs = changes["student"]["transforms"]
+            bert_config, params = transforms.from_specs(specs, context)(*model)
+            assert artefact.count_params(params) < artefact.count_params(model[1])
+    first = sorted({next(iter(strengths)) for strengths in config["variants"].values()})
+    summaries = sweep.run_sweep(config, tmp_path / "sweep", only={"strength": first})
+    assert len(summaries) == len(config["variants"])
+    for s in summaries:
+        assert 0.0 <= s["value"] <= 1.0 and s["relative"] == s["value"] / s["reference"]["value"]
+        assert s["bytes"] < s["reference"]["bytes"]  # every variant compresses
+    table = report.write_report([tmp_path / "sweep"], tmp_path / "report", plots=False)["table"]
+    assert len(table.splitlines()) == 3 + len(summaries)
