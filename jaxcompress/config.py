@@ -50,6 +50,17 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.distill.layer_map = "uniform"  # "uniform", "skip", "last" or teacher layers "2,4,6"
     c.distill.cache_logits = False  # precompute teacher logits once (logit-only objectives)
 
+    # Quantization-aware training (jaxcompress/qat.py, quantized_model.py). Specs are QuantSpec
+    # arguments as text, e.g. "bits=8", "bits=4,granularity='group',group_size=128",
+    # "scheme='ternary'"; '' keeps those parameters float.
+    c.quantize = ml_collections.ConfigDict()
+    c.quantize.kernels = ""  # every dense kernel (low-rank factors and E x H projection too)
+    c.quantize.embeddings = ""  # the embedding tables (the survey: they need more bits)
+    c.quantize.rules = ()  # ("regex", "spec") pairs matched before the two above (per layer)
+    c.quantize.activation_bits = 0  # inputs of every dense layer; 0 = float
+    c.quantize.activation_ranges = "calibrated"  # or "dynamic" (each batch's own absmax)
+    c.quantize.calibration_batches = 8  # train batches the float model is calibrated on
+
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32
     c.train.epochs = 1.0

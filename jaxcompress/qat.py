@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 import jax
@@ -142,3 +143,29 @@ def qat(rules: core.Rules) -> core.Reparam:
         return state
 
     return core.Reparam(init, apply, update)
+
+
+def parse_spec(text: str) -> QuantSpec | None:
+    """`"bits=4,granularity='group',group_size=128"` -> that QuantSpec; '' -> None (float)."""
+    if not text.strip():
+        return None
+    try:
+        call = ast.parse(f"spec({text})", mode="eval").body
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"quantization spec {text!r}: expected key=literal pairs ({e})") from None
+    if call.args or None in kwargs:
+        raise ValueError(f"quantization spec {text!r}: use key=value pairs only")
+    try:
+        return QuantSpec(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"quantization spec {text!r}: {e}") from None
+
+
+def rules_from_config(quantize: Any) -> list[tuple[str, QuantSpec | None]] | None:
+    """The QAT rules of a config's `quantize` section, or None when nothing is quantized."""
+    kernels, embeddings = parse_spec(quantize.kernels), parse_spec(quantize.embeddings)
+    extra = [(pattern, parse_spec(text)) for pattern, text in quantize.rules]
+    if kernels is None and embeddings is None and all(s is None for _, s in extra):
+        return None
+    return extra + default_rules(kernels, embeddings)

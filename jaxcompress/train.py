@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from jaxcompress import artefact, checkpoint, data, metrics, transforms
+from jaxcompress import artefact, checkpoint, core, data, metrics, qat, quant_pack, transforms
 from jaxcompress.config import glue_dir
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
@@ -31,7 +32,8 @@ from jaxcompress.objectives import (
     make_loss,
     model_params,
 )
-from jaxcompress.run_dir import RunDir
+from jaxcompress.quantized_model import QuantizedModel, calibrate
+from jaxcompress.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +241,9 @@ def initial_state(
     With a teacher, the trainable tree also holds the objective's projections (if any).
     """
     bert_config, params = load_model(config)
+    rules = qat.rules_from_config(config.quantize)
+    if rules is not None:  # learned step sizes (LSQ) train beside their weights
+        params = qat.add_lsq_steps(params, rules)
     if teacher_config is not None:
         objective = Objective.from_config(config.distill)
         projections = init_distill_params(objective, bert_config, teacher_config)
@@ -252,6 +257,39 @@ def initial_state(
         rng=new_rng(config.seed, config.rng_impl),
     )
     return bert_config, Bert(bert_config), tx, state
+
+
+def quantize_model(
+    config: ml_collections.ConfigDict, model: Bert, params: dict, train_split: data.TokenizedSplit
+) -> Bert | QuantizedModel:
+    """`model` as `config.quantize` asks: fake-quantized weights and dense-layer inputs, the
+    latter with ranges calibrated on the first train batches (of the step-0 model, so a
+    resumed run gets the same ranges) or dynamic."""
+    q = config.quantize
+    rules = qat.rules_from_config(q)
+    if q.activation_bits and not 2 <= q.activation_bits <= 8:
+        raise ValueError(f"quantize.activation_bits must be 0 or 2..8, got {q.activation_bits}")
+    if q.activation_ranges not in ("calibrated", "dynamic"):
+        raise ValueError(
+            f"quantize.activation_ranges must be 'calibrated' or 'dynamic': {q.activation_ranges}"
+        )
+    if rules is None and not q.activation_bits:
+        return model
+    weights = qat.qat(rules) if rules is not None else core.identity()
+    quantized = QuantizedModel(model, weights)
+    if not q.activation_bits:
+        return quantized
+    ranges = None
+    if q.activation_ranges == "calibrated":
+        order = data.epoch_batches(
+            train_split.lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
+        )
+        batches = [
+            data.make_batch(train_split, indices, config.buckets)
+            for indices in order[: q.calibration_batches]
+        ]
+        ranges = calibrate(quantized, model_params(params), batches)
+    return dataclasses.replace(quantized, activation_bits=q.activation_bits, ranges=ranges)
 
 
 def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
@@ -281,6 +319,7 @@ def train(
     bert_config, model, tx, state = initial_state(
         config, steps, None if teacher is None else teacher.config
     )
+    model = quantize_model(config, model, state.params, train_split)
     objective = Objective.from_config(config.distill)
     loss_fn = make_loss(model, objective, teacher)
     teacher_logits = None
@@ -373,6 +412,10 @@ def train(
     results = evaluate_all(params)
     run.log(step=steps, eval=results)
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
+    size = artefact.saved_bytes(params)
+    if isinstance(model, QuantizedModel):
+        size = save_quantized(config, model, params, run.path / "quantized", tokenizer_dir)
+        params = model.quantized_params(params)  # what the model computes with, LSQ steps gone
     model_dir = save_pretrained(
         bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir
     )
@@ -393,11 +436,33 @@ def train(
         "padded_tokens_this_run": padded_tokens,
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "params": artefact.count_params(params),
-        **artefact.saved_bytes(params),
+        **size,
         "model_dir": str(model_dir),
     }
     run.write_summary(summary)
     return summary
+
+
+def save_quantized(
+    config: ml_collections.ConfigDict,
+    model: QuantizedModel,
+    params: dict,
+    path: Path,
+    tokenizer_dir: str | Path,
+) -> dict[str, int]:
+    """The packed low-bit artefact (`params.safetensors`: codes, scales, float leaves) and
+    `quantization.json` (activation bits and calibrated ranges) in `path`; returns the
+    packed bytes with and without embeddings (float bytes when only activations are
+    quantized)."""
+    rules = qat.rules_from_config(config.quantize)
+    path.mkdir(parents=True, exist_ok=True)
+    ranges = {k: float(v) for k, v in (model.ranges or {}).items()}
+    activations = {"bits": model.activation_bits, "ranges": ranges or None}
+    write_json(path / "quantization.json", {"activations": activations})
+    if rules is None:
+        return artefact.saved_bytes(params)
+    quant_pack.save(path / "params.safetensors", params, rules)
+    return quant_pack.packed_bytes(params, rules)
 
 
 def train_or_reuse(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -1,0 +1,116 @@
+"""Quantization-aware training: the quantized model view, calibration, the train loop."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import load_file
+
+from jaxcompress import core, qat, quant_pack
+from jaxcompress.models.bert import Bert, init_params
+from jaxcompress.quantize import QuantSpec
+from jaxcompress.quantized_model import QuantizedModel, calibrate, fake_quant_input
+from jaxcompress.train import train
+
+from .helpers import save_tiny_model, tiny_config
+from .test_train import tiny_run_config
+
+
+def _batch(seed=0, batch=4, length=12):
+    ids = jax.random.randint(jax.random.key(seed), (batch, length), 1000, 2000)
+    return {
+        "input_ids": ids,
+        "attention_mask": jnp.ones_like(ids),
+        "token_type_ids": jnp.zeros_like(ids),
+    }
+
+
+def _logits(model, params, batch):
+    return model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    ).logits
+
+
+def test_fake_quant_input_grid_and_straight_through():
+    x = jnp.array([-3.0, -1.0, 0.2, 0.4, 1.0, 3.0])
+    y = fake_quant_input(x, bits=4, absmax=jnp.float32(1.0))  # 7 steps of 1/7 per side
+    np.testing.assert_allclose(y, jnp.clip(jnp.round(x * 7), -7, 7) / 7, rtol=0, atol=1e-7)
+    grad = jax.grad(lambda v: jnp.sum(fake_quant_input(v, 4, jnp.float32(1.0))))(x)
+    np.testing.assert_array_equal(grad, [0, 1, 1, 1, 1, 0])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_calibrated_ranges_cover_every_dense_layer(shared):
+    changes = {"attention_groups": (0, 0), "ffn_groups": (0, 0)} if shared else {}
+    config = tiny_config(num_labels=2, **changes)
+    params = init_params(config, jax.random.key(0))
+    model = Bert(config)
+    batches = [_batch(0), _batch(1)]
+    ranges = calibrate(model, params, batches)
+    # q, k, v, attention output, intermediate, output per stored layer; pooler; classifier.
+    stored_layers = 1 if shared else 2
+    assert len(ranges) == 6 * stored_layers + 2
+    assert all(float(v) > 0 for v in ranges.values())
+    assert calibrate(model, params, batches) == ranges  # deterministic
+    first = calibrate(model, params, batches[:1])
+    assert all(float(first[k]) <= float(ranges[k]) for k in ranges)  # a max over batches
+
+    float_logits = _logits(model, params, batches[0])
+    for bits, tolerance in ((8, 0.05), (4, 1.0)):
+        q = QuantizedModel(model, core.identity(), activation_bits=bits, ranges=ranges)
+        error = float(jnp.max(jnp.abs(_logits(q, params, batches[0]) - float_logits)))
+        assert 0 < error < tolerance
+    dynamic = QuantizedModel(model, core.identity(), activation_bits=8)
+    assert float(jnp.max(jnp.abs(_logits(dynamic, params, batches[0]) - float_logits))) < 0.05
+
+
+def test_quantized_model_quantizes_weights_but_not_projections():
+    config = tiny_config(num_labels=2)
+    params = init_params(config, jax.random.key(0))
+    projections = {"hidden": {"kernel": jnp.full((32, 32), 0.123456)}}
+    q = QuantizedModel(Bert(config), qat.qat(qat.default_rules(QuantSpec(bits=2))))
+    seen = q.quantized_params({**params, "distill": projections})
+    assert seen["distill"] is projections
+    kernel = flatten_dict(seen, sep="/")["bert/encoder/layer/0/intermediate/dense/kernel"]
+    assert all(len(np.unique(np.asarray(kernel)[:, c])) <= 3 for c in range(kernel.shape[1]))
+
+
+def test_bad_quantization_specs_fail_clearly():
+    assert qat.parse_spec("") is None
+    assert qat.parse_spec("bits=4,granularity='group',group_size=8") == QuantSpec(
+        bits=4, granularity="group", group_size=8
+    )
+    with pytest.raises(ValueError, match="key=value pairs only"):
+        qat.parse_spec("4")
+    with pytest.raises(ValueError, match="unexpected keyword argument 'bit'"):
+        qat.parse_spec("bit=4")
+    with pytest.raises(ValueError, match=r"bits=9"):
+        qat.parse_spec("bits=9")
+
+
+@pytest.mark.slow
+def test_w8a8_training_writes_a_packed_artefact(tmp_path, minilm_dir, glue_dir):
+    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
+    config = tiny_run_config(model_dir, glue_dir, steps=2)
+    with config.unlocked():
+        config.quantize.kernels = "bits=4"
+        config.quantize.embeddings = "bits=8,granularity='tensor'"
+        config.quantize.activation_bits = 8
+        config.quantize.calibration_batches = 2
+    summary = train(config, tmp_path / "run")
+    packed = tmp_path / "run" / "quantized" / "params.safetensors"
+    assert summary["bytes"] == packed.stat().st_size
+    floats = load_file(model_dir / "model.safetensors")
+    assert summary["bytes"] < 0.4 * sum(v.nbytes for v in floats.values())
+    # The exported float model holds exactly the dequantized weights of the packed file.
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    unpacked = quant_pack.load(packed)
+    kernel = flatten_dict(unpacked, sep="/")["bert/encoder/layer/0/attention/self/query/kernel"]
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    np.testing.assert_array_equal(exported[name], np.asarray(kernel).T)
+    assert len(np.unique(exported[name][0])) <= 15  # 4-bit symmetric: at most 15 levels
+    ranges = json.loads((tmp_path / "run" / "quantized" / "quantization.json").read_text())
+    assert ranges["activations"]["bits"] == 8 and len(ranges["activations"]["ranges"]) == 14
