@@ -7,6 +7,10 @@ and the kind's fields:
   fine-tuning a teacher, building a student by `transforms` and distilling into it.
 - `transform`: `model` and `transforms`; applies them and saves the model (no training).
 - `evaluate`: `models` (a tuple); measures each on the dev set, with latency if `latency`.
+- `quantize`: `model` and `quantize` (a partial `quantize` config section, as in
+  configs/finetune.py); post-training quantization without training: activation ranges
+  are calibrated on train batches, the packed artefact goes to `workdir/<name>/quantized`,
+  the dequantized weights to `workdir/<name>/model`, and the dev metrics to its summary.
 - `export`: `model`; writes it as a Hugging Face directory (the dense equivalent of any
   compressed shape) to `workdir/<name>/model`.
 
@@ -26,10 +30,12 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxcompress import artefact, train, transforms
+from jaxcompress import artefact, metrics, train, transforms
 from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
 from jaxcompress.measure import measure_model
+from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
+from jaxcompress.quantized_model import QuantizedModel
 from jaxcompress.results import markdown_table
 from jaxcompress.run_dir import write_json
 
@@ -40,6 +46,7 @@ STAGE_FIELDS = {
     "transform": {"name", "kind", "model", "transforms"},
     "evaluate": {"name", "kind", "models", "latency"},
     "export": {"name", "kind", "model"},
+    "quantize": {"name", "kind", "model", "quantize"},
 }
 SUMMARY = "summary.json"
 
@@ -169,6 +176,35 @@ def run_evaluate(recipe, stage, dirs, overrides) -> dict:
     return {"rows": rows}
 
 
+def run_quantize(recipe, stage, dirs, overrides) -> dict:
+    source = resolve(stage["model"], dirs)
+    config = task_config(recipe["task"], source)
+    with config.unlocked():
+        config.quantize = merge(config.quantize, ml_collections.ConfigDict(stage["quantize"]))
+        # calibration reads only the first batches of a seeded shuffle of this subset
+        config.train.examples = config.quantize.calibration_batches * config.train.batch_size
+    tokenizer = train.load_tokenizer(config)
+    train_split, dev = train.load_task_splits(config, tokenizer)
+    bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
+    model = train.quantize_model(config, Bert(bert_config), params, train_split)
+    if not isinstance(model, QuantizedModel):
+        raise ValueError(f"stage {stage['name']}: its quantize section quantizes nothing")
+    results = train.evaluate_splits(config, train.make_eval_step(model), params, dev)
+    out = dirs[stage["name"]]
+    size = train.save_quantized(config, model, params, out / "quantized", resolve_model_dir(source))
+    seen = model.quantized_params(params)
+    save_pretrained(bert_config, seen, out / "model", tokenizer_dir=resolve_model_dir(source))
+    metric = metrics.main_metric(config.task)
+    return {
+        "source": stage["model"],
+        "metric": metric,
+        "value": results[next(iter(results))][metric],
+        "eval": results,
+        "params": artefact.count_params(seen),
+        **size,
+    }
+
+
 def run_export(recipe, stage, dirs, overrides) -> dict:
     source = resolve(stage["model"], dirs)
     bert_config, params = train.load_any(source)
@@ -186,6 +222,7 @@ RUNNERS: dict[str, Callable[[dict, dict, dict[str, Path], Sequence[str]], dict]]
     "transform": run_transform,
     "evaluate": run_evaluate,
     "export": run_export,
+    "quantize": run_quantize,
 }
 
 

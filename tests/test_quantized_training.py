@@ -9,7 +9,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
-from jaxcompress import core, qat, quant_pack
+from jaxcompress import core, qat, quant_pack, recipes
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.quantize import QuantSpec
 from jaxcompress.quantized_model import QuantizedModel, calibrate, fake_quant_input
@@ -114,3 +114,26 @@ def test_w8a8_training_writes_a_packed_artefact(tmp_path, minilm_dir, glue_dir):
     assert len(np.unique(exported[name][0])) <= 15  # 4-bit symmetric: at most 15 levels
     ranges = json.loads((tmp_path / "run" / "quantized" / "quantization.json").read_text())
     assert ranges["activations"]["bits"] == 8 and len(ranges["activations"]["ranges"]) == 14
+
+
+@pytest.mark.slow
+def test_post_training_quantization_stage(tmp_path, minilm_dir, glue_dir, monkeypatch):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    model_dir = str(save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2))
+    w8a8 = {"kernels": "bits=8", "activation_bits": 8, "calibration_batches": 2}
+    recipe = {
+        "task": "sst2",
+        "stages": (
+            {"name": "ptq", "kind": "quantize", "model": model_dir, "quantize": w8a8},
+            {"name": "float", "kind": "evaluate", "models": (model_dir,)},
+        ),
+    }
+    ptq, reference = recipes.run_recipe(recipe, tmp_path / "recipe")
+    assert abs(ptq["value"] - reference["rows"][0]["value"]) < 0.02  # int8 barely moves it
+    float_encoder = reference["rows"][0]["bytes_no_embeddings"]
+    assert ptq["bytes_no_embeddings"] < 0.5 * float_encoder  # int8 kernels; float biases, LN
+    quantization = json.loads((tmp_path / "recipe/ptq/quantized/quantization.json").read_text())
+    assert len(quantization["activations"]["ranges"]) == 14
+    nothing = {**recipe, "stages": ({**recipe["stages"][0], "quantize": {}},)}
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        recipes.run_recipe(nothing, tmp_path / "nothing")
