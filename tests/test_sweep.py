@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
-from jaxcompress import artefact, report, sweep, train, transforms
+from jaxcompress import artefact, qat, report, sweep, train, transforms
 from jaxcompress import config as config_module
+from jaxcompress.config import finetune_defaults, merge
 
 from .helpers import save_tiny_model
 
@@ -290,7 +292,9 @@ def test_pareto_front():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["decomposition", "sharing", "distillation", "combined", "main"])
+@pytest.mark.parametrize(
+    "family", ["decomposition", "sharing", "distillation", "combined", "quantization", "main"]
+)
 def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monkeypatch):
     """Every variant's transforms apply to a tiny model; the first strength of each technique
     runs end to end through sweep and report (all of them would add minutes to CI)."""
@@ -303,7 +307,11 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
         for changes in strengths.values():
             specs = changes["student"]["transforms"]
             bert_config, params = transforms.from_specs(specs, context)(*model)
-            assert artefact.count_params(params) < artefact.count_params(model[1])
+            if "quantize" in changes["student"]:
+                quantize = ml_collections.ConfigDict(changes["student"]["quantize"])
+                assert qat.rules_from_config(merge(finetune_defaults().quantize, quantize))
+            else:
+                assert artefact.count_params(params) < artefact.count_params(model[1])
     first = sorted({next(iter(strengths)) for strengths in config["variants"].values()})
     summaries = sweep.run_sweep(config, tmp_path / "sweep", only={"strength": first})
     assert len(summaries) == len(config["variants"])

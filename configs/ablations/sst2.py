@@ -7,7 +7,10 @@ Families (the argument): `decomposition` (factorized embeddings E=128/64 with
 token-frequency-weighted SVD init; low-rank FFN at 50%/25% of full rank), `sharing`
 (cross-layer sharing of all layers, pairs, triples), `distillation` (6 -> 3 and 6 -> 2
 layers by logit KD and by TinyBERT's layer terms), `combined` (a 3-layer student that is
-also factorized or low-rank), and `main` (the committed comparison: factorized embeddings,
+also factorized or low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit
+weights and activations; 4- and 3-bit group-wise weights; TernaryBERT's ternary weights and
+8-bit activations with layer distillation; binary weights), and `main` (the committed
+comparison: factorized embeddings,
 low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
 or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
 random 12,800-example subset of the train set (a fifth of it), on seeds 0, 1, 2; it is
@@ -36,6 +39,13 @@ def families(quick: bool) -> dict[str, dict]:
         return f"keep_layers(keep={n}, strategy='every_other')"
 
     ffn = "low_rank(target='ffn', fraction={})".format
+    group = 8 if quick else 128  # rows per scale group (Q-BERT's group-wise quantization)
+
+    def quantized(kernels: str, embeddings: str, activation_bits: int = 0, lr=5e-5, **distill):
+        quantize = {"kernels": kernels, "embeddings": embeddings}
+        quantize["activation_bits"] = activation_bits
+        return {"student": {**student((), lr, **distill)["student"], "quantize": quantize}}
+
     layers = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
     return {
         "decomposition": {
@@ -64,6 +74,17 @@ def families(quick: bool) -> dict[str, dict]:
                 f"e{e_large}": student((keep(3), factorize(e_large)), 1e-4),
                 "ffn50": student((keep(3), ffn(0.5)), 1e-4),
             },
+        },
+        "quantization": {
+            "qat_w8a8": {"q8bert": quantized("bits=8", "bits=8,granularity='tensor'", 8)},
+            "qat_weights": {
+                "w4_group": quantized(f"bits=4,granularity='group',group_size={group}", "bits=8"),
+                "w3_group": quantized(f"bits=3,granularity='group',group_size={group}", "bits=8"),
+            },
+            "qat_ternary_kd": {
+                "w2a8": quantized("scheme='ternary'", "scheme='ternary'", 8, lr=1e-4, **layers)
+            },
+            "qat_binary_kd": {"w1a8": quantized("scheme='binary'", "bits=8", 8, lr=1e-4, **layers)},
         },
         "main": {
             "factorize": {
