@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -103,3 +106,27 @@ def int8_weights(path: str | os.PathLike) -> dict[str, Int8Weight]:
         for path, (qt, spec) in codes.items()
         if spec.scheme != "asymmetric" and qt.codes.ndim == 2 and path.endswith("kernel")
     }
+
+
+@contextlib.contextmanager
+def integer_dense_layers(
+    weights: dict[str, Int8Weight], per_token: bool = False, layer_types=("Linear", "Dense")
+) -> Iterator[None]:
+    """Within this context every dense layer whose kernel path is in `weights` runs as
+    `int8_dense` (int8 activations, int8 x int8 -> int32 matmul, rescale, float bias) instead
+    of its float computation; the model itself is not edited (Flax method interception).
+    Layers without int8 weights (low-rank factors, float layers) run as before."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or type(module).__name__ not in layer_types:
+            return next_fun(*args, **kwargs)
+        path = "/".join(str(p) for p in module.scope.path) + "/kernel"
+        if path not in weights:
+            return next_fun(*args, **kwargs)
+        bias = module.variables["params"].get("bias")
+        x = args[0]
+        return int8_dense(x, weights[path], bias, per_token).astype(x.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield

@@ -75,7 +75,7 @@ def test_ungrouped_leaves_get_no_probe_and_groups_must_be_nonempty():
     with pytest.raises(ValueError, match="selected no parameter"):
         hessian.hutchinson_trace(loss, params, lambda p: None, jax.random.key(0), 1)
     with pytest.raises(ValueError, match="selected no parameter"):
-        hessian.hutchinson_trace(loss, params, [("a", "x")], jax.random.key(0), 1)
+        hessian.hutchinson_trace(loss, params, [("a", "x"), ("c", "y")], jax.random.key(0), 1)
     with pytest.raises(ValueError, match="samples"):
         hessian.hutchinson_trace(loss, params, by_leaf, jax.random.key(0), 0)
 

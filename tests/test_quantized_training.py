@@ -9,7 +9,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
-from jaxcompress import core, qat, quant_pack, recipes
+from jaxcompress import core, int8_exec, qat, quant_pack, recipes
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.quantize import QuantSpec
 from jaxcompress.quantized_model import QuantizedModel, calibrate, fake_quant_input
@@ -137,3 +137,26 @@ def test_post_training_quantization_stage(tmp_path, minilm_dir, glue_dir, monkey
     nothing = {**recipe, "stages": ({**recipe["stages"][0], "quantize": {}},)}
     with pytest.raises(ValueError, match="quantizes nothing"):
         recipes.run_recipe(nothing, tmp_path / "nothing")
+
+
+def test_integer_bert_matches_fake_quantized_bert(tmp_path):
+    config = tiny_config(num_labels=2)
+    params = init_params(config, jax.random.key(0))
+    rules = qat.default_rules(QuantSpec(bits=8), embeddings=None)
+    packed = quant_pack.save(tmp_path / "w8.safetensors", params, rules)
+    weights = int8_exec.int8_weights(packed)
+    assert len(weights) == 6 * 2 + 2  # every dense kernel of the tiny model
+    batch = _batch(3)
+    fake = QuantizedModel(Bert(config), qat.qat(rules), activation_bits=8)  # dynamic ranges
+    expected = _logits(fake, params, batch)
+
+    @jax.jit
+    def integer_logits(params, batch):
+        with int8_exec.integer_dense_layers(weights):
+            return _logits(Bert(config), params, batch)
+
+    got = integer_logits(quant_pack.load(packed), batch)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    hlo = jax.jit(integer_logits).lower(params, batch).as_text()
+    assert "i8" in hlo and "i32" in hlo  # the matmuls really run on integers
+    assert float(jnp.max(jnp.abs(got - _logits(Bert(config), params, batch)))) > 0
