@@ -276,9 +276,7 @@ def gobo_pack(
     return tensors, meta
 
 
-def gobo_unpack(
-    tensors: dict[str, np.ndarray], meta: dict
-) -> tuple[dict, dict[str, GoboTensor]]:
+def gobo_unpack(tensors: dict[str, np.ndarray], meta: dict) -> tuple[dict, dict[str, GoboTensor]]:
     """The dequantized params (bit-exact with `gobo`) and the GOBO tensors of a packed file."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown GOBO artefact format {meta.get('format')!r}")

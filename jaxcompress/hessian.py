@@ -224,7 +224,7 @@ def assign_bits(
                 if total not in candidates or e < candidates[total][0]:
                     candidates[total] = (e, (*bits, b))
         front = _pareto(candidates)
-    cost, error, bits = min(front, key=lambda state: (state[1], state[0]))
+    _, _, bits = min(front, key=lambda state: (state[1], state[0]))
     return dict(zip(names, bits, strict=True))
 
 

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import safe_open
 
-from jaxcompress import gobo
+from jaxcompress import core, gobo
 from jaxcompress.gobo import GoboSpec, gobo_dequantize, gobo_quantize
 from jaxcompress.quantize import QuantSpec, fake_quant
 
@@ -33,7 +34,10 @@ def tiny_params(seed=0) -> dict:
             "encoder": {
                 "layer": {
                     "0": {
-                        "dense": {"kernel": heavy_tailed((16, 24), seed), "bias": np.ones(24, np.float32)},
+                        "dense": {
+                            "kernel": heavy_tailed((16, 24), seed),
+                            "bias": np.ones(24, np.float32),
+                        },
                         "LayerNorm": {"scale": np.ones(24, np.float32)},
                     }
                 }
@@ -137,7 +141,7 @@ def test_rules_select_kernels_only():
 
 
 def flat(tree) -> dict:
-    return {gobo.core.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {core.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_save_load_is_bit_exact(tmp_path):
@@ -182,7 +186,7 @@ def test_packed_bytes_without_embeddings(tmp_path):
     assert sizes["bytes"] - sizes["bytes_no_embeddings"] >= table_bytes
     path = gobo.gobo_save(tmp_path / "m.safetensors", out, quantized)
     assert path.stat().st_size == sizes["bytes"]
-    with gobo.safe_open(path, framework="np") as f:
+    with safe_open(path, framework="np") as f:
         meta = json.loads(f.metadata()[gobo.META_KEY])
     assert meta["gobo"]["classifier/kernel"]["bits"] == 3
 
