@@ -11,6 +11,10 @@ and the kind's fields:
   configs/finetune.py); post-training quantization without training: activation ranges
   are calibrated on train batches, the packed artefact goes to `workdir/<name>/quantized`,
   the dequantized weights to `workdir/<name>/model`, and the dev metrics to its summary.
+- `gobo`: `model`, `kernels` and `embeddings` (bits, 0 = float); GOBO's post-training
+  quantization (float outliers, the rest clustered to 2^bits centroids), no data needed; the
+  packed artefact goes to `workdir/<name>/gobo.safetensors`, the dequantized weights to
+  `workdir/<name>/model`.
 - `export`: `model`; writes it as a Hugging Face directory (the dense equivalent of any
   compressed shape) to `workdir/<name>/model`.
 
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxcompress import artefact, metrics, train, transforms
+from jaxcompress import artefact, gobo, metrics, train, transforms
 from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
 from jaxcompress.measure import measure_model
 from jaxcompress.models.bert import Bert
@@ -47,6 +51,7 @@ STAGE_FIELDS = {
     "evaluate": {"name", "kind", "models", "latency"},
     "export": {"name", "kind", "model"},
     "quantize": {"name", "kind", "model", "quantize"},
+    "gobo": {"name", "kind", "model", "kernels", "embeddings"},
 }
 SUMMARY = "summary.json"
 
@@ -205,6 +210,26 @@ def run_quantize(recipe, stage, dirs, overrides) -> dict:
     }
 
 
+def run_gobo(recipe, stage, dirs, overrides) -> dict:
+    source = resolve(stage["model"], dirs)
+    config = task_config(recipe["task"], source)
+
+    def spec(bits: int) -> gobo.GoboSpec | None:
+        return gobo.GoboSpec(bits=bits) if bits else None
+
+    rules = gobo.default_rules(spec(stage.get("kernels", 3)), spec(stage.get("embeddings", 0)))
+    bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
+    dequantized, tensors = gobo.gobo(params, rules)
+    out = dirs[stage["name"]]
+    gobo.gobo_save(out / "gobo.safetensors", params, tensors)
+    save_pretrained(
+        bert_config, dequantized, out / "model", tokenizer_dir=resolve_model_dir(source)
+    )
+    dev = train.load_eval_splits(config, train.load_tokenizer(config))
+    row = measure_model(config, bert_config, dequantized, dev)
+    return {"source": stage["model"], **row, **gobo.gobo_packed_bytes(params, tensors)}
+
+
 def run_export(recipe, stage, dirs, overrides) -> dict:
     source = resolve(stage["model"], dirs)
     bert_config, params = train.load_any(source)
@@ -223,6 +248,7 @@ RUNNERS: dict[str, Callable[[dict, dict, dict[str, Path], Sequence[str]], dict]]
     "evaluate": run_evaluate,
     "export": run_export,
     "quantize": run_quantize,
+    "gobo": run_gobo,
 }
 
 

@@ -160,3 +160,23 @@ def test_integer_bert_matches_fake_quantized_bert(tmp_path):
     hlo = jax.jit(integer_logits).lower(params, batch).as_text()
     assert "i8" in hlo and "i32" in hlo  # the matmuls really run on integers
     assert float(jnp.max(jnp.abs(got - _logits(Bert(config), params, batch)))) > 0
+
+
+@pytest.mark.slow
+def test_gobo_stage_needs_no_data_and_reports_packed_bytes(
+    tmp_path, minilm_dir, glue_dir, monkeypatch
+):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    model_dir = str(save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2))
+    recipe = {
+        "task": "sst2",
+        "stages": ({"name": "gobo", "kind": "gobo", "model": model_dir, "kernels": 3},),
+    }
+    (summary,) = recipes.run_recipe(recipe, tmp_path / "recipe")
+    assert summary["bytes"] == (tmp_path / "recipe/gobo/gobo.safetensors").stat().st_size
+    floats = load_file(f"{model_dir}/model.safetensors")
+    exported = load_file(tmp_path / "recipe/gobo/model/model.safetensors")
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert len(np.unique(exported[name])) <= 8 + 0.01 * exported[name].size  # 2^3 + outliers
+    assert not np.array_equal(exported[name], floats[name])
+    assert 0.0 <= summary["value"] <= 1.0
