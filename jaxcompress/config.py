@@ -60,6 +60,15 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.quantize.activation_bits = 0  # inputs of every dense layer; 0 = float
     c.quantize.activation_ranges = "calibrated"  # or "dynamic" (each batch's own absmax)
     c.quantize.calibration_batches = 8  # train batches the float model is calibrated on
+    # Q-BERT: > 0 gives each encoder layer's kernels its own bit width (from `mixed_choices`,
+    # group-wise scales of `mixed_group_size` rows) so that their average is at most this;
+    # layers with a larger Hessian trace per parameter (Hutchinson's estimate from
+    # `hessian_samples` probes of the task loss on `hessian_batches` train batches) get more.
+    c.quantize.mixed_bits_budget = 0.0
+    c.quantize.mixed_choices = (2, 3, 4, 8)
+    c.quantize.mixed_group_size = 128
+    c.quantize.hessian_samples = 16
+    c.quantize.hessian_batches = 2
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32

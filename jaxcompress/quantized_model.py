@@ -125,6 +125,8 @@ class QuantizedModel:
     activation_bits: int = 0
     ranges: dict[str, jax.Array] | None = None
     passthrough: tuple[str, ...] = ("distill",)
+    rules: core.Rules | None = None  # the rules of `weights`, for the packed artefact
+    layer_bits: dict[str, int] | None = None  # Q-BERT's bits per layer, when chosen
 
     @property
     def config(self):

@@ -18,7 +18,17 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from jaxcompress import artefact, checkpoint, core, data, metrics, qat, quant_pack, transforms
+from jaxcompress import (
+    artefact,
+    checkpoint,
+    core,
+    data,
+    hessian,
+    metrics,
+    qat,
+    quant_pack,
+    transforms,
+)
 from jaxcompress.config import glue_dir
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
@@ -31,6 +41,7 @@ from jaxcompress.objectives import (
     init_distill_params,
     make_loss,
     model_params,
+    task_loss,
 )
 from jaxcompress.quantized_model import QuantizedModel, calibrate
 from jaxcompress.run_dir import RunDir, write_json
@@ -273,23 +284,55 @@ def quantize_model(
         raise ValueError(
             f"quantize.activation_ranges must be 'calibrated' or 'dynamic': {q.activation_ranges}"
         )
-    if rules is None and not q.activation_bits:
+    if rules is None and not q.activation_bits and not q.mixed_bits_budget:
         return model
+    order = data.epoch_batches(
+        train_split.lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
+    )
+
+    def first_batches(n: int) -> list[Batch]:
+        return [data.make_batch(train_split, indices, config.buckets) for indices in order[:n]]
+
+    layer_bits = None
+    if q.mixed_bits_budget:
+        batches = first_batches(q.hessian_batches)
+        layer_bits = hessian_bits(config, model, model_params(params), batches)
+        tail = rules if rules is not None else [(".*", None)]
+        rules = hessian.mixed_precision_rules(layer_bits, q.mixed_group_size, tail=tail)
     weights = qat.qat(rules) if rules is not None else core.identity()
-    quantized = QuantizedModel(model, weights)
+    quantized = QuantizedModel(model, weights, rules=rules, layer_bits=layer_bits)
     if not q.activation_bits:
         return quantized
     ranges = None
     if q.activation_ranges == "calibrated":
-        order = data.epoch_batches(
-            train_split.lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
-        )
-        batches = [
-            data.make_batch(train_split, indices, config.buckets)
-            for indices in order[: q.calibration_batches]
-        ]
-        ranges = calibrate(quantized, model_params(params), batches)
+        ranges = calibrate(quantized, model_params(params), first_batches(q.calibration_batches))
     return dataclasses.replace(quantized, activation_bits=q.activation_bits, ranges=ranges)
+
+
+def hessian_bits(
+    config: ml_collections.ConfigDict, model: Bert, params: dict, batches: list[Batch]
+) -> dict[str, int]:
+    """Q-BERT's bit width per encoder layer: Hutchinson traces of the task loss on `batches`
+    (deterministic in the seed), ranked per parameter, assigned under the average budget."""
+    q = config.quantize
+
+    def loss_fn(p):
+        losses = [
+            task_loss(forward(model, p, b, None).logits, b["labels"], b["example_mask"])
+            for b in batches
+        ]
+        return sum(losses) / len(losses)
+
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    groups = hessian.encoder_layer_group
+    estimate = hessian.hutchinson_trace(loss_fn, params, groups, key, q.hessian_samples)
+    sensitivity = {g: max(float(v), 0.0) for g, v in estimate.per_param.items()}
+    sizes = hessian.group_sizes(params, groups)
+    bits = hessian.assign_bits(
+        sensitivity, sizes, tuple(q.mixed_choices), budget_bits=q.mixed_bits_budget
+    )
+    log.info("Q-BERT bits per layer %s (trace per parameter %s)", bits, sensitivity)
+    return bits
 
 
 def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
@@ -454,15 +497,15 @@ def save_quantized(
     `quantization.json` (activation bits and calibrated ranges) in `path`; returns the
     packed bytes with and without embeddings (float bytes when only activations are
     quantized)."""
-    rules = qat.rules_from_config(config.quantize)
     path.mkdir(parents=True, exist_ok=True)
     ranges = {k: float(v) for k, v in (model.ranges or {}).items()}
     activations = {"bits": model.activation_bits, "ranges": ranges or None}
-    write_json(path / "quantization.json", {"activations": activations})
-    if rules is None:
+    record = {"activations": activations, "layer_bits": model.layer_bits}
+    write_json(path / "quantization.json", record)
+    if model.rules is None:
         return artefact.saved_bytes(params)
-    quant_pack.save(path / "params.safetensors", params, rules)
-    return quant_pack.packed_bytes(params, rules)
+    quant_pack.save(path / "params.safetensors", params, model.rules)
+    return quant_pack.packed_bytes(params, model.rules)
 
 
 def train_or_reuse(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

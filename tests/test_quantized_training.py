@@ -180,3 +180,28 @@ def test_gobo_stage_needs_no_data_and_reports_packed_bytes(
     assert len(np.unique(exported[name])) <= 8 + 0.01 * exported[name].size  # 2^3 + outliers
     assert not np.array_equal(exported[name], floats[name])
     assert 0.0 <= summary["value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_qbert_mixed_precision_training_meets_its_budget(tmp_path, minilm_dir, glue_dir):
+    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
+    config = tiny_run_config(model_dir, glue_dir, steps=1)
+    with config.unlocked():
+        config.quantize.embeddings = "bits=8,granularity='tensor'"
+        config.quantize.mixed_bits_budget = 3.0
+        config.quantize.mixed_choices = (2, 4)
+        config.quantize.mixed_group_size = 16
+        config.quantize.hessian_samples = 2
+        config.quantize.hessian_batches = 1
+    summary = train(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run/quantized/quantization.json").read_text())
+    bits = record["layer_bits"]
+    assert sorted(bits) == ["bert/encoder/layer/0", "bert/encoder/layer/1"]
+    assert sorted(bits.values()) == [2, 4]  # equal sizes: the average must be exactly 3
+    exported = load_file(tmp_path / "run/model/model.safetensors")
+    for layer, width in bits.items():
+        index = layer.rsplit("/", 1)[1]
+        weight = exported[f"bert.encoder.layer.{index}.intermediate.dense.weight"]
+        column_group = weight[0, :16]  # one output row's first group of 16 input rows
+        assert len(np.unique(column_group)) <= 2**width - 1
+    assert summary["bytes"] == (tmp_path / "run/quantized/params.safetensors").stat().st_size

@@ -8,7 +8,8 @@ token-frequency-weighted SVD init; low-rank FFN at 50%/25% of full rank), `shari
 (cross-layer sharing of all layers, pairs, triples), `distillation` (6 -> 3 and 6 -> 2
 layers by logit KD and by TinyBERT's layer terms), `combined` (a 3-layer student that is
 also factorized or low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit
-weights and activations; 4- and 3-bit group-wise weights; TernaryBERT's ternary weights and
+weights and activations; 4- and 3-bit group-wise weights; Q-BERT's Hessian-chosen mixed
+precision at 3 bits on average; TernaryBERT's ternary weights and
 8-bit activations with layer distillation; binary weights), and `main` (the committed
 comparison: factorized embeddings,
 low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
@@ -46,6 +47,14 @@ def families(quick: bool) -> dict[str, dict]:
         quantize["activation_bits"] = activation_bits
         return {"student": {**student((), lr, **distill)["student"], "quantize": quantize}}
 
+    def qbert(budget: float) -> dict:
+        """Q-BERT: per-layer bits (2, 3, 4 or 8) by Hessian trace, group-wise scales."""
+        variant = quantized(f"bits=8,granularity='group',group_size={group}", "bits=8")
+        variant["student"]["quantize"].update(
+            mixed_bits_budget=budget, mixed_group_size=group, hessian_samples=2 if quick else 16
+        )
+        return variant
+
     layers = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
     return {
         "decomposition": {
@@ -81,6 +90,7 @@ def families(quick: bool) -> dict[str, dict]:
                 "w4_group": quantized(f"bits=4,granularity='group',group_size={group}", "bits=8"),
                 "w3_group": quantized(f"bits=3,granularity='group',group_size={group}", "bits=8"),
             },
+            "qat_qbert": {"mixed3": qbert(3.0)},
             "qat_ternary_kd": {
                 "w2a8": quantized("scheme='ternary'", "scheme='ternary'", 8, lr=1e-4, **layers)
             },
