@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -130,3 +131,21 @@ def integer_dense_layers(
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerModel:
+    """`model` whose dense layers run on int8 (`integer_dense_layers`); stands in for it
+    wherever `.config` and `.apply` are used (evaluation, latency)."""
+
+    model: nn.Module
+    weights: dict[str, Int8Weight]
+    per_token: bool = False
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def apply(self, variables: dict, *args, **kwargs):
+        with integer_dense_layers(self.weights, self.per_token):
+            return self.model.apply(variables, *args, **kwargs)

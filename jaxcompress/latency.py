@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +14,15 @@ import jax.numpy as jnp
 from jaxcompress.models.bert import Bert, BertConfig
 
 
+def jitted_forward(model) -> Callable:
+    """`(params, ids, mask) -> logits` of anything with a Flax-style `apply`, jitted."""
+    return jax.jit(lambda p, x, m: model.apply({"params": p}, x, m).logits)
+
+
 @functools.lru_cache(maxsize=32)
 def _forward(config: BertConfig):
     """One jitted forward per config, so repeated measurements reuse the compiled program."""
-    return jax.jit(lambda p, x, m: Bert(config).apply({"params": p}, x, m).logits)
+    return jitted_forward(Bert(config))
 
 
 def compiled_program_size(config: BertConfig, params: dict, seq_len: int = 128) -> int:
@@ -54,8 +61,8 @@ def inference_latency(
 
 
 def paired_latency(
-    reference: tuple[BertConfig, dict],
-    model: tuple[BertConfig, dict],
+    reference: tuple[Any, dict],
+    model: tuple[Any, dict],
     batch_size: int = 32,
     seq_len: int = 128,
     rounds: int = 10,
@@ -64,11 +71,15 @@ def paired_latency(
     """Latency of `model` against `reference`, timed alternately in the same process.
 
     On a shared machine slow spells last seconds; alternating the two forwards makes both see
-    them, and the median of per-round ratios discards the rounds they hit unevenly.
+    them, and the median of per-round ratios discards the rounds they hit unevenly. Each of
+    the two is `(BertConfig, params)` or `(model with a Flax-style apply, params)`.
     """
     ids = jax.random.randint(jax.random.key(0), (batch_size, seq_len), 1000, 29000)
     mask = jnp.ones_like(ids)
-    pairs = [(_forward(config), params) for config, params in (reference, model)]
+    pairs = [
+        (_forward(m) if isinstance(m, BertConfig) else jitted_forward(m), params)
+        for m, params in (reference, model)
+    ]
 
     def timed(forward, params) -> float:
         t0 = time.perf_counter()

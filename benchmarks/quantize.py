@@ -1,0 +1,130 @@
+"""Quantization of the SST-2 teacher: bits, packed bytes, accuracy, int8 latency.
+
+  JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
+    python benchmarks/quantize.py --workdir runs/quantize [--qat]
+
+Post-training rows (no training): W8A8 with calibrated activation ranges, 8-bit weights
+only, GOBO at 3 bits (float embeddings, and 4-bit embeddings); an integer-execution row runs
+the W8 artefact with int8 x int8 -> int32 matmuls (dynamic per-tensor activation scales) and
+is timed against the float teacher, paired in the same process, at batch 1 and 32 (x 128).
+`--qat` adds the quantization-aware training sweep of configs/ablations/sst2.py
+(`quantization`: Q8BERT, group-wise 4/3-bit, Q-BERT mixed precision, TernaryBERT, binary),
+3 seeds, resumable. Writes benchmarks/results/quantize.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from jaxcompress import int8_exec, recipes, report, sweep, train
+from jaxcompress.latency import paired_latency
+from jaxcompress.models.bert import Bert
+from jaxcompress.results import write_result
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = "minilm-l6-sst2-teacher"
+W8 = {"kernels": "bits=8", "embeddings": "bits=8,granularity='tensor'"}
+POST_TRAINING = {
+    "task": "sst2",
+    "stages": (
+        {
+            "name": "ptq_w8a8",
+            "kind": "quantize",
+            "model": TEACHER,
+            "quantize": {**W8, "activation_bits": 8},
+        },
+        {"name": "ptq_w8", "kind": "quantize", "model": TEACHER, "quantize": W8},
+        {"name": "gobo_w3", "kind": "gobo", "model": TEACHER, "kernels": 3, "embeddings": 0},
+        {"name": "gobo_w3_e4", "kind": "gobo", "model": TEACHER, "kernels": 3, "embeddings": 4},
+        {"name": "teacher", "kind": "evaluate", "models": (TEACHER,)},
+    ),
+}
+BITS = {"ptq_w8a8": "W8A8", "ptq_w8": "W8", "gobo_w3": "W3 (GOBO)", "gobo_w3_e4": "W3 E4 (GOBO)"}
+
+
+def integer_row(workdir: Path, teacher: dict) -> dict:
+    """The W8 artefact run on integers: its dev accuracy and paired CPU latency."""
+    config = recipes.task_config("sst2", TEACHER)
+    bert_config, params = train.load_any(TEACHER)
+    weights = int8_exec.int8_weights(workdir / "ptq_w8" / "quantized" / "params.safetensors")
+    integer = int8_exec.IntegerModel(Bert(bert_config), weights)
+    dev = train.load_eval_splits(config, train.load_tokenizer(config))
+    results = train.evaluate_splits(config, train.make_eval_step(integer), params, dev)
+    value = results["validation"]["accuracy"]
+    latency = {
+        f"batch_{b}": paired_latency((bert_config, params), (integer, params), batch_size=b)
+        for b in (1, 32)
+    }
+    return {
+        "name": "int8_execution_w8a8_dynamic",
+        "bits": "W8A8 (int8 matmul)",
+        "value": value,
+        "relative": value / teacher["value"],
+        "latency_ratio": {"cpu": latency["batch_32"]["speedup"], "gpu": None},
+        "latency": latency,
+        "note": "XLA's CPU backend has no int8 GEMM library kernel; see the README",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--qat", action="store_true", help="also run the QAT sweep (hours)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    workdir = Path(args.workdir)
+    summaries = {s["stage"]: s for s in recipes.run_recipe(POST_TRAINING, workdir / "ptq")}
+    teacher = summaries.pop("teacher")["rows"][0]
+    rows = [
+        {
+            "name": name,
+            "bits": BITS[name],
+            "task": "sst2",
+            "metric": s["metric"],
+            "value": s["value"],
+            "seeds": 1,
+            "relative": s["value"] / teacher["value"],
+            "bytes": s["bytes"],
+            "bytes_no_embeddings": s["bytes_no_embeddings"],
+            "compression": teacher["bytes"] / s["bytes"],
+            "compression_no_embeddings": teacher["bytes_no_embeddings"] / s["bytes_no_embeddings"],
+        }
+        for name, s in summaries.items()
+    ]
+    rows.append(integer_row(workdir / "ptq", teacher))
+    body = {"teacher": {"model": TEACHER, "task": "sst2", "metric": "accuracy", **teacher}}
+    if args.qat:
+        config = sweep.load_sweep("configs/ablations/sst2.py:quantization")
+        runs = sweep.run_sweep(config, workdir / "qat")
+        if len(runs) < len(sweep.expand(config)):
+            raise SystemExit("the QAT sweep was interrupted; rerun to resume it")
+        written = report.write_report([workdir / "qat"], workdir / "qat" / "report", plots=False)
+        for r in written["rows"]:
+            rows.append(
+                {
+                    "name": f"{r['technique']} {r['strength']}",
+                    "task": "sst2",
+                    "metric": r["metric"],
+                    "value": r["mean"],
+                    "std": r["std"],
+                    "seeds": len(r["seeds"]),
+                    "relative": r["relative"],
+                    "bytes": r["bytes"],
+                    "bytes_no_embeddings": r["bytes_no_embeddings"],
+                    "compression": 1 / r["size"],
+                    "compression_no_embeddings": 1 / r["size_no_embeddings"],
+                }
+            )
+    body.update(rows=rows, wall_s=time.perf_counter() - t0)
+    write_result(REPO / "benchmarks/results/quantize.json", "quantize", body)
+    for row in rows:
+        print(row["name"], f"{row['value']:.4f}", f"{row['relative']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
