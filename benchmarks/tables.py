@@ -77,6 +77,19 @@ COLUMNS["distill"] = [
     "latency_ratio",
     "steps",
 ]
+COLUMNS["quantize"] = [
+    "name",
+    "bits",
+    "value",
+    "std",
+    "seeds",
+    "relative",
+    "bytes",
+    "bytes_no_embeddings",
+    "compression",
+    "compression_no_embeddings",
+    "latency_ratio",
+]
 STANDARD = [
     "name",
     "task",
