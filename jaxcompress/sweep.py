@@ -17,7 +17,9 @@ stage's resolved config and the hashes of the stages it reads from: a stage that
 or seed changes (a fine-tuned teacher) has one hash, runs once and is reused by every run. A
 run's results go to `runs/<technique>-<strength>-s<seed>-<hash>/summary.json`. Finished runs
 are skipped, an interrupted fine-tuning resumes from its checkpoint, and several processes
-can share a sweep (`shard`), with a file lock around each stage.
+can share a sweep (`shard`), with a file lock around each stage. The lock is `flock`, which
+holds across processes of one machine; hosts sharing a network filesystem whose `flock` is
+unreliable should precompute shared stages first (e.g. `--only seed=0 --shard 0/1`).
 """
 
 from __future__ import annotations
