@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,8 +35,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress import core
-from jaxcompress.artefact import is_embedding
 from jaxcompress.qat import EMBEDDINGS, KERNELS
+from jaxcompress.quant_pack import file_bytes
 
 META_KEY = "jaxcompress.gobo"  # the JSON description, in the safetensors header metadata
 FORMAT = 1
@@ -323,14 +322,4 @@ def gobo_load(path: str | os.PathLike) -> tuple[dict, dict[str, GoboTensor]]:
 def gobo_packed_bytes(params: core.Params, quantized: dict[str, GoboTensor]) -> dict[str, int]:
     """Bytes of the GOBO file, with and without the embedding tables, measured by writing
     the files (the counterpart of `quant_pack.packed_bytes`)."""
-    tensors, meta = gobo_pack(params, quantized)
-    rest = {k: v for k, v in tensors.items() if not is_embedding(k.split(":")[0])}
-    rest_meta = {
-        "format": meta["format"],
-        "gobo": {k: v for k, v in meta["gobo"].items() if not is_embedding(k)},
-        "float": [k for k in meta["float"] if not is_embedding(k)],
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        full = _write(Path(tmp) / "all.safetensors", tensors, meta)
-        part = _write(Path(tmp) / "rest.safetensors", rest, rest_meta)
-        return {"bytes": full.stat().st_size, "bytes_no_embeddings": part.stat().st_size}
+    return file_bytes(*gobo_pack(params, quantized), entries="gobo", meta_key=META_KEY)

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import core
+from jaxcompress.qat import KERNEL_LEAF
 from jaxcompress.quantize import QuantSpec
 
 GroupFn = Callable[[str], str | None]
-KERNEL_LEAF = r"(kernel|kernel_a|kernel_b)"  # dense kernels and low-rank factors
 _ENCODER_KERNEL = re.compile(rf"(bert/encoder/layer/[^/]+)/.*/{KERNEL_LEAF}")
 CHOICES = (2, 3, 4, 8)
 

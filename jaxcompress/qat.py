@@ -15,7 +15,8 @@ from jaxcompress.quantize import QTensor, QuantSpec, fake_quant, lsq_fake_quant,
 LSQ_SUFFIX = "@lsq_step"
 
 EMBEDDINGS = r"bert/embeddings/(word|position|token_type)_embeddings"
-KERNELS = r".*/(kernel|kernel_a|kernel_b)|bert/embeddings/embedding_projection"
+KERNEL_LEAF = r"(kernel|kernel_a|kernel_b)"  # dense kernels and low-rank factors
+KERNELS = rf".*/{KERNEL_LEAF}|bert/embeddings/embedding_projection"
 INT8 = QuantSpec(bits=8)  # per output channel, absmax
 INT8_TENSOR = QuantSpec(bits=8, granularity="tensor")
 

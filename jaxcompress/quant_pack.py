@@ -158,15 +158,22 @@ def load(path: str | os.PathLike) -> dict:
 def packed_bytes(params: core.Params, rules: core.Rules) -> dict[str, int]:
     """Bytes of the packed file, with and without the embedding tables, measured by writing
     the files (the counterpart of `artefact.saved_bytes`)."""
-    tensors, meta = pack(params, rules)
+    return file_bytes(*pack(params, rules), entries="quantized")
+
+
+def file_bytes(
+    tensors: dict[str, np.ndarray], meta: dict, entries: str, meta_key: str = META_KEY
+) -> dict[str, int]:
+    """Bytes of a packed safetensors file (`tensors` keyed 'path' or 'path:part', `meta`
+    listing parameters under `entries` and 'float'), with and without the embeddings."""
     rest = {k: v for k, v in tensors.items() if not is_embedding(k.split(":")[0])}
     rest_meta = {
         "format": meta["format"],
-        "quantized": {k: v for k, v in meta["quantized"].items() if not is_embedding(k)},
+        entries: {k: v for k, v in meta[entries].items() if not is_embedding(k)},
         "float": [k for k in meta["float"] if not is_embedding(k)],
     }
     with tempfile.TemporaryDirectory() as tmp:
         full, part = Path(tmp) / "all.safetensors", Path(tmp) / "rest.safetensors"
-        save_file(tensors, full, metadata={META_KEY: json.dumps(meta)})
-        save_file(rest, part, metadata={META_KEY: json.dumps(rest_meta)})
+        save_file(tensors, full, metadata={meta_key: json.dumps(meta)})
+        save_file(rest, part, metadata={meta_key: json.dumps(rest_meta)})
         return {"bytes": full.stat().st_size, "bytes_no_embeddings": part.stat().st_size}

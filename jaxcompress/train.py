@@ -286,11 +286,11 @@ def quantize_model(
         )
     if rules is None and not q.activation_bits and not q.mixed_bits_budget:
         return model
-    order = data.epoch_batches(
-        train_split.lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
-    )
 
-    def first_batches(n: int) -> list[Batch]:
+    def first_batches(n: int) -> list[Batch]:  # of the run's first epoch, as training sees it
+        order = data.epoch_batches(
+            train_split.lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
+        )
         return [data.make_batch(train_split, indices, config.buckets) for indices in order[:n]]
 
     layer_bits = None

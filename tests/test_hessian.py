@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from jaxcompress import hessian
-from jaxcompress.models.bert import Bert, BertConfig, init_params
+from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.objectives import task_loss
 from jaxcompress.qat import quantize_tree
+
+from .helpers import tiny_config
 
 
 def quadratic(a: np.ndarray):
@@ -81,15 +83,7 @@ def test_ungrouped_leaves_get_no_probe_and_groups_must_be_nonempty():
 
 
 def tiny_bert():
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = tiny_config(vocab_size=64, max_position_embeddings=16, num_labels=2)
     params = init_params(config, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (4, 8), 0, 64)
     mask = jnp.ones_like(ids)
