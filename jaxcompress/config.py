@@ -59,6 +59,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.quantize.rules = ()  # ("regex", "spec") pairs matched before the two above (per layer)
     c.quantize.activation_bits = 0  # inputs of every dense layer; 0 = float
     c.quantize.activation_ranges = "calibrated"  # or "dynamic" (each batch's own absmax)
+    # BinaryBERT: start binary training by ternary weight splitting of the input model's
+    # weights (those whose spec is binary); the input should be a ternary-trained model.
+    c.quantize.binary_split = False
     c.quantize.calibration_batches = 8  # train batches the float model is calibrated on
     # Q-BERT: > 0 gives each encoder layer's kernels its own bit width (from `mixed_choices`,
     # group-wise scales of `mixed_group_size` rows) so that their average is at most this;

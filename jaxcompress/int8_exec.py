@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.qat import SPLIT_SUFFIX
 from jaxcompress.quant_pack import read, unpack
 from jaxcompress.quantize import QTensor, QuantSpec
 
@@ -105,7 +106,10 @@ def int8_weights(path: str | os.PathLike) -> dict[str, Int8Weight]:
     return {
         path: int8_weight(qt, spec)
         for path, (qt, spec) in codes.items()
-        if spec.scheme != "asymmetric" and qt.codes.ndim == 2 and path.endswith("kernel")
+        if spec.scheme != "asymmetric"
+        and qt.codes.ndim == 2
+        and path.endswith("kernel")
+        and path + SPLIT_SUFFIX not in codes  # a BinaryBERT pair is not one int8 matrix
     }
 
 

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from jaxcompress import core
 from jaxcompress.artefact import is_embedding
-from jaxcompress.qat import quantize_tree
+from jaxcompress.qat import SPLIT_SUFFIX, quantize_tree
 from jaxcompress.quantize import QTensor, QuantSpec, dequantize
 
 META_KEY = "jaxcompress.quant"  # the JSON description, in the safetensors header metadata
@@ -80,7 +80,8 @@ def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
 def pack(params: core.Params, rules: core.Rules) -> Packed:
     """Codes, scales and zero points of the weights `rules` select; other leaves as they are.
 
-    LSQ steps in `params` (see `qat.add_lsq_steps`) become the stored scales.
+    LSQ steps in `params` (see `qat.add_lsq_steps`) become the stored scales; a weight split
+    in two binary halves (`qat.add_binary_split`) stores both halves' codes.
     """
     model, quantized = quantize_tree(params, rules)
     tensors: dict[str, np.ndarray] = {}
@@ -90,18 +91,23 @@ def pack(params: core.Params, rules: core.Rules) -> Packed:
             tensors[path] = np.asarray(leaf)
             meta["float"].append(path)
             continue
-        qt, spec = quantized[path]
+        spec = quantized[path][1]
         width = container_bits(spec)
-        tensors[path + CODES] = pack_bits(to_unsigned(qt.codes, spec), width)
-        tensors[path + SCALE] = np.asarray(qt.scale, np.float32)
-        if qt.zero_point is not None:
-            tensors[path + ZERO_POINT] = np.asarray(qt.zero_point, np.uint8)
+        halves = [path, path + SPLIT_SUFFIX] if path + SPLIT_SUFFIX in quantized else [path]
+        for name in halves:
+            qt = quantized[name][0]
+            tensors[name + CODES] = pack_bits(to_unsigned(qt.codes, spec), width)
+            tensors[name + SCALE] = np.asarray(qt.scale, np.float32)
+            if qt.zero_point is not None:
+                tensors[name + ZERO_POINT] = np.asarray(qt.zero_point, np.uint8)
         meta["quantized"][path] = {
             "shape": list(np.shape(leaf)),
             "dtype": str(np.asarray(leaf).dtype),
             "width": width,
             "spec": dataclasses.asdict(spec),
         }
+        if len(halves) > 1:
+            meta["quantized"][path]["halves"] = len(halves)
     return Packed(tensors, meta)
 
 
@@ -119,15 +125,19 @@ def unpack(packed: Packed) -> tuple[dict, dict[str, tuple[QTensor, QuantSpec]]]:
     for path, info in meta["quantized"].items():
         spec = QuantSpec(**info["spec"])
         shape = tuple(info["shape"])
-        u = unpack_bits(tensors[path + CODES], info["width"], int(np.prod(shape)))
-        zp = tensors.get(path + ZERO_POINT)
-        qt = QTensor(
-            jnp.asarray(from_unsigned(u, spec).reshape(shape)),
-            jnp.asarray(tensors[path + SCALE], jnp.float32),
-            None if zp is None else jnp.asarray(zp, jnp.float32),
-        )
-        codes[path] = (qt, spec)
-        flat[path] = dequantize(qt, spec).astype(info["dtype"])
+        names = [path, path + SPLIT_SUFFIX][: info.get("halves", 1)]
+        value = 0.0
+        for name in names:
+            u = unpack_bits(tensors[name + CODES], info["width"], int(np.prod(shape)))
+            zp = tensors.get(name + ZERO_POINT)
+            qt = QTensor(
+                jnp.asarray(from_unsigned(u, spec).reshape(shape)),
+                jnp.asarray(tensors[name + SCALE], jnp.float32),
+                None if zp is None else jnp.asarray(zp, jnp.float32),
+            )
+            codes[name] = (qt, spec)
+            value = value + dequantize(qt, spec)
+        flat[path] = value.astype(info["dtype"])
     return unflatten_dict(flat, sep="/"), codes
 
 
@@ -166,7 +176,11 @@ def file_bytes(
 ) -> dict[str, int]:
     """Bytes of a packed safetensors file (`tensors` keyed 'path' or 'path:part', `meta`
     listing parameters under `entries` and 'float'), with and without the embeddings."""
-    rest = {k: v for k, v in tensors.items() if not is_embedding(k.split(":")[0])}
+
+    def weight(key: str) -> str:
+        return key.split(":")[0].removesuffix(SPLIT_SUFFIX)
+
+    rest = {k: v for k, v in tensors.items() if not is_embedding(weight(k))}
     rest_meta = {
         "format": meta["format"],
         entries: {k: v for k, v in meta[entries].items() if not is_embedding(k)},

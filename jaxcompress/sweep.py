@@ -120,7 +120,7 @@ def apply_variant(recipe: dict, changes: dict, seed: int, seeded: Sequence[str])
         stage = copy.deepcopy(stage)
         change = changes.get(stage["name"], {})
         if stage["kind"] == "finetune":
-            stage["config"] = _deep_merge(stage["config"], change)
+            stage["config"] = deep_merge(stage["config"], change)
             if stage["name"] in seeded:
                 stage["config"]["seed"] = seed
         else:
@@ -129,11 +129,12 @@ def apply_variant(recipe: dict, changes: dict, seed: int, seeded: Sequence[str])
     return {**recipe, "stages": tuple(stages)}
 
 
-def _deep_merge(base: dict, change: dict) -> dict:
+def deep_merge(base: dict, change: dict) -> dict:
+    """`base` with `change` merged in, dicts key by key; `base` is not modified."""
     merged = dict(base)
     for key, value in change.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -255,6 +255,10 @@ def initial_state(
     rules = qat.rules_from_config(config.quantize)
     if rules is not None:  # learned step sizes (LSQ) train beside their weights
         params = qat.add_lsq_steps(params, rules)
+    if config.quantize.binary_split:
+        if rules is None:
+            raise ValueError("quantize.binary_split needs binary quantize.kernels or rules")
+        params = qat.add_binary_split(params, rules)
     if teacher_config is not None:
         objective = Objective.from_config(config.distill)
         projections = init_distill_params(objective, bert_config, teacher_config)

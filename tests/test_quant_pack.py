@@ -13,7 +13,7 @@ from jaxcompress.int8_exec import (
     int8_weights,
     quantize_activations,
 )
-from jaxcompress.qat import add_lsq_steps, qat
+from jaxcompress.qat import SPLIT_SUFFIX, add_binary_split, add_lsq_steps, qat
 from jaxcompress.quantize import QuantSpec, fake_quant, quantize
 
 
@@ -173,3 +173,38 @@ def test_int8_weights_from_a_packed_file(tmp_path):
     np.testing.assert_array_equal(w.codes, quantize(kernel, QuantSpec(8)).codes)
     with pytest.raises(ValueError, match="symmetric"):
         int8_weight(quantize(kernel, QuantSpec(8, "asymmetric")), QuantSpec(8, "asymmetric"))
+
+
+def test_binary_split_starts_at_the_ternary_model_and_packs_both_halves(tmp_path):
+    binary = QuantSpec(scheme="binary")
+    rules = [(r".*/kernel", binary), (".*", None)]
+    tree = params()
+    split = add_binary_split(tree, rules)
+    kernel = tree["bert"]["layer"]["dense"]["kernel"]
+    halves = split["bert"]["layer"]["dense"]
+    np.testing.assert_allclose(
+        halves["kernel"] + halves["kernel" + SPLIT_SUFFIX], kernel, atol=1e-7
+    )
+    seen = qat(rules).apply(split, ())
+    assert "kernel" + SPLIT_SUFFIX not in seen["bert"]["layer"]["dense"]
+    ternary = fake_quant(kernel, QuantSpec(scheme="ternary"))
+    np.testing.assert_allclose(seen["bert"]["layer"]["dense"]["kernel"], ternary, atol=1e-7)
+    np.testing.assert_array_equal(seen["bert"]["layer"]["dense"]["bias"], halves["bias"])
+
+    # Both halves train: each gets its own straight-through gradient.
+    def loss(p):
+        return jnp.sum(qat(rules).apply(p, ())["classifier"]["kernel"] ** 2)
+
+    grads = jax.grad(loss)(split)["classifier"]
+    assert np.any(grads["kernel"] != 0) and np.any(grads["kernel" + SPLIT_SUFFIX] != 0)
+
+    path = quant_pack.save(tmp_path / "split.safetensors", split, rules)
+    loaded = quant_pack.load(path)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(seen), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Two 1-bit halves: the 16x8 kernel costs 2 x 16 bytes of codes.
+    assert quant_pack.read(path).tensors["bert/layer/dense/kernel:codes"].nbytes == 16
+    with pytest.raises(ValueError, match="already split"):
+        add_binary_split(split, rules)
+    with pytest.raises(ValueError, match="scheme='binary'"):
+        add_binary_split(tree, [(r".*/kernel", QuantSpec(8)), (".*", None)])

@@ -116,6 +116,29 @@ def test_w8a8_training_writes_a_packed_artefact(tmp_path, minilm_dir, glue_dir):
     assert ranges["activations"]["bits"] == 8 and len(ranges["activations"]["ranges"]) == 14
 
 
+def test_binarybert_training_from_a_ternary_split(tmp_path, minilm_dir, glue_dir):
+    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
+    config = tiny_run_config(model_dir, glue_dir, steps=2)
+    with config.unlocked():
+        config.buckets = (64,)
+        config.quantize.kernels = "scheme='binary'"
+        config.quantize.binary_split = True
+    summary = train(config, tmp_path / "run")
+    packed = quant_pack.read(tmp_path / "run" / "quantized" / "params.safetensors")
+    name = "bert/encoder/layer/0/output/dense/kernel"
+    assert packed.meta["quantized"][name]["halves"] == 2
+    assert (
+        summary["bytes"] == (tmp_path / "run" / "quantized" / "params.safetensors").stat().st_size
+    )
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    column = exported["bert.encoder.layer.0.output.dense.weight"][0]
+    assert 2 < len(np.unique(column)) <= 4  # +-s_a +- s_b: a sum of two binary weights
+    with config.unlocked():
+        config.quantize.kernels = ""
+    with pytest.raises(ValueError, match="binary_split needs"):
+        train(config, tmp_path / "bad")
+
+
 @pytest.mark.slow
 def test_post_training_quantization_stage(tmp_path, minilm_dir, glue_dir, monkeypatch):
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))

@@ -10,7 +10,10 @@ layers by logit KD and by TinyBERT's layer terms), `combined` (a 3-layer student
 also factorized or low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit
 weights and activations; 4- and 3-bit group-wise weights; Q-BERT's Hessian-chosen mixed
 precision at 3 bits on average; TernaryBERT's ternary weights and
-8-bit activations with layer distillation; binary weights), and `main` (the committed
+8-bit activations with layer distillation; binary weights), `binarybert` (BinaryBERT: the
+TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
+weight splitting into binary halves and trained on as binary weights, embeddings too, with
+8-bit activations and layer distillation), and `main` (the committed
 comparison: factorized embeddings,
 low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
 or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
@@ -21,6 +24,8 @@ Flags after the family: `quick` (runlocal: 2 steps on 64 examples, one seed, sma
 strengths, one padded length, no latency: what the tests run), `teacher=PATH` (another
 teacher; the tests pass a tiny random model).
 """
+
+from jaxcompress.sweep import deep_merge
 
 TEACHER = "minilm-l6-sst2-teacher"
 
@@ -115,8 +120,9 @@ def get_config(arg: str = "main") -> dict:
     quick = "quick" in options
     teacher = options.get("teacher") or TEACHER
     variants = families(quick)
-    if family not in variants:
-        raise ValueError(f"unknown family {family!r}; choose from {sorted(variants)}")
+    known = sorted([*variants, "binarybert"])
+    if family not in known:
+        raise ValueError(f"unknown family {family!r}; choose from {known}")
     train = {"batch_size": 32, "steps": 400, "examples": 12800, "warmup_ratio": 0.06}
     if quick:
         train = {"batch_size": 16, "steps": 2, "examples": 64}
@@ -131,12 +137,34 @@ def get_config(arg: str = "main") -> dict:
             **({"buckets": (128,)} if quick else {}),  # one compiled shape
         },
     }
-    return {
+    sweep = {
         "name": f"sst2_{family}",
         "recipe": {"task": "sst2", "stages": (stage,)},
-        "variants": variants[family],
+        "variants": variants.get(family, {}),
         "seeds": (0,) if quick else (0, 1, 2),
         "measure": "student",
         "reference": teacher,
         "latency": not quick,
+    }
+    return binarybert(sweep, variants["quantization"]) if family == "binarybert" else sweep
+
+
+def binarybert(sweep: dict, quantization: dict) -> dict:
+    """Two stages: the TernaryBERT variant of `quantization` as `student` (the same stage,
+    hash and directory), then `binary`, which splits it and trains binary halves."""
+    (stage,) = sweep["recipe"]["stages"]
+    change = quantization["qat_ternary_kd"]["w2a8"]["student"]
+    ternary = {**stage, "config": deep_merge(stage["config"], change)}
+    quantize = {"kernels": "scheme='binary'", "embeddings": "scheme='binary'", "binary_split": True}
+    binary = {
+        "name": "binary",
+        "kind": "finetune",
+        "config": deep_merge(ternary["config"], {"model": "@student", "quantize": quantize}),
+    }
+    return {
+        **sweep,
+        "recipe": {"task": "sst2", "stages": (ternary, binary)},
+        "variants": {"qat_binary_tws": {"w1a8_tws": {"binary": {}}}},
+        "seeded": ("student", "binary"),
+        "measure": "binary",
     }
