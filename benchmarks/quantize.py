@@ -69,6 +69,34 @@ def integer_row(workdir: Path, teacher: dict) -> dict:
     }
 
 
+def qat_rows(family: str, workdir: Path) -> list[dict]:
+    """The rows of one QAT sweep family of configs/ablations/sst2.py, run (or resumed) in
+    `workdir`: mean and std over seeds of each variant."""
+    config = sweep.load_sweep(f"configs/ablations/sst2.py:{family}")
+    runs = sweep.run_sweep(config, workdir)
+    if len(runs) < len(sweep.expand(config)):
+        raise SystemExit("the QAT sweep was interrupted; rerun to resume it")
+    written = report.write_report(
+        [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
+    )
+    return [
+        {
+            "name": f"{r['technique']} {r['strength']}",
+            "task": "sst2",
+            "metric": r["metric"],
+            "value": r["mean"],
+            "std": r["std"],
+            "seeds": len(r["seeds"]),
+            "relative": r["relative"],
+            "bytes": r["bytes"],
+            "bytes_no_embeddings": r["bytes_no_embeddings"],
+            "compression": 1 / r["size"],
+            "compression_no_embeddings": 1 / r["size_no_embeddings"],
+        }
+        for r in written["rows"]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -99,27 +127,8 @@ def main() -> None:
     rows.append(integer_row(workdir / "ptq", teacher))
     body = {"teacher": {"model": TEACHER, "task": "sst2", "metric": "accuracy", **teacher}}
     if args.qat:
-        config = sweep.load_sweep("configs/ablations/sst2.py:quantization")
-        runs = sweep.run_sweep(config, workdir / "qat")
-        if len(runs) < len(sweep.expand(config)):
-            raise SystemExit("the QAT sweep was interrupted; rerun to resume it")
-        written = report.write_report([workdir / "qat"], workdir / "qat" / "report", plots=False)
-        for r in written["rows"]:
-            rows.append(
-                {
-                    "name": f"{r['technique']} {r['strength']}",
-                    "task": "sst2",
-                    "metric": r["metric"],
-                    "value": r["mean"],
-                    "std": r["std"],
-                    "seeds": len(r["seeds"]),
-                    "relative": r["relative"],
-                    "bytes": r["bytes"],
-                    "bytes_no_embeddings": r["bytes_no_embeddings"],
-                    "compression": 1 / r["size"],
-                    "compression_no_embeddings": 1 / r["size_no_embeddings"],
-                }
-            )
+        for family in ("quantization", "binarybert"):  # binarybert reuses the ternary stages
+            rows += qat_rows(family, workdir / "qat")
     body.update(rows=rows, wall_s=time.perf_counter() - t0)
     write_result(REPO / "benchmarks/results/quantize.json", "quantize", body)
     for row in rows:

@@ -13,8 +13,11 @@ from jaxcompress.sweep import read_run_summary
 TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 
 
-def collect(directories: Sequence[str | Path], allow_mixed: bool = False) -> list[dict]:
-    """Every run summary under the given sweep (or `runs/`) directories.
+def collect(
+    directories: Sequence[str | Path], allow_mixed: bool = False, base: str | None = None
+) -> list[dict]:
+    """Every run summary under the given sweep (or `runs/`) directories; with `base`, only
+    the runs of that sweep base (`sweep.base_key`), for sweeps sharing one workdir.
 
     Runs of different base configs (recipe, reference, measured stage, overrides) do not
     belong in one table; that raises unless `allow_mixed`.
@@ -28,6 +31,11 @@ def collect(directories: Sequence[str | Path], allow_mixed: bool = False) -> lis
     if not files:
         raise FileNotFoundError(f"no run summaries (runs/*/summary.json) under {directories}")
     summaries = [read_run_summary(f) for f in files]
+    if base is not None:
+        kept = [(f, s) for f, s in zip(files, summaries, strict=True) if s["base"] == base]
+        if not kept:
+            raise FileNotFoundError(f"no run summaries of base {base} under {directories}")
+        files, summaries = [f for f, _ in kept], [s for _, s in kept]
     bases: dict[str, list[str]] = {}
     for f, s in zip(files, summaries, strict=True):
         bases.setdefault(s["base"], []).append(str(f.parent))
@@ -226,10 +234,11 @@ def write_report(
     out_prefix: str | Path,
     allow_mixed: bool = False,
     plots: bool = True,
+    base: str | None = None,
 ) -> dict:
-    """Writes `<prefix>.md`, `<prefix>.csv` and `<prefix>_<task>.png`; returns the rows,
-    references, table and written paths."""
-    summaries = collect(directories, allow_mixed)
+    """Writes `<prefix>.md`, `<prefix>.csv` and `<prefix>_<task>.png` (of the runs of
+    `base` only, if given); returns the rows, references, table and written paths."""
+    summaries = collect(directories, allow_mixed, base)
     rows = aggregate(summaries)
     references = reference_rows(summaries)
     markdown = table(rows, references)

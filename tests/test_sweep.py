@@ -279,6 +279,9 @@ def test_report_refuses_mixed_bases_and_other_formats(tmp_path):
     with pytest.raises(ValueError, match="2 different base configs"):
         report.collect([a, b])
     assert len(report.collect([a, b], allow_mixed=True)) == 2
+    assert [s["value"] for s in report.collect([a, b], base="two")] == [0.9]
+    with pytest.raises(FileNotFoundError, match="no run summaries of base three"):
+        report.collect([a, b], base="three")
     old = _write_runs(tmp_path / "old", [{**_summary("t", "big", 0, 0.8), "format": 0}])
     with pytest.raises(ValueError, match="sweep format 0; this jaxcompress reads format 1"):
         report.collect([old])
