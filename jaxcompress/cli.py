@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jaxcompress import checkpoint, data, objectives, recipes, report, sweep, train
+from jaxcompress import checkpoint, data, recipes, report, sweep, train
 from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import (
@@ -124,14 +124,14 @@ def cmd_export(args) -> int:
         raise SystemExit(f"{run} is not a run directory (no config.json)")
     config = config_from_json(json.loads((run / "config.json").read_text()))
     teacher, _ = train.load_teacher(config)  # its width decides the checkpoint's projections
-    bert_config, _, _, state = train.initial_state(
+    bert_config, _, _, state, pruning = train.initial_state(
         config, total_steps=1, teacher_config=None if teacher is None else teacher.config
     )
     restored = checkpoint.restore_latest(checkpoint.manager(run / "checkpoints"), state)
     if restored is None:
         raise SystemExit(f"no checkpoint in {run / 'checkpoints'}")
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
-    params = objectives.model_params(restored.params)
+    params = train.pruned_params(restored, pruning)
     out = save_pretrained(bert_config, params, args.out, tokenizer_dir=tokenizer_dir)
     print(f"exported step {int(restored.step)} of {run} to {out}")
     return 0

@@ -27,6 +27,8 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.dropout = 0.1  # hidden and attention dropout
+    c.layerdrop = 0.0  # LayerDrop: probability of skipping each layer in a training step
+    c.context_batches = 4  # train batches data-driven transforms measure (layer contributions)
     # Structure transforms applied to the loaded model, in order, e.g. ("low_rank(fraction=0.5)",)
     # (names and arguments: jaxcompress/transforms.py).
     c.transforms = ()
@@ -72,6 +74,24 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.quantize.mixed_group_size = 128
     c.quantize.hessian_samples = 16
     c.quantize.hessian_batches = 2
+
+    # Unstructured pruning during training (jaxcompress/prune.py); steps are fractions of the run.
+    c.prune = ml_collections.ConfigDict()
+    c.prune.method = ""  # "", "magnitude" (Zhu & Gupta) or "movement" (Sanh et al.)
+    c.prune.params = r"bert/encoder/.*/kernel"  # regex of the weights pruned (encoder dense)
+    c.prune.sparsity = 0.0  # final fraction pruned (magnitude; hard movement)
+    c.prune.initial_sparsity = 0.0
+    c.prune.begin = 0.0  # fraction of training where the schedule starts
+    c.prune.end = 0.0  # ... and reaches its final value; == begin: one-shot
+    c.prune.frequency = 10  # steps between mask updates
+    c.prune.scope = "layer"  # "layer" (each matrix alike) or "global" (one threshold)
+    c.prune.movement = "hard"  # "hard" (top-k scores) or "soft" (sigmoid(score) > threshold)
+    c.prune.threshold = 0.0  # soft movement: the final threshold on sigmoid(score)
+    c.prune.score_l1 = 0.0  # soft movement: weight of the mean sigmoid(score) penalty
+    c.prune.score_init = 0.0  # movement scores' initial value
+    # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
+    # `model` the weights to rewind to); excludes `method`.
+    c.prune.masks_from = ""
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxcompress.models.bert import (
@@ -13,32 +15,131 @@ from jaxcompress.models.bert import (
     HIDDEN,
     MLP,
     QKV,
+    Bert,
     BertConfig,
     init_params,
     param_logical_axes,
     unshare_layers,
 )
 
-LAYER_STRATEGIES = ("every_other", "uniform", "first", "top")
+# "drop_top" ... "contribution" are Sajjad et al.'s (Poor Man's BERT) dropping strategies;
+# "layerdrop" is Fan et al.'s every-other pruning of a LayerDrop-trained model.
+LAYER_STRATEGIES = (
+    "every_other",
+    "uniform",
+    "first",
+    "top",
+    "drop_top",
+    "drop_bottom",
+    "alternate",
+    "symmetric",
+    "contribution",
+    "layerdrop",
+)
 
 _LAYER = "bert/encoder/layer/"
 
 
-def select_layers(num_layers: int, keep: int, strategy: str = "every_other") -> tuple[int, ...]:
-    """The teacher layers (0-based) a `keep`-layer student starts from.
+def _alternate(num_layers: int, keep: int) -> tuple[int, ...]:
+    """Drop every other layer starting from the top, again on what is left if that is not
+    enough (6 -> 3 drops 5, 3, 1; 6 -> 2 then also drops 4)."""
+    kept = list(range(num_layers))
+    while len(kept) > keep:
+        dropped = set(kept[::-1][::2][: len(kept) - keep])
+        kept = [i for i in kept if i not in dropped]
+    return tuple(kept)
+
+
+def select_layers(
+    num_layers: int,
+    keep: int,
+    strategy: str = "every_other",
+    contributions: Sequence[float] | None = None,
+) -> tuple[int, ...]:
+    """The teacher layers (0-based, increasing) a `keep`-layer student starts from.
 
     "every_other" / "uniform": evenly spaced, ending at the last layer (6 -> 3 keeps 1, 3, 5);
-    "first": the bottom `keep` layers; "top": the last `keep` layers.
+    "first" / "drop_top": the bottom `keep` layers; "top" / "drop_bottom": the last `keep`;
+    "alternate": drop every other layer from the top down (6 -> 3 keeps 0, 2, 4; 12 -> 6
+    keeps 0, 2, ..., 10); "symmetric": drop from the middle, keeping the bottom
+    ceil(keep / 2) and the top floor(keep / 2) (6 -> 3 keeps 0, 1, 5);
+    "contribution": the `keep` layers with the largest `contributions` (see
+    `layer_contributions`; ties keep the lower layer); "layerdrop": evenly spaced from the
+    bottom, layer floor(j * num_layers / keep) for j < keep, which is Fan et al.'s rule
+    "drop depth d (1-based) when d = 0 mod k" whenever num_layers / (num_layers - keep) is an
+    integer k (12 -> 8 keeps 0, 1, 3, 4, 6, 7, 9, 10; 6 -> 3 keeps 0, 2, 4).
     """
     if strategy not in LAYER_STRATEGIES:
         raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {strategy!r}")
     if not 1 <= keep <= num_layers:
         raise ValueError(f"keep must be in 1..{num_layers}, got {keep}")
-    if strategy == "first":
+    if (strategy == "contribution") != (contributions is not None):
+        raise ValueError("contributions are needed by, and only by, strategy='contribution'")
+    if strategy in ("first", "drop_top"):
         return tuple(range(keep))
-    if strategy == "top":
+    if strategy in ("top", "drop_bottom"):
         return tuple(range(num_layers - keep, num_layers))
+    if strategy == "alternate":
+        return _alternate(num_layers, keep)
+    if strategy == "symmetric":
+        bottom = (keep + 1) // 2
+        return tuple(range(bottom)) + tuple(range(num_layers - (keep - bottom), num_layers))
+    if strategy == "contribution":
+        scores = np.asarray(contributions, np.float64)
+        if scores.shape != (num_layers,):
+            raise ValueError(f"contributions has shape {scores.shape}, expected ({num_layers},)")
+        return tuple(sorted(int(i) for i in np.argsort(-scores, kind="stable")[:keep]))
+    if strategy == "layerdrop":
+        return tuple(j * num_layers // keep for j in range(keep))
     return tuple((j + 1) * num_layers // keep - 1 for j in range(keep))
+
+
+def layer_hidden_states(
+    config: BertConfig, params: dict, batches: Iterable[dict]
+) -> list[tuple[tuple[np.ndarray, ...], np.ndarray]]:
+    """Per batch (dicts of input_ids, attention_mask, token_type_ids): the evaluation-mode
+    hidden states (embeddings output, then each layer's, each B x L x H) and the B x L
+    attention mask; the input `layer_contributions` and strategy="contribution" need."""
+    out = []
+    for batch in batches:
+        mask = batch["attention_mask"]
+        states = _hidden_states(config, params, batch["input_ids"], mask, batch["token_type_ids"])
+        out.append((tuple(np.asarray(h) for h in states), np.asarray(mask)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden_states(config: BertConfig, params: dict, ids, mask, types) -> tuple[jax.Array, ...]:
+    out = Bert(config).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+    return out.hidden_states
+
+
+def layer_contributions(
+    hidden_states: Sequence[Sequence[np.ndarray]], masks: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Per layer, 1 - the cosine similarity of its output to its input, averaged over the
+    real tokens (mask > 0) of every batch: near 0 for a layer that changes little.
+
+    `hidden_states[b]` is batch b's (embeddings, layer 1, ..., layer N) outputs, each
+    B x L x H; `masks[b]` its B x L attention mask. Returns float64 of shape (N,).
+    """
+    if not masks or len(hidden_states) != len(masks):
+        raise ValueError(
+            f"need one mask per batch and at least one batch, got {len(hidden_states)} "
+            f"hidden-state tuples and {len(masks)} masks"
+        )
+    total, tokens = None, 0
+    for states, mask in zip(hidden_states, masks, strict=True):
+        h = np.stack([np.asarray(s, np.float64) for s in states])  # (N + 1, B, L, H)
+        real = np.asarray(mask) > 0
+        x, y = h[:-1][:, real], h[1:][:, real]  # (N, T, H) inputs and outputs of each layer
+        norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
+        cosine = np.sum(x * y, -1) / np.maximum(norms, np.finfo(np.float64).tiny)
+        total = cosine.sum(-1) if total is None else total + cosine.sum(-1)
+        tokens += int(real.sum())
+    if tokens == 0:
+        raise ValueError("the masks select no real token")
+    return 1.0 - total / tokens
 
 
 def _renumber_low_rank(config: BertConfig, layers: Sequence[int]) -> tuple[tuple[str, int], ...]:
@@ -81,6 +182,12 @@ def keep_layers(config: BertConfig, params: dict, layers: Sequence[int]) -> tupl
         low_rank=low_rank,
     )
     return student, unflatten_dict(out, sep="/")
+
+
+def layerdrop_subnetwork(config: BertConfig, params: dict, keep: int) -> tuple[BertConfig, dict]:
+    """The `keep`-layer sub-network of a LayerDrop-trained model, by Fan et al.'s every-other
+    rule (`select_layers(..., "layerdrop")`); used as is, without fine-tuning."""
+    return keep_layers(config, params, select_layers(config.num_hidden_layers, keep, "layerdrop"))
 
 
 def _fresh(config: BertConfig, like: dict, seed: int) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -25,8 +26,12 @@ from jaxcompress import (
     data,
     hessian,
     metrics,
+    prune,
     qat,
     quant_pack,
+    sparse,
+    structured,
+    student,
     transforms,
 )
 from jaxcompress.config import glue_dir
@@ -54,6 +59,7 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw key data (uint32); the step's dropout key is fold_in(key, step)
+    prune: Any = ()  # a prune.PruneState when the run prunes
 
 
 def new_rng(seed: int, impl: str = "rbg") -> jax.Array:
@@ -92,22 +98,53 @@ def make_optimizer(
     )
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng_impl: str = "rbg"):
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    rng_impl: str = "rbg",
+    pruning: core.Reparam | None = None,
+    prune_config: ml_collections.ConfigDict | None = None,
+):
     """A jitted `(state, batch, teacher_params) -> (state, metrics)` that donates the state.
 
     `rng_impl` is the PRNG of `state.rng`: "rbg" (XLA's RngBitGenerator) makes dropout masks
     several times cheaper on CPU than the default threefry; both are deterministic.
+    With `pruning`, the loss sees `pruning.apply(params, state.prune)`, `tx` (wrapped by
+    `prune.keep_pruned_zero`) gets the masks, and masks are updated after the step.
     """
+    score_l1 = prune_config.score_l1 if prune_config is not None else 0.0
+    zero_stored = prune_config is not None and prune_config.method != "movement"
 
     def step(state: TrainState, batch: Batch, teacher_params=None):
         key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
         rng = jax.random.fold_in(key, state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, aux), grads = grad_fn(state.params, batch, rng, teacher_params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+        if pruning is None:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, aux), grads = grad_fn(state.params, batch, rng, teacher_params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        else:
+
+            def pruned_loss(params):
+                loss, aux = loss_fn(pruning.apply(params, state.prune), batch, rng, teacher_params)
+                if score_l1:
+                    aux = {**aux, "score_penalty": prune.movement_penalty(params)}
+                    loss = loss + score_l1 * aux["score_penalty"]
+                return loss, aux
+
+            (loss, aux), grads = jax.value_and_grad(pruned_loss, has_aux=True)(state.params)
+            masks = state.prune.masks
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=masks)
+            params = optax.apply_updates(state.params, updates)
+            prune_state = pruning.update(params, state.prune, state.step + 1)
+            if zero_stored:  # magnitude pruning: a pruned weight is zero in storage too
+                params = prune.zero_pruned(params, prune_state.masks)
+            new = state.replace(
+                step=state.step + 1, params=params, opt_state=opt_state, prune=prune_state
+            )
+            aux = {**aux, "sparsity": prune_state.target}
+        norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(new.params)}
         return new, {"loss": loss, **norms, **aux}
 
     return jax.jit(step, donate_argnums=0)
@@ -222,17 +259,43 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
         dtype=config.dtype,
         hidden_dropout_prob=config.dropout,
         attention_probs_dropout_prob=config.dropout,
+        layerdrop=config.layerdrop,
     )
     return transforms.from_specs(config.transforms, transform_context(config))(bert_config, params)
 
 
 def transform_context(config: ml_collections.ConfigDict) -> transforms.TransformContext:
-    """Lazily computed task data a transform may ask for (token counts of the train split)."""
+    """Lazily computed task data a transform may ask for: token counts of the train split;
+    hidden states and task-loss gradients on its first `context_batches` batches."""
+
+    @functools.cache
+    def split() -> data.TokenizedSplit:
+        return load_train_split(config, load_tokenizer(config))
+
+    @functools.cache
+    def batches() -> tuple[Batch, ...]:
+        size, n = config.eval.batch_size, len(split())
+        starts = range(0, min(n, size * config.context_batches), size)
+        return tuple(
+            data.make_batch(split(), np.arange(i, min(i + size, n)), config.buckets) for i in starts
+        )
 
     def token_counts(vocab_size: int) -> np.ndarray:
-        return data.token_counts(load_train_split(config, load_tokenizer(config)), vocab_size)
+        return data.token_counts(split(), vocab_size)
 
-    return transforms.TransformContext(token_counts=token_counts)
+    def hidden_states(bert_config: BertConfig, params: dict):
+        return student.layer_hidden_states(bert_config, params, batches())
+
+    @functools.cache
+    def gradient_fn() -> structured.GradientFn:  # compiled once per model shape
+        return structured.task_gradient_fn(batches())
+
+    def gradients(bert_config: BertConfig, params: dict):
+        return gradient_fn()(bert_config, params)
+
+    return transforms.TransformContext(
+        token_counts=token_counts, hidden_states=hidden_states, gradients=gradients
+    )
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple[None, None]:
@@ -246,8 +309,8 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple
 
 def initial_state(
     config: ml_collections.ConfigDict, total_steps: int, teacher_config: BertConfig | None = None
-) -> tuple[BertConfig, Bert, optax.GradientTransformation, TrainState]:
-    """The model, optimizer and step-0 train state of a fine-tuning config.
+) -> tuple[BertConfig, Bert, optax.GradientTransformation, TrainState, core.Reparam | None]:
+    """The model, optimizer, step-0 train state and pruning (or None) of a fine-tuning config.
 
     With a teacher, the trainable tree also holds the objective's projections (if any).
     """
@@ -259,19 +322,46 @@ def initial_state(
         if rules is None:
             raise ValueError("quantize.binary_split needs binary quantize.kernels or rules")
         params = qat.add_binary_split(params, rules)
+    pruning = pruning_of(config, total_steps)
+    if pruning is not None and config.prune.method == "movement":
+        params = prune.add_movement_scores(
+            params, prune.rules_from_config(config.prune), config.prune.score_init
+        )
     if teacher_config is not None:
         objective = Objective.from_config(config.distill)
         projections = init_distill_params(objective, bert_config, teacher_config)
         if projections:
             params = {**params, DISTILL_PARAMS: projections}
     tx = make_optimizer(config.train, total_steps)
+    prune_state = ()
+    if pruning is not None:
+        tx = prune.keep_pruned_zero(tx)
+        prune_state = pruning.init(params)
+        if config.prune.method != "movement":
+            params = prune.zero_pruned(params, prune_state.masks)
     state = TrainState(
         step=jnp.array(0, jnp.int32),
         params=params,
         opt_state=tx.init(params),
         rng=new_rng(config.seed, config.rng_impl),
+        prune=prune_state,
     )
-    return bert_config, Bert(bert_config), tx, state
+    return bert_config, Bert(bert_config), tx, state, pruning
+
+
+def pruning_of(config: ml_collections.ConfigDict, total_steps: int) -> core.Reparam | None:
+    """The pruning reparameterization of `config.prune` (fixed masks loaded here)."""
+    masks = None
+    if config.prune.masks_from:
+        _, pruned = load_any(config.prune.masks_from)
+        masks = prune.masks_from_zeros(pruned, prune.rules_from_config(config.prune))
+    return prune.from_config(config.prune, total_steps, masks)
+
+
+def pruned_params(state: TrainState, pruning: core.Reparam | None) -> dict:
+    """The model's parameters as the forward pass sees them (pruned weights zero)."""
+    params = state.params if pruning is None else pruning.apply(state.params, state.prune)
+    return model_params(params)
 
 
 def quantize_model(
@@ -363,10 +453,11 @@ def train(
             f"{len(train_split)} train examples < batch size {config.train.batch_size}"
         )
     teacher, teacher_params = load_teacher(config)
-    bert_config, model, tx, state = initial_state(
+    bert_config, model, tx, state, pruning = initial_state(
         config, steps, None if teacher is None else teacher.config
     )
-    model = quantize_model(config, model, state.params, train_split)
+    seen = state.params if pruning is None else pruning.apply(state.params, state.prune)
+    model = quantize_model(config, model, seen, train_split)
     objective = Objective.from_config(config.distill)
     loss_fn = make_loss(model, objective, teacher)
     teacher_logits = None
@@ -388,7 +479,9 @@ def train(
     if restored is not None:
         state = restored
         log.info("resumed from step %d", int(state.step))
-    train_step = make_train_step(loss_fn, tx, config.rng_impl)
+    train_step = make_train_step(
+        loss_fn, tx, config.rng_impl, pruning, config.prune if pruning else None
+    )
     eval_step = make_eval_step(model)
 
     def evaluate_all(params) -> dict[str, dict[str, float]]:
@@ -442,7 +535,7 @@ def train(
                 log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, loss, rate)
             window, window_t, window_tokens = [], now, 0
         if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
-            run.log(step=done, eval=evaluate_all(model_params(state.params)))
+            run.log(step=done, eval=evaluate_all(pruned_params(state, pruning)))
         if done % config.checkpoint_every == 0 or done == last:
             window += check_finite(unchecked, done, mngr)
             unchecked = []
@@ -455,11 +548,18 @@ def train(
         )
         return {"stopped_at": int(state.step), "steps": steps}
 
-    params = model_params(state.params)
+    params = pruned_params(state, pruning)
     results = evaluate_all(params)
     run.log(step=steps, eval=results)
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
     size = artefact.saved_bytes(params)
+    pruned = {}
+    if pruning is not None:
+        rules = prune.rules_from_config(config.prune)
+        pruned = {"sparsity": prune.sparsity(params, rules)}
+        if not isinstance(model, QuantizedModel):  # a quantized artefact is the smaller one
+            sparse.save(run.path / "sparse" / "params.safetensors", params, rules)
+            size = sparse.sparse_bytes(params, rules)
     if isinstance(model, QuantizedModel):
         size = save_quantized(config, model, params, run.path / "quantized", tokenizer_dir)
         params = model.quantized_params(params)  # what the model computes with, LSQ steps gone
@@ -483,6 +583,7 @@ def train(
         "padded_tokens_this_run": padded_tokens,
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "params": artefact.count_params(params),
+        **pruned,
         **size,
         "model_dir": str(model_dir),
     }

@@ -6,12 +6,12 @@ import ast
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxcompress import factorize, share, student
+from jaxcompress import factorize, share, structured, student
 from jaxcompress.core import StructureTransform, compose
 from jaxcompress.models.bert import BertConfig
 
@@ -28,6 +28,15 @@ class TransformContext:
     """What a transform may need beyond (config, params), supplied lazily by the caller."""
 
     token_counts: Callable[[int], np.ndarray] | None = None  # vocab size -> train token counts
+    # (config, params) of the model being transformed -> per train batch, the pair
+    # (hidden states: embeddings output then each of the config's layers, each B x L x H,
+    # evaluation mode; B x L attention mask), e.g. `student.layer_hidden_states`.
+    hidden_states: (
+        Callable[[BertConfig, dict], Sequence[tuple[Sequence[np.ndarray], np.ndarray]]] | None
+    ) = None
+    # (config, params) -> per train batch, the gradient tree of the task loss (dropout off),
+    # e.g. `structured.task_gradient_fn(batches)`: what head and neuron importance read.
+    gradients: structured.GradientFn | None = None
 
 
 def _group_map(groups: str | tuple | list, num_layers: int) -> tuple[int, ...]:
@@ -93,18 +102,35 @@ def low_rank(
 
 
 def keep_layers(
-    keep: int | None = None, strategy: str = "every_other", layers: tuple | list | None = None
+    keep: int | None = None,
+    strategy: str = "every_other",
+    layers: tuple | list | None = None,
+    *,
+    context: TransformContext | None = None,
 ) -> StructureTransform:
-    """A shallower student: `keep` teacher layers chosen by `strategy`, or the given `layers`."""
+    """A shallower student: `keep` teacher layers chosen by `strategy`, or the given `layers`;
+    `contribution` measures each layer on the context's hidden states of training batches."""
     if (keep is None) == (layers is None):
         raise ValueError("keep_layers needs exactly one of keep or layers")
     if strategy not in student.LAYER_STRATEGIES:
         raise ValueError(f"strategy must be one of {student.LAYER_STRATEGIES}, got {strategy!r}")
+    contribution = strategy == "contribution" and layers is None
+    if contribution and (context is None or context.hidden_states is None):
+        raise ValueError(
+            "strategy='contribution' needs the hidden states of training batches from the "
+            "caller (TransformContext.hidden_states)"
+        )
 
     def transform(config: BertConfig, params: dict):
         chosen = layers
         if chosen is None:
-            chosen = student.select_layers(config.num_hidden_layers, keep, strategy)
+            scores = None
+            if contribution:
+                batches = context.hidden_states(config, params)
+                scores = student.layer_contributions(
+                    [s for s, _ in batches], [m for _, m in batches]
+                )
+            chosen = student.select_layers(config.num_hidden_layers, keep, strategy, scores)
         return student.keep_layers(config, params, chosen)
 
     return transform
@@ -135,6 +161,43 @@ def reinitialize(seed: int = 0) -> StructureTransform:
     return functools.partial(student.reinitialize, seed=seed)
 
 
+def _gradients(context: TransformContext | None, name: str) -> structured.GradientFn:
+    if context is None or context.gradients is None:
+        raise ValueError(f"{name} needs task-loss gradients from the caller (context.gradients)")
+    return context.gradients
+
+
+def prune_heads(
+    fraction: float,
+    scope: str = "global",
+    steps: int = 1,
+    min_per_layer: int = 0,
+    *,
+    context: TransformContext | None = None,
+) -> StructureTransform:
+    """Remove `fraction` of the attention heads, least important first (Michel et al.:
+    |dL/d gate| on training batches), in `steps` rounds; the model physically shrinks."""
+    gradients = _gradients(context, "prune_heads")
+    return structured.prune_heads(
+        fraction, scope, steps, gradient_fn=gradients, min_per_layer=min_per_layer
+    )
+
+
+def prune_ffn(
+    fraction: float,
+    scope: str = "global",
+    steps: int = 1,
+    min_per_layer: int = 0,
+    *,
+    context: TransformContext | None = None,
+) -> StructureTransform:
+    """Remove `fraction` of the FFN neurons, least important first (gate gradients)."""
+    gradients = _gradients(context, "prune_ffn")
+    return structured.prune_ffn(
+        fraction, scope, steps, gradient_fn=gradients, min_per_layer=min_per_layer
+    )
+
+
 REGISTRY: dict[str, Callable[..., StructureTransform]] = {
     "share_layers": share_layers,
     "factorize_embeddings": factorize_embeddings,
@@ -142,6 +205,8 @@ REGISTRY: dict[str, Callable[..., StructureTransform]] = {
     "keep_layers": keep_layers,
     "shrink_width": shrink_width,
     "reinitialize": reinitialize,
+    "prune_heads": prune_heads,
+    "prune_ffn": prune_ffn,
 }
 
 

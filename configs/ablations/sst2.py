@@ -90,7 +90,10 @@ def families(quick: bool) -> dict[str, dict]:
             },
         },
         "quantization": {
-            "qat_w8a8": {"q8bert": quantized("bits=8", "bits=8,granularity='tensor'", 8)},
+            # From the fine-tuned teacher, 8 bits needs only a gentle recovery: at lr 5e-5 the
+            # fine-tune itself moved seed 0 to 0.8807 (0.990); Q8BERT's own runs start
+            # from the pre-trained model instead.
+            "qat_w8a8": {"q8bert": quantized("bits=8", "bits=8,granularity='tensor'", 8, lr=1e-5)},
             "qat_weights": {
                 "w4_group": quantized(f"bits=4,granularity='group',group_size={group}", "bits=8"),
                 "w3_group": quantized(f"bits=3,granularity='group',group_size={group}", "bits=8"),

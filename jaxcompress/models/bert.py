@@ -72,6 +72,9 @@ class BertConfig:
     # Low-rank dense layers: (module path, rank), e.g. ("bert/encoder/layer/0/output/dense", 96).
     low_rank: tuple[tuple[str, int], ...] = ()
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # LayerDrop (Fan et al. 2019): in training, each layer is skipped for the whole batch with
+    # this probability (the 'dropout' rng); evaluation runs every layer. Not a shape.
+    layerdrop: float = 0.0
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
@@ -83,6 +86,8 @@ class BertConfig:
                 if len(getattr(self, name)) != n:
                     raise ValueError(f"BertConfig.{name} has {len(value)} entries, expected {n}")
         object.__setattr__(self, "low_rank", tuple((str(p), int(r)) for p, r in self.low_rank))
+        if not 0.0 <= self.layerdrop < 1.0:
+            raise ValueError(f"BertConfig.layerdrop={self.layerdrop}; expected 0 <= p < 1")
         if self.dtype not in _DTYPES:
             raise ValueError(f"BertConfig.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
         if self.head_size is None and self.hidden_size % self.num_attention_heads:
@@ -312,11 +317,20 @@ class Intermediate(nn.Module):
         return activation(self.config.hidden_act)(h)
 
 
+def _layerdrop(skip: jax.Array | None, x: jax.Array, y: jax.Array, probs: jax.Array):
+    """The layer's output `y` and attentions, or, where `skip` is true, its input `x`
+    unchanged and attentions that pass no gradient back: a skipped layer gets no gradient."""
+    if skip is None:
+        return y, probs
+    return jnp.where(skip, x, y), jnp.where(skip, jax.lax.stop_gradient(probs), probs)
+
+
 class Layer(nn.Module):
     """One encoder layer: `attend` and `feed_forward` can be called on different instances,
     which is how attention-only or FFN-only sharing reuses one group's half of a layer.
 
-    Returns `(x, (x, probs))` so that `nn.scan` can stack hidden states and attentions.
+    Returns `(x, (x, probs))` so that `nn.scan` can stack hidden states and attentions;
+    a true `skip` (LayerDrop) makes the layer the identity.
     """
 
     config: BertConfig
@@ -336,9 +350,9 @@ class Layer(nn.Module):
     def feed_forward(self, x):
         return self.output(self.intermediate(x), x, self.deterministic)
 
-    def __call__(self, x, bias):
-        x, probs = self.attend(x, bias)
-        x = self.feed_forward(x)
+    def __call__(self, x, bias, skip=None):
+        y, probs = self.attend(x, bias)
+        x, probs = _layerdrop(skip, x, self.feed_forward(y), probs)
         return x, (x, probs)
 
 
@@ -361,6 +375,9 @@ class LayerStack(nn.Module):
     When whole layers are shared in contiguous runs (all layers one group, or every k
     consecutive layers a group), each run is an `nn.scan` over one set of parameters, so jit
     compiles the layer once per group instead of once per layer.
+
+    LayerDrop draws one skip flag per layer from the 'dropout' rng when not deterministic;
+    a skipped layer is computed and then discarded (`jnp.where`), so it saves no time.
     """
 
     config: BertConfig
@@ -373,7 +390,11 @@ class LayerStack(nn.Module):
         ffn_groups = [cfg.ffn_group(i) for i in range(n)]
         runs = _consecutive_runs(attention_groups) if attention_groups == ffn_groups else None
         hidden_states, attentions = [x], []
+        skips_N = None
+        if not self.deterministic and cfg.layerdrop > 0:
+            skips_N = jax.random.bernoulli(self.make_rng("dropout"), cfg.layerdrop, (n,))
         if runs is not None and any(repeats > 1 for _, repeats in runs):
+            start = 0
             for group, repeats in runs:
                 layer = attention_groups.index(group)
                 sizes = (cfg.layer_heads(layer), cfg.layer_intermediate(layer))
@@ -382,10 +403,12 @@ class LayerStack(nn.Module):
                     variable_broadcast="params",
                     variable_axes={"intermediates": 0},
                     split_rngs={"params": False, "dropout": True},
-                    in_axes=nn.broadcast,
+                    in_axes=nn.broadcast if skips_N is None else (nn.broadcast, 0),
                     length=repeats,
                 )
-                x, (xs, probs) = scanned(cfg, *sizes, self.deterministic, name=str(group))(x, bias)
+                args = (bias,) if skips_N is None else (bias, skips_N[start : start + repeats])
+                x, (xs, probs) = scanned(cfg, *sizes, self.deterministic, name=str(group))(x, *args)
+                start += repeats
                 hidden_states += list(xs)
                 attentions += list(probs)
             return x, tuple(hidden_states), tuple(attentions)
@@ -406,8 +429,9 @@ class LayerStack(nn.Module):
             return modules[group]
 
         for i in range(n):
-            x, probs = module(attention_groups[i], i).attend(x, bias)
-            x = module(ffn_groups[i], i).feed_forward(x)
+            y, probs = module(attention_groups[i], i).attend(x, bias)
+            y = module(ffn_groups[i], i).feed_forward(y)
+            x, probs = _layerdrop(None if skips_N is None else skips_N[i], x, y, probs)
             hidden_states.append(x)
             attentions.append(probs)
         return x, tuple(hidden_states), tuple(attentions)

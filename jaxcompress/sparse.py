@@ -1,0 +1,83 @@
+"""Unstructured-sparse artefacts: a bitmask and the kept values per pruned weight, in safetensors.
+
+A weight the rules select is stored as `path:bitmask` (one bit per entry, np.packbits
+order) and `path:values` (its nonzeros in row-major order, in the weight's dtype); other
+leaves are stored as they are. At sparsity s a float32 weight costs 1/32 + (1 - s) of its
+dense bytes. Loading rebuilds the exact dense tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax.traverse_util import unflatten_dict
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxcompress import core
+from jaxcompress.quant_pack import Packed, file_bytes
+
+META_KEY = "jaxcompress.sparse"
+FORMAT = 1
+BITMASK, VALUES = ":bitmask", ":values"
+
+
+def pack(params: core.Params, rules: core.Rules) -> Packed:
+    """Bitmask and nonzero values of every weight `rules` select; other leaves as they are."""
+    selected = core.match_rules(params, rules, name="sparse")
+    tensors: dict[str, np.ndarray] = {}
+    meta: dict = {"format": FORMAT, "sparse": {}, "float": []}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path, x = core.path_str(key_path), np.asarray(leaf)
+        if path not in selected:
+            tensors[path] = x
+            meta["float"].append(path)
+            continue
+        nonzero = x.reshape(-1) != 0
+        tensors[path + BITMASK] = np.packbits(nonzero)
+        tensors[path + VALUES] = x.reshape(-1)[nonzero]
+        meta["sparse"][path] = {"shape": list(x.shape), "dtype": str(x.dtype)}
+    return Packed(tensors, meta)
+
+
+def unpack(packed: Packed) -> dict:
+    """The dense params of a packed tree."""
+    tensors, meta = packed
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"unknown sparse artefact format {meta.get('format')!r}")
+    flat = {path: tensors[path] for path in meta["float"]}
+    for path, info in meta["sparse"].items():
+        size = int(np.prod(info["shape"]))
+        nonzero = np.unpackbits(tensors[path + BITMASK], count=size).astype(bool)
+        dense = np.zeros(size, info["dtype"])
+        dense[nonzero] = tensors[path + VALUES]
+        flat[path] = dense.reshape(info["shape"])
+    return unflatten_dict(flat, sep="/")
+
+
+def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
+    """Write the sparse artefact to one safetensors file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors, meta = pack(params, rules)
+    save_file(tensors, target, metadata={META_KEY: json.dumps(meta)})
+    return target
+
+
+def load(path: str | os.PathLike) -> dict:
+    """The dense params of a file written by `save`."""
+    with safe_open(Path(path), framework="np") as f:
+        metadata = f.metadata() or {}
+        if META_KEY not in metadata:
+            raise ValueError(f"{path} is not a sparse artefact (no {META_KEY} metadata)")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return unpack(Packed(tensors, json.loads(metadata[META_KEY])))
+
+
+def sparse_bytes(params: core.Params, rules: core.Rules) -> dict[str, int]:
+    """Bytes of the sparse file, with and without the embedding tables (written to measure)."""
+    return file_bytes(*pack(params, rules), entries="sparse", meta_key=META_KEY)
