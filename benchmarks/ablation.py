@@ -3,7 +3,8 @@
   JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
     python benchmarks/ablation.py configs/ablations/sst2.py:main --workdir runs/ablation_sst2
 
-Resumable (finished runs are reused). Writes benchmarks/results/ablation_<family>.json with
+Resumable (finished runs are reused). Writes benchmarks/results/ablation_<family>_sst2.json
+(or `--name`.json; the pruning issue's table is `--name prune`) with
 one row per variant (mean and std over seeds), plus .md, .csv and one PNG per task.
 """
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", help="path/to/sweep.py[:arg]")
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--name", help="result name (default: ablation_<family>_sst2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -32,7 +34,7 @@ def main() -> None:
     summaries = sweep.run_sweep(config, args.workdir)
     if len(summaries) < len(sweep.expand(config)):
         raise SystemExit("the sweep was interrupted; rerun the same command to resume it")
-    name = f"ablation_{config['name'].removeprefix('sst2_')}_sst2"
+    name = args.name or f"ablation_{config['name'].removeprefix('sst2_')}_sst2"
     prefix = REPO / "benchmarks" / "results" / name
     written = report.write_report([args.workdir], prefix)
     first = summaries[0]

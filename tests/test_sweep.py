@@ -8,13 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import ml_collections
-import numpy as np
 import pytest
 
-from jaxcompress import artefact, qat, report, sweep, train, transforms
+from jaxcompress import artefact, prune, qat, recipes, report, sweep, train, transforms
 from jaxcompress import config as config_module
-from jaxcompress.config import finetune_defaults, merge
 
 from .helpers import save_tiny_model
 
@@ -297,7 +294,16 @@ def test_pareto_front():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family",
-    ["decomposition", "sharing", "distillation", "combined", "quantization", "binarybert", "main"],
+    [
+        "decomposition",
+        "sharing",
+        "distillation",
+        "combined",
+        "quantization",
+        "binarybert",
+        "pruning",
+        "main",
+    ],
 )
 def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monkeypatch):
     """Every variant's transforms (or quantization rules) apply to a tiny model; the first
@@ -306,16 +312,18 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
     teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_hidden_layers=4, num_labels=2)
     config = sweep.load_sweep(f"{REPO}/configs/ablations/sst2.py:{family},quick,teacher={teacher}")
     model = train.load_any(str(teacher))
-    context = transforms.TransformContext(token_counts=lambda vocab: np.ones(vocab))
     for strengths in config["variants"].values():
         for changes in strengths.values():
             if "student" not in changes:  # binarybert: its stages are fixed in the recipe
                 continue
-            specs = changes["student"]["transforms"]
-            bert_config, params = transforms.from_specs(specs, context)(*model)
-            if "quantize" in changes["student"]:
-                quantize = ml_collections.ConfigDict(changes["student"]["quantize"])
-                assert qat.rules_from_config(merge(finetune_defaults().quantize, quantize))
+            recipe = sweep.apply_variant(config["recipe"], changes, seed=0, seeded=())
+            stage = recipes.merged_stage_config(recipe, recipe["stages"][0])
+            context = train.transform_context(stage)
+            bert_config, params = transforms.from_specs(stage.transforms, context)(*model)
+            if qat.rules_from_config(stage.quantize):
+                continue
+            if stage.prune.method:  # unstructured: same shapes, zeros come in training
+                assert prune.from_config(stage.prune, total_steps=10) is not None
             else:
                 assert artefact.count_params(params) < artefact.count_params(model[1])
     technique, strengths = next(iter(config["variants"].items()))

@@ -13,7 +13,10 @@ precision at 3 bits on average; TernaryBERT's ternary weights and
 8-bit activations with layer distillation; binary weights), `binarybert` (BinaryBERT: the
 TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
 weight splitting into binary halves and trained on as binary weights, embeddings too, with
-8-bit activations and layer distillation), and `main` (the committed
+8-bit activations and layer distillation), `pruning` (magnitude pruning to 50% and 90%
+sparsity, movement pruning to 10% remaining, 50% of heads by Michel et al.'s importance, 50%
+of FFN neurons, 6 -> 3 layers by four of Poor Man's BERT's strategies, and heads + FFN +
+layers combined; all distilled from the teacher), and `main` (the committed
 comparison: factorized embeddings,
 low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
 or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
@@ -41,8 +44,26 @@ def families(quick: bool) -> dict[str, dict]:
     def factorize(e: int) -> str:
         return f"factorize_embeddings(embedding_size={e}, init='frequency_svd')"
 
-    def keep(n: int) -> str:
-        return f"keep_layers(keep={n}, strategy='every_other')"
+    def keep(n: int, strategy: str = "every_other") -> str:
+        return f"keep_layers(keep={n}, strategy='{strategy}')"
+
+    def heads(fraction: float) -> str:  # Michel et al.: iterative, 5 rounds, global
+        return f"prune_heads(fraction={fraction}, steps=5)"
+
+    def neurons(fraction: float) -> str:
+        return f"prune_ffn(fraction={fraction}, scope='layer')"
+
+    def pruned(method: str, sparsity: float, begin=0.0, end=0.5, lr=5e-5) -> dict:
+        """Unstructured pruning of the encoder's dense kernels during distillation."""
+        variant = student((), lr)
+        variant["student"]["prune"] = {
+            "method": method,
+            "sparsity": sparsity,
+            "begin": begin,
+            "end": end,
+            "frequency": 2 if quick else 10,
+        }
+        return variant
 
     ffn = "low_rank(target='ffn', fraction={})".format
     group = 8 if quick else 128  # rows per scale group (Q-BERT's group-wise quantization)
@@ -103,6 +124,20 @@ def families(quick: bool) -> dict[str, dict]:
                 "w2a8": quantized("scheme='ternary'", "scheme='ternary'", 8, lr=1e-4, **layers)
             },
             "qat_binary_kd": {"w1a8": quantized("scheme='binary'", "bits=8", 8, lr=1e-4, **layers)},
+        },
+        "pruning": {
+            "magnitude_kd": {
+                "s50": pruned("magnitude", 0.5, end=0.5),
+                "s90": pruned("magnitude", 0.9, end=0.7, lr=1e-4),
+            },
+            "movement_kd": {"r10": pruned("movement", 0.9, begin=0.1, end=0.7, lr=1e-4)},
+            "heads_kd": {"h50": student((heads(0.5),))},
+            "ffn_kd": {"f50": student((neurons(0.5),))},
+            "layers_kd": {
+                s: student((keep(3, s),), 1e-4)
+                for s in ("drop_top", "alternate", "symmetric", "contribution")
+            },
+            "combined_kd": {"l3_h50_f50": student((keep(3), heads(0.5), neurons(0.5)), 1e-4)},
         },
         "main": {
             "factorize": {
