@@ -15,11 +15,13 @@ is timed against the float teacher, paired in the same process, at batch 1 and 3
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
-from jaxcompress import int8_exec, recipes, report, sweep, train
+from jaxcompress import hessian, int8_exec, recipes, report, sweep, train
 from jaxcompress.latency import paired_latency
 from jaxcompress.models.bert import Bert
 from jaxcompress.results import write_result
@@ -43,6 +45,16 @@ POST_TRAINING = {
     ),
 }
 BITS = {"ptq_w8a8": "W8A8", "ptq_w8": "W8", "gobo_w3": "W3 (GOBO)", "gobo_w3_e4": "W3 E4 (GOBO)"}
+# Weights, embeddings, activations of the QAT sweep's variants (configs/ablations/sst2.py).
+QAT_BITS = {
+    "qat_w8a8 q8bert": "W8 E8 A8",
+    "qat_weights w4_group": "W4 (g128) E8",
+    "qat_weights w3_group": "W3 (g128) E8",
+    "qat_qbert mixed3": "mixed, avg {average:.2f} (g128) E8",
+    "qat_ternary_kd w2a8": "W2 E2 A8 (ternary)",
+    "qat_binary_kd w1a8": "W1 E8 A8 (binary)",
+    "qat_binary_tws w1a8_tws": "2 x W1, 2 x E1, A8 (BinaryBERT split)",
+}
 
 
 def integer_row(workdir: Path, teacher: dict) -> dict:
@@ -69,6 +81,19 @@ def integer_row(workdir: Path, teacher: dict) -> dict:
     }
 
 
+def qbert_bits(workdir: Path, runs: list[dict]) -> dict:
+    """Q-BERT's chosen bits per encoder layer, per seed, and their parameter-weighted average."""
+    _, params = train.load_any(TEACHER)
+    sizes = hessian.group_sizes(params, hessian.encoder_layer_group)
+    chosen = {}
+    for run in runs:
+        if run["technique"] == "qat_qbert":
+            record = workdir / run["stages"]["student"] / "quantized" / "quantization.json"
+            chosen[run["seed"]] = json.loads(record.read_text())["layer_bits"]
+    averages = [float(hessian.average_bits(sizes, bits)) for bits in chosen.values()]
+    return {"layer_bits": chosen, "average_bits": averages}
+
+
 def qat_rows(family: str, workdir: Path) -> list[dict]:
     """The rows of one QAT sweep family of configs/ablations/sst2.py, run (or resumed) in
     `workdir`: mean and std over seeds of each variant."""
@@ -79,9 +104,13 @@ def qat_rows(family: str, workdir: Path) -> list[dict]:
     written = report.write_report(
         [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
     )
+    train = runs[0]["config"]["recipe"]["stages"][-1]["config"]["train"]
+    mixed = qbert_bits(workdir, runs) if family == "quantization" else {}
+    average = statistics.fmean(mixed["average_bits"]) if mixed.get("average_bits") else 0.0
     return [
         {
             "name": f"{r['technique']} {r['strength']}",
+            "bits": QAT_BITS.get(f"{r['technique']} {r['strength']}", "").format(average=average),
             "task": "sst2",
             "metric": r["metric"],
             "value": r["mean"],
@@ -92,6 +121,14 @@ def qat_rows(family: str, workdir: Path) -> list[dict]:
             "bytes_no_embeddings": r["bytes_no_embeddings"],
             "compression": 1 / r["size"],
             "compression_no_embeddings": 1 / r["size_no_embeddings"],
+            # The trained model run in float (dequantized weights): quantization's own
+            # speed on this CPU is the int8 execution row's.
+            "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
+            "values": r["values"],
+            "steps": train["steps"],
+            "batch_size": train["batch_size"],
+            "train_examples": train["examples"],
+            **(mixed if r["technique"] == "qat_qbert" else {}),
         }
         for r in written["rows"]
     ]
