@@ -2,7 +2,9 @@
 
 The names below are the public API for other JAX projects: transforms that take any
 parameter tree addressed by path rules (`core`), and the model, training and recipe entry
-points of this package. Submodules hold the rest.
+points of this package. Submodules hold the rest; names that are also submodules are not
+re-exported (`jaxcompress.qat.qat`, `jaxcompress.quantize.quantize`), so that
+`from jaxcompress import qat` keeps meaning the module.
 """
 
 from jaxcompress.core import (
@@ -28,8 +30,8 @@ from jaxcompress.prune import (
     movement_pruning,
     rewind,
 )
-from jaxcompress.qat import add_binary_split, add_lsq_steps, qat
-from jaxcompress.quantize import QuantSpec, dequantize, fake_quant, quantize, ternary_split
+from jaxcompress.qat import add_binary_split, add_lsq_steps
+from jaxcompress.quantize import QuantSpec, dequantize, fake_quant, ternary_split
 from jaxcompress.structured import head_importance, prune_ffn, prune_heads, shrink
 
 __all__ = [
@@ -65,8 +67,6 @@ __all__ = [
     "movement_pruning",
     "prune_ffn",
     "prune_heads",
-    "qat",
-    "quantize",
     "rewind",
     "save_pretrained",
     "shrink",
