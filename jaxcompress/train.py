@@ -70,7 +70,8 @@ def new_rng(seed: int, impl: str = "rbg") -> jax.Array:
 def make_optimizer(
     train: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-    """AdamW with linear warmup and linear decay, global-norm clipping, no decay on biases/LN."""
+    """AdamW with linear warmup and linear decay, global-norm clipping; no weight decay on
+    biases, LayerNorm, LSQ step sizes or movement scores (they are not weights)."""
     warmup = int(round(train.warmup_ratio * total_steps))
     schedule = optax.join_schedules(
         [
@@ -82,7 +83,11 @@ def make_optimizer(
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: path[-1].key not in ("bias", "scale"), params
+            lambda path, _: (
+                path[-1].key not in ("bias", "scale")
+                and not str(path[-1].key).endswith((qat.LSQ_SUFFIX, prune.SCORE_SUFFIX))
+            ),
+            params,
         )
 
     return optax.chain(

@@ -212,3 +212,21 @@ def test_magnitude_pruning_run_resumes_exactly_and_saves_sparse(tmp_path, minilm
     assert straight["bytes_no_embeddings"] < 0.5 * sum(
         v.nbytes for k, v in a.items() if "embeddings" not in k
     )
+
+
+def test_weight_decay_spares_movement_scores_and_lsq_steps():
+    tree = {
+        "dense": {
+            "kernel": jnp.ones((2, 2)),
+            "kernel" + prune.SCORE_SUFFIX: jnp.ones((2, 2)),
+            "kernel@lsq_step": jnp.ones(()),
+        }
+    }
+    tx = make_optimizer(finetune_defaults().train, 10)
+    opt = tx.init(tree)
+    for _ in range(3):
+        updates, opt = tx.update(jax.tree.map(jnp.zeros_like, tree), opt, tree)
+        tree = optax.apply_updates(tree, updates)
+    assert np.all(tree["dense"]["kernel"] < 1.0)  # decayed
+    np.testing.assert_array_equal(tree["dense"]["kernel" + prune.SCORE_SUFFIX], 1.0)
+    np.testing.assert_array_equal(tree["dense"]["kernel@lsq_step"], 1.0)
