@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -24,6 +25,7 @@ from jaxcompress.models.bert import (
 
 # "drop_top" ... "contribution" are Sajjad et al.'s (Poor Man's BERT) dropping strategies;
 # "layerdrop" is Fan et al.'s every-other pruning of a LayerDrop-trained model.
+WIDTH_INITS = ("slice", "magnitude", "fresh")
 LAYER_STRATEGIES = (
     "every_other",
     "uniform",
@@ -210,12 +212,15 @@ def shrink_width(
 
     `init="slice"` keeps the first `hidden_size` hidden dimensions, the first `num_heads`
     heads (head size unchanged) and the first `intermediate_size` FFN neurons of every
-    parameter; `init="fresh"` draws new parameters from `seed`.
+    parameter; `init="magnitude"` keeps those with the most weight (the sum of squares of
+    every parameter entry on that hidden dimension, head or neuron, over all layers), a
+    width reduction by importance in the spirit of schuBERT; `init="fresh"` draws new
+    parameters from `seed`.
     """
     if compressed := config.compressed_fields():
         raise ValueError(f"shrink_width needs an uncompressed model; config.{compressed[0]} is set")
-    if init not in ("slice", "fresh"):
-        raise ValueError(f"init must be 'slice' or 'fresh', got {init!r}")
+    if init not in WIDTH_INITS:
+        raise ValueError(f"init must be one of {WIDTH_INITS}, got {init!r}")
     h = config.hidden_size if hidden_size is None else hidden_size
     n = config.num_attention_heads if num_heads is None else num_heads
     f = config.intermediate_size if intermediate_size is None else intermediate_size
@@ -235,14 +240,43 @@ def shrink_width(
     )
     if init == "fresh":
         return student, _fresh(student, params, seed)
-    # Every parameter axis is named by its logical axis, so one size per name slices them all.
-    sizes = {EMBED: h, HIDDEN: h, QKV: n * d, MLP: f}
+    # Every parameter axis is named by its logical axis, so one index set per name cuts them all.
     axes = flatten_dict(param_logical_axes(config), sep="/")
     flat = flatten_dict(params, sep="/")
-    out = {
-        path: x[tuple(slice(0, sizes.get(axis)) for axis in axes[path])] for path, x in flat.items()
-    }
+    sizes = {EMBED: h, HIDDEN: h, QKV: n * d, MLP: f}
+    if init == "slice":
+        keep = {axis: np.arange(size) for axis, size in sizes.items()}
+    else:
+        groups = {EMBED: 1, HIDDEN: 1, QKV: d, MLP: 1}  # heads are kept or dropped whole
+        keep = {
+            axis: _heaviest(_axis_weight(flat, axes, axis), size // groups[axis], groups[axis])
+            for axis, size in sizes.items()
+        }
+    out = {}
+    for path, x in flat.items():
+        for dim, axis in enumerate(axes[path]):
+            if axis in keep:
+                x = jnp.take(x, keep[axis], axis=dim)
+        out[path] = x
     return student, unflatten_dict(out, sep="/")
+
+
+def _axis_weight(flat: dict, axes: dict, name: str) -> np.ndarray:
+    """Per index of logical axis `name`: the sum of squares of every entry on it."""
+    total = 0.0
+    for path, x in flat.items():
+        for dim, axis in enumerate(axes[path]):
+            if axis == name:
+                other = tuple(i for i in range(x.ndim) if i != dim)
+                total = total + np.sum(np.square(np.asarray(x, np.float32)), axis=other)
+    return np.asarray(total)
+
+
+def _heaviest(weight: np.ndarray, count: int, group: int) -> np.ndarray:
+    """The indices of the `count` heaviest groups of `group` consecutive indices, in order."""
+    per_group = weight.reshape(-1, group).sum(axis=1)
+    chosen = np.sort(np.argsort(-per_group, kind="stable")[:count])
+    return (chosen[:, None] * group + np.arange(group)[None, :]).reshape(-1)
 
 
 def reinitialize(config: BertConfig, params: dict, seed: int = 0) -> tuple[BertConfig, dict]:

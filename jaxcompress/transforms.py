@@ -143,9 +143,9 @@ def shrink_width(
     init: str = "slice",
     seed: int = 0,
 ) -> StructureTransform:
-    """A narrower student, sliced from the teacher or freshly initialised."""
-    if init not in ("slice", "fresh"):
-        raise ValueError(f"init must be 'slice' or 'fresh', got {init!r}")
+    """A narrower student: sliced from the teacher, its heaviest dimensions kept, or fresh."""
+    if init not in student.WIDTH_INITS:
+        raise ValueError(f"init must be one of {student.WIDTH_INITS}, got {init!r}")
     return functools.partial(
         student.shrink_width,
         hidden_size=hidden_size,

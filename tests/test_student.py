@@ -366,3 +366,30 @@ def test_student_transforms_by_name():
         transforms.parse("keep_layers(keep=2, strategy='bottom')")
     with pytest.raises(ValueError, match="init must be"):
         transforms.parse("shrink_width(init='copy')")
+
+
+def test_magnitude_width_keeps_the_heaviest_dimensions_heads_and_neurons():
+    config, params, _ = model_and_batch()
+    hidden, head, neuron = [1, 5, 9, 13], 3, 7  # made heavy wherever they appear
+    heavy = {}
+    for path, x in flatten_dict(params, sep="/").items():
+        x = np.array(x)
+        if path.endswith("word_embeddings"):
+            x[:, hidden] *= 100.0
+        if path.endswith("attention/self/value/kernel"):
+            x[:, head * 8 : (head + 1) * 8] *= 100.0
+        if path.endswith("intermediate/dense/kernel"):
+            x[:, neuron] *= 100.0
+        heavy[path] = x
+    params = unflatten_dict({k: jnp.asarray(v) for k, v in heavy.items()}, sep="/")
+    new_config, new = student.shrink_width(
+        config, params, hidden_size=4, num_heads=1, intermediate_size=1, init="magnitude"
+    )
+    flat = flatten_dict(new, sep="/")
+    assert (new_config.hidden_size, new_config.num_attention_heads) == (4, 1)
+    words = "bert/embeddings/word_embeddings"
+    np.testing.assert_array_equal(flat[words], heavy[words][:, hidden])
+    value = "bert/encoder/layer/0/attention/self/value/kernel"
+    np.testing.assert_array_equal(flat[value], heavy[value][hidden][:, head * 8 : head * 8 + 8])
+    out = "bert/encoder/layer/1/output/dense/kernel"
+    np.testing.assert_array_equal(flat[out], heavy[out][neuron : neuron + 1][:, hidden])
