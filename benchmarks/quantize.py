@@ -7,9 +7,9 @@ Post-training rows (no training): W8A8 with calibrated activation ranges, 8-bit 
 only, GOBO at 3 bits (float embeddings, and 4-bit embeddings); an integer-execution row runs
 the W8 artefact with int8 x int8 -> int32 matmuls (dynamic per-tensor activation scales) and
 is timed against the float teacher, paired in the same process, at batch 1 and 32 (x 128).
-`--qat` adds the quantization-aware training sweep of configs/ablations/sst2.py
-(`quantization`: Q8BERT, group-wise 4/3-bit, Q-BERT mixed precision, TernaryBERT, binary),
-3 seeds, resumable. Writes benchmarks/results/quantize.json.
+`--qat` adds the quantization-aware training sweeps of configs/ablations/sst2.py
+(`quantization`: Q8BERT, group-wise 4-bit, Q-BERT mixed precision, TernaryBERT; then
+`binarybert`, which splits the TernaryBERT runs into binary halves), 3 seeds, resumable. Writes benchmarks/results/quantize.json.
 """
 
 from __future__ import annotations
@@ -49,10 +49,8 @@ BITS = {"ptq_w8a8": "W8A8", "ptq_w8": "W8", "gobo_w3": "W3 (GOBO)", "gobo_w3_e4"
 QAT_BITS = {
     "qat_w8a8 q8bert": "W8 E8 A8",
     "qat_weights w4_group": "W4 (g128) E8",
-    "qat_weights w3_group": "W3 (g128) E8",
     "qat_qbert mixed3": "mixed, avg {average:.2f} (g128) E8",
     "qat_ternary_kd w2a8": "W2 E2 A8 (ternary)",
-    "qat_binary_kd w1a8": "W1 E8 A8 (binary)",
     "qat_binary_tws w1a8_tws": "2 x W1, 2 x E1, A8 (BinaryBERT split)",
 }
 

@@ -8,9 +8,9 @@ token-frequency-weighted SVD init; low-rank FFN at 50%/25% of full rank), `shari
 (cross-layer sharing of all layers, pairs, triples), `distillation` (6 -> 3 and 6 -> 2
 layers by logit KD and by TinyBERT's layer terms), `combined` (a 3-layer student that is
 also factorized or low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit
-weights and activations; 4- and 3-bit group-wise weights; Q-BERT's Hessian-chosen mixed
+weights and activations; 4-bit group-wise weights; Q-BERT's Hessian-chosen mixed
 precision at 3 bits on average; TernaryBERT's ternary weights and
-8-bit activations with layer distillation; binary weights), `binarybert` (BinaryBERT: the
+8-bit activations with layer distillation), `binarybert` (binary weights the BinaryBERT way: the
 TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
 weight splitting into binary halves and trained on as binary weights, embeddings too, with
 8-bit activations and layer distillation), `pruning` (magnitude pruning to 50% and 90%
@@ -116,14 +116,12 @@ def families(quick: bool) -> dict[str, dict]:
             # from the pre-trained model instead.
             "qat_w8a8": {"q8bert": quantized("bits=8", "bits=8,granularity='tensor'", 8, lr=1e-5)},
             "qat_weights": {
-                "w4_group": quantized(f"bits=4,granularity='group',group_size={group}", "bits=8"),
-                "w3_group": quantized(f"bits=3,granularity='group',group_size={group}", "bits=8"),
+                "w4_group": quantized(f"bits=4,granularity='group',group_size={group}", "bits=8")
             },
             "qat_qbert": {"mixed3": qbert(3.0)},
             "qat_ternary_kd": {
                 "w2a8": quantized("scheme='ternary'", "scheme='ternary'", 8, lr=1e-4, **layers)
             },
-            "qat_binary_kd": {"w1a8": quantized("scheme='binary'", "bits=8", 8, lr=1e-4, **layers)},
         },
         "pruning": {
             "magnitude_kd": {
