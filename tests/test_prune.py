@@ -230,3 +230,24 @@ def test_weight_decay_spares_movement_scores_and_lsq_steps():
     assert np.all(tree["dense"]["kernel"] < 1.0)  # decayed
     np.testing.assert_array_equal(tree["dense"]["kernel" + prune.SCORE_SUFFIX], 1.0)
     np.testing.assert_array_equal(tree["dense"]["kernel@lsq_step"], 1.0)
+
+
+def test_movement_pruning_run_exports_the_pruned_model_without_scores(
+    tmp_path, minilm_dir, glue_dir
+):
+    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
+    config = tiny_run_config(model_dir, glue_dir, steps=2)
+    with config.unlocked():
+        config.buckets = (64,)
+        config.prune.method, config.prune.movement = "movement", "hard"
+        config.prune.sparsity, config.prune.end, config.prune.frequency = 0.5, 0.5, 1
+    summary = train(config, tmp_path / "run")
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert not any(prune.SCORE_SUFFIX in key for key in exported)
+    query = exported["bert.encoder.layer.1.attention.self.query.weight"]
+    assert np.sum(query == 0) == query.size // 2
+    assert sparse.load(tmp_path / "run" / "sparse" / "params.safetensors").keys() == {
+        "bert",
+        "classifier",
+    }
