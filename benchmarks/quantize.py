@@ -9,7 +9,8 @@ the W8 artefact with int8 x int8 -> int32 matmuls (dynamic per-tensor activation
 is timed against the float teacher, paired in the same process, at batch 1 and 32 (x 128).
 `--qat` adds the quantization-aware training sweeps of configs/ablations/sst2.py
 (`quantization`: Q8BERT, group-wise 4-bit, Q-BERT mixed precision, TernaryBERT; then
-`binarybert`, which splits the TernaryBERT runs into binary halves), 3 seeds, resumable. Writes benchmarks/results/quantize.json.
+`binarybert`, which splits the TernaryBERT runs into binary halves), 3 seeds, resumable.
+Writes benchmarks/results/quantize.json.
 """
 
 from __future__ import annotations
