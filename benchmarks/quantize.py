@@ -93,13 +93,20 @@ def qbert_bits(workdir: Path, runs: list[dict]) -> dict:
     return {"layer_bits": chosen, "average_bits": averages}
 
 
-def qat_rows(family: str, workdir: Path) -> list[dict]:
+def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
     """The rows of one QAT sweep family of configs/ablations/sst2.py, run (or resumed) in
-    `workdir`: mean and std over seeds of each variant."""
+    `workdir`, or with `run=False` of its runs finished so far: mean and std over seeds of
+    each variant (`seeds` says how many)."""
     config = sweep.load_sweep(f"configs/ablations/sst2.py:{family}")
-    runs = sweep.run_sweep(config, workdir)
-    if len(runs) < len(sweep.expand(config)):
-        raise SystemExit("the QAT sweep was interrupted; rerun to resume it")
+    if run:
+        runs = sweep.run_sweep(config, workdir)
+        if len(runs) < len(sweep.expand(config)):
+            raise SystemExit("the QAT sweep was interrupted; rerun to resume it")
+    else:
+        done = [workdir / "runs" / r.dir_name / "summary.json" for r in sweep.expand(config)]
+        runs = [sweep.read_run_summary(f) for f in done if f.exists()]
+        if not runs:
+            return []
     written = report.write_report(
         [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
     )
@@ -137,6 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--qat", action="store_true", help="also run the QAT sweep (hours)")
+    parser.add_argument(
+        "--qat-finished", action="store_true", help="QAT rows of the runs finished so far"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -162,9 +172,9 @@ def main() -> None:
     ]
     rows.append(integer_row(workdir / "ptq", teacher))
     body = {"teacher": {"model": TEACHER, "task": "sst2", "metric": "accuracy", **teacher}}
-    if args.qat:
+    if args.qat or args.qat_finished:
         for family in ("quantization", "binarybert"):  # binarybert reuses the ternary stages
-            rows += qat_rows(family, workdir / "qat")
+            rows += qat_rows(family, workdir / "qat", run=not args.qat_finished)
     body.update(rows=rows, wall_s=time.perf_counter() - t0)
     write_result(REPO / "benchmarks/results/quantize.json", "quantize", body)
     for row in rows:
