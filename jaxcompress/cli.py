@@ -83,7 +83,10 @@ def cmd_sweep(args) -> int:
     total = len(sweep.expand(config, only, args.set)[shard[0] :: shard[1]])
     print(f"\n{len(summaries)} of {total} runs finished under {args.workdir}")
     if len(summaries) == total and shard[1] == 1:
-        written = report.write_report([args.workdir], Path(args.workdir) / "report", plots=False)
+        # Only this sweep's runs: other sweeps may share the workdir (and its stages).
+        base = sweep.base_key(config, args.set)
+        out = Path(args.workdir) / f"report_{base}"
+        written = report.write_report([args.workdir], out, plots=False, base=base)
         print("\n" + written["table"])
     return 0
 
