@@ -21,7 +21,6 @@ read a safetensors file with the codes packed at exactly `bits` bits a weight.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -31,12 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import unflatten_dict
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxcompress import core
 from jaxcompress.qat import EMBEDDINGS, KERNELS
-from jaxcompress.quant_pack import file_bytes
+from jaxcompress.quant_pack import Packed, file_bytes, read_packed, write_packed
 
 META_KEY = "jaxcompress.gobo"  # the JSON description, in the safetensors header metadata
 FORMAT = 1
@@ -295,28 +292,16 @@ def gobo_unpack(tensors: dict[str, np.ndarray], meta: dict) -> tuple[dict, dict[
     return unflatten_dict(flat, sep="/"), quantized
 
 
-def _write(target: Path, tensors: dict[str, np.ndarray], meta: dict) -> Path:
-    save_file(tensors, target, metadata={META_KEY: json.dumps(meta)})
-    return target
-
-
 def gobo_save(
     path: str | os.PathLike, params: core.Params, quantized: dict[str, GoboTensor]
 ) -> Path:
     """Write one safetensors file holding `gobo_pack(params, quantized)`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return _write(target, *gobo_pack(params, quantized))
+    return write_packed(path, Packed(*gobo_pack(params, quantized)), META_KEY)
 
 
 def gobo_load(path: str | os.PathLike) -> tuple[dict, dict[str, GoboTensor]]:
     """The dequantized params and GOBO tensors of a file written by `gobo_save`."""
-    with safe_open(Path(path), framework="np") as f:
-        metadata = f.metadata() or {}
-        if META_KEY not in metadata:
-            raise ValueError(f"{path} is not a GOBO artefact (no {META_KEY} metadata)")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    return gobo_unpack(tensors, json.loads(metadata[META_KEY]))
+    return gobo_unpack(*read_packed(path, META_KEY, kind="GOBO"))
 
 
 def gobo_packed_bytes(params: core.Params, quantized: dict[str, GoboTensor]) -> dict[str, int]:

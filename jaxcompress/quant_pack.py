@@ -141,23 +141,34 @@ def unpack(packed: Packed) -> tuple[dict, dict[str, tuple[QTensor, QuantSpec]]]:
     return unflatten_dict(flat, sep="/"), codes
 
 
-def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
-    """Write one safetensors file: packed codes, scales, float leaves, and the JSON meta."""
+def write_packed(path: str | os.PathLike, packed: Packed, meta_key: str = META_KEY) -> Path:
+    """Write packed arrays to one safetensors file, the description under `meta_key`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tensors, meta = pack(params, rules)
-    save_file(tensors, target, metadata={META_KEY: json.dumps(meta)})
+    save_file(packed.tensors, target, metadata={meta_key: json.dumps(packed.meta)})
     return target
+
+
+def read_packed(
+    path: str | os.PathLike, meta_key: str = META_KEY, kind: str = "packed quantized"
+) -> Packed:
+    """The arrays and description of a file written by `write_packed` with `meta_key`."""
+    with safe_open(Path(path), framework="np") as f:
+        metadata = f.metadata() or {}
+        if meta_key not in metadata:
+            raise ValueError(f"{path} is not a {kind} artefact (no {meta_key} metadata)")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return Packed(tensors, json.loads(metadata[meta_key]))
+
+
+def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
+    """Write one safetensors file: packed codes, scales, float leaves, and the JSON meta."""
+    return write_packed(path, pack(params, rules))
 
 
 def read(path: str | os.PathLike) -> Packed:
     """The arrays and description of a file written by `save`."""
-    with safe_open(Path(path), framework="np") as f:
-        metadata = f.metadata() or {}
-        if META_KEY not in metadata:
-            raise ValueError(f"{path} is not a packed quantized artefact (no {META_KEY} metadata)")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    return Packed(tensors, json.loads(metadata[META_KEY]))
+    return read_packed(path)
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -8,18 +8,15 @@ dense bytes. Loading rebuilds the exact dense tree.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax.traverse_util import unflatten_dict
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxcompress import core
-from jaxcompress.quant_pack import Packed, file_bytes
+from jaxcompress.quant_pack import Packed, file_bytes, read_packed, write_packed
 
 META_KEY = "jaxcompress.sparse"
 FORMAT = 1
@@ -61,21 +58,12 @@ def unpack(packed: Packed) -> dict:
 
 def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
     """Write the sparse artefact to one safetensors file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors, meta = pack(params, rules)
-    save_file(tensors, target, metadata={META_KEY: json.dumps(meta)})
-    return target
+    return write_packed(path, pack(params, rules), META_KEY)
 
 
 def load(path: str | os.PathLike) -> dict:
     """The dense params of a file written by `save`."""
-    with safe_open(Path(path), framework="np") as f:
-        metadata = f.metadata() or {}
-        if META_KEY not in metadata:
-            raise ValueError(f"{path} is not a sparse artefact (no {META_KEY} metadata)")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    return unpack(Packed(tensors, json.loads(metadata[META_KEY])))
+    return unpack(read_packed(path, META_KEY, kind="sparse"))
 
 
 def sparse_bytes(params: core.Params, rules: core.Rules) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 
@@ -372,15 +373,19 @@ def task_gradient_fn(batches: Sequence[Batch]) -> GradientFn:
     return gradient_fn
 
 
-def _prune(
+def prune_units(
     kind: str,
     fraction: float,
-    scope: str,
-    steps: int,
+    scope: str = "global",
+    steps: int = 1,
+    *,
     gradient_fn: GradientFn,
-    min_per_layer: int,
-    normalize: bool,
+    min_per_layer: int = 0,
+    normalize: bool = True,
 ) -> StructureTransform:
+    """Structure transform: remove `fraction` of the attention heads (`kind='heads'`, Michel
+    et al.'s importance) or FFN neurons (`'ffn'`, gate-gradient importance), then shrink."""
+    _check_kind(kind)
     _check_fraction(fraction)
     _check_scope(scope)
     _check_count("steps", steps, 1)
@@ -399,27 +404,5 @@ def _prune(
     return transform
 
 
-def prune_heads(
-    fraction: float,
-    scope: str = "global",
-    steps: int = 1,
-    *,
-    gradient_fn: GradientFn,
-    min_per_layer: int = 0,
-    normalize: bool = True,
-) -> StructureTransform:
-    """Structure transform: remove `fraction` of attention heads by Michel et al. importance."""
-    return _prune("heads", fraction, scope, steps, gradient_fn, min_per_layer, normalize)
-
-
-def prune_ffn(
-    fraction: float,
-    scope: str = "global",
-    steps: int = 1,
-    *,
-    gradient_fn: GradientFn,
-    min_per_layer: int = 0,
-    normalize: bool = True,
-) -> StructureTransform:
-    """Structure transform: remove `fraction` of FFN neurons by gate-gradient importance."""
-    return _prune("ffn", fraction, scope, steps, gradient_fn, min_per_layer, normalize)
+prune_heads = functools.partial(prune_units, "heads")
+prune_ffn = functools.partial(prune_units, "ffn")

@@ -161,40 +161,24 @@ def reinitialize(seed: int = 0) -> StructureTransform:
     return functools.partial(student.reinitialize, seed=seed)
 
 
-def _gradients(context: TransformContext | None, name: str) -> structured.GradientFn:
+def prune_units(
+    kind: str,
+    fraction: float,
+    scope: str = "global",
+    steps: int = 1,
+    min_per_layer: int = 0,
+    *,
+    context: TransformContext | None = None,
+) -> StructureTransform:
+    """Remove `fraction` of the attention heads (`kind='heads'`, least important first by
+    Michel et al.'s |dL/d gate| on training batches) or FFN neurons (`'ffn'`), in `steps`
+    rounds; the model physically shrinks."""
     if context is None or context.gradients is None:
-        raise ValueError(f"{name} needs task-loss gradients from the caller (context.gradients)")
-    return context.gradients
-
-
-def prune_heads(
-    fraction: float,
-    scope: str = "global",
-    steps: int = 1,
-    min_per_layer: int = 0,
-    *,
-    context: TransformContext | None = None,
-) -> StructureTransform:
-    """Remove `fraction` of the attention heads, least important first (Michel et al.:
-    |dL/d gate| on training batches), in `steps` rounds; the model physically shrinks."""
-    gradients = _gradients(context, "prune_heads")
-    return structured.prune_heads(
-        fraction, scope, steps, gradient_fn=gradients, min_per_layer=min_per_layer
-    )
-
-
-def prune_ffn(
-    fraction: float,
-    scope: str = "global",
-    steps: int = 1,
-    min_per_layer: int = 0,
-    *,
-    context: TransformContext | None = None,
-) -> StructureTransform:
-    """Remove `fraction` of the FFN neurons, least important first (gate gradients)."""
-    gradients = _gradients(context, "prune_ffn")
-    return structured.prune_ffn(
-        fraction, scope, steps, gradient_fn=gradients, min_per_layer=min_per_layer
+        raise ValueError(
+            f"prune_{kind} needs task-loss gradients from the caller (context.gradients)"
+        )
+    return structured.prune_units(
+        kind, fraction, scope, steps, gradient_fn=context.gradients, min_per_layer=min_per_layer
     )
 
 
@@ -205,8 +189,8 @@ REGISTRY: dict[str, Callable[..., StructureTransform]] = {
     "keep_layers": keep_layers,
     "shrink_width": shrink_width,
     "reinitialize": reinitialize,
-    "prune_heads": prune_heads,
-    "prune_ffn": prune_ffn,
+    "prune_heads": functools.partial(prune_units, "heads"),
+    "prune_ffn": functools.partial(prune_units, "ffn"),
 }
 
 

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
 
 from jaxcompress.models.bert import BertConfig, init_params
 from jaxcompress.models.hf import save_pretrained
@@ -41,3 +43,18 @@ def save_tiny_model(path: Path, tokenizer_dir: Path, seed: int = 0, **changes) -
     config = tiny_config(**changes)
     params = init_params(config, jax.random.key(seed))
     return save_pretrained(config, params, path, tokenizer_dir=tokenizer_dir)
+
+
+LAYER = "bert/encoder/layer/"
+
+
+def assert_layers_taken(student: dict, teacher: dict, layers) -> None:
+    """Student layer j is exactly teacher layer `layers[j]`; every other array is the
+    teacher's own."""
+    ours, theirs = flatten_dict(student, sep="/"), flatten_dict(teacher, sep="/")
+    for path, value in ours.items():
+        if path.startswith(LAYER):
+            j, rest = path[len(LAYER) :].split("/", 1)
+            np.testing.assert_array_equal(value, theirs[f"{LAYER}{layers[int(j)]}/{rest}"])
+        else:
+            np.testing.assert_array_equal(value, theirs[path])

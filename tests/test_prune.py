@@ -12,8 +12,7 @@ from jaxcompress import prune, sparse
 from jaxcompress.config import finetune_defaults
 from jaxcompress.train import make_optimizer, train
 
-from .helpers import save_tiny_model
-from .test_train import tiny_run_config
+from .test_train import tiny_model_run_config
 
 RULES = [(r".*/kernel", True), (".*", None)]
 
@@ -188,10 +187,8 @@ def test_bad_prune_configs_fail_clearly():
 
 
 def test_magnitude_pruning_run_resumes_exactly_and_saves_sparse(tmp_path, minilm_dir, glue_dir):
-    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
-    config = tiny_run_config(model_dir, glue_dir, steps=4)
+    config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=4)
     with config.unlocked():
-        config.buckets = (64,)
         config.prune.method = "magnitude"
         config.prune.sparsity = 0.75
         config.prune.begin, config.prune.end, config.prune.frequency = 0.25, 0.75, 1
@@ -235,10 +232,8 @@ def test_weight_decay_spares_movement_scores_and_lsq_steps():
 def test_movement_pruning_run_exports_the_pruned_model_without_scores(
     tmp_path, minilm_dir, glue_dir
 ):
-    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
-    config = tiny_run_config(model_dir, glue_dir, steps=2)
+    config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=2)
     with config.unlocked():
-        config.buckets = (64,)
         config.prune.method, config.prune.movement = "movement", "hard"
         config.prune.sparsity, config.prune.end, config.prune.frequency = 0.5, 0.5, 1
     summary = train(config, tmp_path / "run")

@@ -16,7 +16,7 @@ from jaxcompress.quantized_model import QuantizedModel, calibrate, fake_quant_in
 from jaxcompress.train import train
 
 from .helpers import save_tiny_model, tiny_config
-from .test_train import tiny_run_config
+from .test_train import tiny_model_run_config, tiny_run_config
 
 
 def _batch(seed=0, batch=4, length=12):
@@ -117,10 +117,8 @@ def test_w8a8_training_writes_a_packed_artefact(tmp_path, minilm_dir, glue_dir):
 
 
 def test_binarybert_training_from_a_ternary_split(tmp_path, minilm_dir, glue_dir):
-    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
-    config = tiny_run_config(model_dir, glue_dir, steps=2)
+    config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=2)
     with config.unlocked():
-        config.buckets = (64,)
         config.quantize.kernels = "scheme='binary'"
         config.quantize.binary_split = True
     summary = train(config, tmp_path / "run")

@@ -15,8 +15,8 @@ from jaxcompress.models.hf import save_pretrained
 from jaxcompress.objectives import forward, task_loss
 from jaxcompress.train import train
 
-from .helpers import save_tiny_model, tiny_config
-from .test_train import tiny_run_config
+from .helpers import tiny_config
+from .test_train import tiny_model_run_config
 
 LAYER = "bert/encoder/layer/"
 CONFIG = tiny_config(num_labels=2)  # 2 layers, 4 heads of 8, FFN 64
@@ -363,10 +363,8 @@ def test_iterative_prune_reaches_target_on_masked_models(params, task_grads):
 def test_structured_transforms_in_a_training_run(tmp_path, minilm_dir, glue_dir):
     """Heads, FFN neurons and layers removed by data-driven transforms before fine-tuning:
     the run keeps the shrunk shapes (native artefact) and still exports to Hugging Face."""
-    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
-    config = tiny_run_config(model_dir, glue_dir, steps=2)
+    config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=2)
     with config.unlocked():
-        config.buckets = (64,)
         config.context_batches = 1
         config.transforms = (
             "keep_layers(keep=1, strategy='contribution')",

@@ -38,6 +38,15 @@ def tiny_run_config(model_dir, glue_dir, **train_changes):
     return merge(finetune_defaults(), c)
 
 
+def tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps: int):
+    """`tiny_run_config` of a fresh tiny SST-2 model saved under tmp_path, one bucket."""
+    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
+    config = tiny_run_config(model_dir, glue_dir, steps=steps)
+    with config.unlocked():
+        config.buckets = (64,)
+    return config
+
+
 def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir):
     config = tiny_run_config(tiny_model, glue_dir)
     straight = train(config, tmp_path / "straight")
