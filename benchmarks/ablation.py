@@ -26,17 +26,25 @@ def main() -> None:
     parser.add_argument("config", help="path/to/sweep.py[:arg]")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--name", help="result name (default: ablation_<family>_sst2)")
+    parser.add_argument(
+        "--finished", action="store_true", help="report the runs finished so far; train none"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     config = sweep.load_sweep(args.config)
-    summaries = sweep.run_sweep(config, args.workdir)
-    if len(summaries) < len(sweep.expand(config)):
-        raise SystemExit("the sweep was interrupted; rerun the same command to resume it")
+    if args.finished:
+        summaries = sweep.finished_runs(config, args.workdir)
+        if not summaries:
+            raise SystemExit(f"no finished runs of {args.config} under {args.workdir}")
+    else:
+        summaries = sweep.run_sweep(config, args.workdir)
+        if len(summaries) < len(sweep.expand(config)):
+            raise SystemExit("the sweep was interrupted; rerun the same command to resume it")
     name = args.name or f"ablation_{config['name'].removeprefix('sst2_')}_sst2"
     prefix = REPO / "benchmarks" / "results" / name
-    written = report.write_report([args.workdir], prefix)
+    written = report.write_report([args.workdir], prefix, base=sweep.base_key(config))
     first = summaries[0]
     rows = [
         {
@@ -48,6 +56,8 @@ def main() -> None:
             "seeds": len(r["seeds"]),
             "relative": r["relative"],
             "params": r["params"],
+            # Unstructured pruning stores zeros in a dense model: count what the sparse keeps.
+            "remaining_params": r.get("remaining_params", r["params"]),
             "bytes": r["bytes"],
             "bytes_no_embeddings": r["bytes_no_embeddings"],
             "bytes_relative": r["size"],

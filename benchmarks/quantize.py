@@ -103,8 +103,7 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
         if len(runs) < len(sweep.expand(config)):
             raise SystemExit("the QAT sweep was interrupted; rerun to resume it")
     else:
-        done = [workdir / "runs" / r.dir_name / "summary.json" for r in sweep.expand(config)]
-        runs = [sweep.read_run_summary(f) for f in done if f.exists()]
+        runs = sweep.finished_runs(config, workdir)
         if not runs:
             return []
     written = report.write_report(

@@ -224,6 +224,14 @@ def sparsity(params: core.Params, rules: core.Rules) -> float:
     return _sparsity(masks_from_zeros(params, rules))
 
 
+def remaining_params(params: core.Params, rules: core.Rules) -> int:
+    """Parameters left after pruning: every stored value but the zeros among the weights
+    `rules` select (the count a sparse artefact keeps)."""
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    pruned = sum(int(m.size - jnp.sum(m)) for m in masks_from_zeros(params, rules).values())
+    return int(total - pruned)
+
+
 def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.0) -> core.Params:
     """`params` with a trainable movement score (constant `init`) beside each selected weight."""
     model, old = split_scores(params)

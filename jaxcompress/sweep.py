@@ -50,6 +50,7 @@ REQUIRED = {"name", "recipe", "variants", "measure", "reference"}
 AXES = ("technique", "strength", "seed")
 _UNSET = object()
 MEASURED = ("metric", "value", "eval", "params", "bytes", "bytes_no_embeddings")
+MEASURED_IF_PRESENT = ("sparsity", "remaining_params")  # pruned runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +249,14 @@ def read_run_summary(path: Path) -> dict:
     return summary
 
 
+def finished_runs(sweep: dict, workdir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
+    """The summaries of the sweep's runs finished so far in `workdir`; trains nothing."""
+    done = [
+        Path(workdir) / "runs" / r.dir_name / "summary.json" for r in expand(sweep, None, overrides)
+    ]
+    return [read_run_summary(f) for f in done if f.exists()]
+
+
 def run_sweep(
     sweep: dict,
     workdir: str | Path,
@@ -325,7 +334,7 @@ def _measure(sweep: dict, run: Run, dirs: dict[str, Path], workdir: Path) -> dic
     row = json.loads(stage_summary.read_text()) if stage_summary.exists() else {}
     if "eval" not in row:  # e.g. an export stage: evaluate what it wrote
         row = _evaluate(run.recipe, measured, model_path)
-    row = {k: row[k] for k in MEASURED}
+    row = {k: row[k] for k in (*MEASURED, *MEASURED_IF_PRESENT) if k in MEASURED or k in row}
     reference_path = recipes.resolve(sweep["reference"], dirs)
     row["reference"] = _reference(sweep["reference"], reference_path, run, measured, workdir)
     row["relative"] = row["value"] / row["reference"]["value"]

@@ -561,7 +561,10 @@ def train(
     pruned = {}
     if pruning is not None:
         rules = prune.rules_from_config(config.prune)
-        pruned = {"sparsity": prune.sparsity(params, rules)}
+        pruned = {
+            "sparsity": prune.sparsity(params, rules),
+            "remaining_params": prune.remaining_params(params, rules),
+        }
         if not isinstance(model, QuantizedModel):  # a quantized artefact is the smaller one
             sparse.save(run.path / "sparse" / "params.safetensors", params, rules)
             size = sparse.sparse_bytes(params, rules)

@@ -89,6 +89,9 @@ def test_magnitude_sparsity_is_the_target_at_every_step_and_zeros_stay(scope):
                 assert np.all(kernels(moment)[k][v == 0] == 0)
         before = ks
     assert prune.sparsity(tree, RULES) == pytest.approx(0.9, abs=1e-3)
+    dense = sum(x.size for x in jax.tree_util.tree_leaves(tree))
+    zeros = sum(int(np.sum(v == 0)) for v in kernels(tree).values())
+    assert prune.remaining_params(tree, RULES) == dense - zeros
 
 
 def test_one_shot_global_pruning_keeps_the_largest_weights():
@@ -197,6 +200,7 @@ def test_magnitude_pruning_run_resumes_exactly_and_saves_sparse(tmp_path, minilm
     resumed = train(config, tmp_path / "resumed")
     assert straight["eval"] == resumed["eval"]
     assert straight["sparsity"] == pytest.approx(0.75, abs=1e-4)
+    assert straight["remaining_params"] < straight["params"]
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     for key in a:

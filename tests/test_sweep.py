@@ -338,5 +338,8 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
     for s in summaries:
         assert 0.0 <= s["value"] <= 1.0 and s["relative"] == s["value"] / s["reference"]["value"]
         assert s["bytes"] < s["reference"]["bytes"]  # every variant compresses
+        if family == "pruning":  # magnitude pruning: the zeros are not counted as kept
+            assert s["remaining_params"] < s["params"] and s["sparsity"] > 0
+    assert sweep.finished_runs(config, tmp_path / "sweep") == json.loads(json.dumps(summaries))
     table = report.write_report([tmp_path / "sweep"], tmp_path / "report", plots=False)["table"]
     assert len(table.splitlines()) == 3 + len(summaries)
