@@ -139,6 +139,28 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
     ]
 
 
+def update(workdir: Path, t0: float) -> None:
+    """Rewrite the result file with fresh QAT rows for the runs finished in `workdir`; the
+    rows it does not recompute are kept as they were, with their commit."""
+    target = REPO / "benchmarks/results/quantize.json"
+    old = json.loads(target.read_text())
+    fresh = [
+        row
+        for family in ("quantization", "binarybert")
+        for row in qat_rows(family, workdir / "qat", run=False)
+    ]
+    names = {row["name"] for row in fresh}
+    kept = [{"commit": old["commit"], **row} for row in old["rows"] if row["name"] not in names]
+    order = [row["name"] for row in old["rows"]]
+    rows = sorted(
+        kept + fresh, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)
+    )
+    body = {"teacher": old["teacher"], "rows": rows, "wall_s": time.perf_counter() - t0}
+    write_result(target, "quantize", body)
+    for row in rows:
+        print(row["name"], f"{row['value']:.4f}", f"{row['relative']:.3f}", row.get("commit", ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -146,11 +168,20 @@ def main() -> None:
     parser.add_argument(
         "--qat-finished", action="store_true", help="QAT rows of the runs finished so far"
     )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="only the QAT rows of the runs finished in WORKDIR; every other row is kept from "
+        "the existing result file, tagged with the commit that measured it",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     workdir = Path(args.workdir)
+    if args.update:
+        update(workdir, t0)
+        return
     summaries = {s["stage"]: s for s in recipes.run_recipe(POST_TRAINING, workdir / "ptq")}
     teacher = summaries.pop("teacher")["rows"][0]
     rows = [

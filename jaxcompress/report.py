@@ -94,9 +94,10 @@ def reference_rows(summaries: Sequence[dict]) -> dict[str, dict]:
 
 
 def table(rows: Sequence[dict], references: dict[str, dict]) -> str:
-    """Markdown laid out like the survey's Table 1: one row per model, size as % of the
-    reference with and without embeddings, speedup, each task's metric (x100, mean ± std over
-    seeds) and the average drop in points against the reference."""
+    """Markdown laid out like the survey's Table 1: one row per model, its parameters (the
+    kept ones when unstructured-pruned), size as % of the reference with and without
+    embeddings, speedup, each task's metric (x100, mean ± std over seeds) and the average
+    drop in points against the reference."""
     tasks = sorted({r["task"] for r in rows})
     headers = [TASK_NAMES.get(t, t) for t in tasks]
     columns = ["model", "params", "size %", "size % (no emb.)", "speedup", *headers, "avg drop"]
@@ -125,7 +126,7 @@ def table(rows: Sequence[dict], references: dict[str, dict]) -> str:
         lines.append(
             {
                 "model": f"{technique} {strength}",
-                "params": f"{some['params'] / 1e6:.1f}M",
+                "params": f"{some.get('remaining_params', some['params']) / 1e6:.1f}M",
                 "size %": f"{100 * some['size']:.1f}",
                 "size % (no emb.)": f"{100 * some['size_no_embeddings']:.1f}",
                 "speedup": "" if speedup is None else f"{speedup:.2f}x",

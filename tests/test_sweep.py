@@ -270,6 +270,18 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert written["written"][2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_counts_the_parameters_pruning_kept(tmp_path):
+    runs = [
+        _summary("magnitude", "big", s, 0.8, remaining_params=kept * 1_000_000)
+        for s, kept in [(0, 2), (1, 3)]
+    ]
+    written = report.write_report(
+        [_write_runs(tmp_path / "a", runs)], tmp_path / "out", plots=False
+    )
+    assert written["rows"][0]["remaining_params"] == 2_500_000
+    assert written["table"].splitlines()[3].startswith("| magnitude big | 2.5M | 50.0 |")
+
+
 def test_report_refuses_mixed_bases_and_other_formats(tmp_path):
     a = _write_runs(tmp_path / "a", [_summary("t", "big", 0, 0.8, base="one")])
     b = _write_runs(tmp_path / "b", [_summary("t", "big", 1, 0.9, base="two")])
