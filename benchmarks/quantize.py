@@ -10,6 +10,9 @@ is timed against the float teacher, paired in the same process, at batch 1 and 3
 `--qat` adds the quantization-aware training sweeps of configs/ablations/sst2.py
 (`quantization`: Q8BERT, group-wise 4-bit, Q-BERT mixed precision, TernaryBERT; then
 `binarybert`, which splits the TernaryBERT runs into binary halves), 3 seeds, resumable.
+`--update` rewrites only the QAT rows of the runs finished in WORKDIR (e.g. after
+`jaxcompress sweep configs/ablations/sst2.py:binarybert --workdir WORKDIR/qat`) and keeps
+the file's other rows with the commit that measured them.
 Writes benchmarks/results/quantize.json.
 """
 
@@ -141,7 +144,8 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
 
 def update(workdir: Path, t0: float) -> None:
     """Rewrite the result file with fresh QAT rows for the runs finished in `workdir`; the
-    rows it does not recompute are kept as they were, with their commit."""
+    rows it does not recompute are kept as they were, with the commit, date and CPU that
+    measured them."""
     target = REPO / "benchmarks/results/quantize.json"
     old = json.loads(target.read_text())
     fresh = [
@@ -150,7 +154,8 @@ def update(workdir: Path, t0: float) -> None:
         for row in qat_rows(family, workdir / "qat", run=False)
     ]
     names = {row["name"] for row in fresh}
-    kept = [{"commit": old["commit"], **row} for row in old["rows"] if row["name"] not in names]
+    carried = {"commit": old["commit"], "date": old["date"], "cpu": old["machine"]["cpu"]}
+    kept = [{**carried, **row} for row in old["rows"] if row["name"] not in names]
     order = [row["name"] for row in old["rows"]]
     rows = sorted(
         kept + fresh, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)
@@ -172,7 +177,7 @@ def main() -> None:
         "--update",
         action="store_true",
         help="only the QAT rows of the runs finished in WORKDIR; every other row is kept from "
-        "the existing result file, tagged with the commit that measured it",
+        "the existing result file, tagged with the commit, date and CPU that measured it",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)

@@ -89,6 +89,8 @@ COLUMNS["quantize"] = [
     "compression",
     "compression_no_embeddings",
     "latency_ratio",
+    "commit",
+    "cpu",
 ]
 STANDARD = [
     "name",
@@ -124,7 +126,11 @@ def table(result: dict) -> str:
     rows = result["rows"]
     wanted = COLUMNS.get(result["benchmark"], STANDARD)
     columns = [c for c in wanted if any(c in r for r in rows)]
-    body = markdown_table([{c: r.get(c) for c in columns} for r in rows], columns, fmt)
+    cells = [{c: r.get(c) for c in columns} for r in rows]
+    for cell in cells:  # rows carried from an earlier measurement name its commit
+        if cell.get("commit"):
+            cell["commit"] = cell["commit"][:12]
+    body = markdown_table(cells, columns, fmt)
     if "table" in result:  # a report's own layout (sweeps: the survey's Table 1), and plots
         body = result["table"]
         body += "".join(f"\n\n![{p}](benchmarks/results/{p})" for p in result.get("plots", ()))
