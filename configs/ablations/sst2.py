@@ -14,7 +14,8 @@ precision at 3 bits on average; TernaryBERT's ternary weights and
 TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
 weight splitting into binary halves and trained on as binary weights, embeddings too, with
 8-bit activations and layer distillation), `pruning` (magnitude pruning to 50% and 90%
-sparsity, movement pruning to 10% remaining, 50% of heads by Michel et al.'s importance, 50%
+sparsity, movement pruning to 10% remaining (from the teacher, and Sanh et al.'s way: from the
+pre-trained model, 1,200 steps), 50% of heads by Michel et al.'s importance, 50%
 of FFN neurons, 6 -> 3 layers by four of Poor Man's BERT's strategies, and heads + FFN +
 layers combined, trained 1,200 steps; all distilled from the teacher), and `main` (the committed
 comparison: factorized embeddings,
@@ -31,6 +32,7 @@ teacher; the tests pass a tiny random model).
 from jaxcompress.sweep import deep_merge
 
 TEACHER = "minilm-l6-sst2-teacher"
+BASE = "sentence-transformers/all-MiniLM-L6-v2"  # what the teacher was fine-tuned from
 
 
 def student(transforms: tuple[str, ...], lr: float = 5e-5, **distill) -> dict:
@@ -67,6 +69,11 @@ def families(quick: bool) -> dict[str, dict]:
             "end": end,
             "frequency": 2 if quick else 10,
         }
+        return variant
+
+    def pretrained(variant: dict) -> dict:
+        """Start the student from the pre-trained model (a fresh classifier), not the teacher."""
+        variant["student"]["model"] = BASE
         return variant
 
     ffn = "low_rank(target='ffn', fraction={})".format
@@ -132,7 +139,15 @@ def families(quick: bool) -> dict[str, dict]:
                 "s50": pruned("magnitude", 0.5, end=0.5),
                 "s90": pruned("magnitude", 0.9, end=0.7, lr=1e-4),
             },
-            "movement_kd": {"r10": pruned("movement", 0.9, begin=0.1, end=0.7, lr=1e-4)},
+            "movement_kd": {
+                "r10": pruned("movement", 0.9, begin=0.1, end=0.7, lr=1e-4),
+                # Sanh et al. prune while fine-tuning the pre-trained model: from the
+                # fine-tuned teacher itself the distillation gradient starts at zero, so
+                # movement scores see only noise.
+                "r10_pretrained": longer(
+                    pretrained(pruned("movement", 0.9, begin=0.1, end=0.7, lr=1e-4))
+                ),
+            },
             "heads_kd": {"h50": student((heads(0.5),))},
             "ffn_kd": {"f50": student((neurons(0.5),))},
             "layers_kd": {
