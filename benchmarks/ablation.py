@@ -3,9 +3,11 @@
   JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
     python benchmarks/ablation.py configs/ablations/sst2.py:main --workdir runs/ablation_sst2
 
-Resumable (finished runs are reused). Writes benchmarks/results/ablation_<family>_sst2.json
-(or `--name`.json; the pruning issue's table is `--name prune`) with
-one row per variant (mean and std over seeds), plus .md, .csv and one PNG per task.
+Resumable (finished runs are reused); `--finished` reports the runs finished so far without
+training (e.g. after `jaxcompress sweep ... --only seed=0`). Writes
+benchmarks/results/ablation_<family>_sst2.json (or `--name`.json; the pruning issue's table
+is `--name prune`) with one row per variant (mean and std over seeds), plus .md, .csv and
+one PNG per task.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def main() -> None:
     prefix = REPO / "benchmarks" / "results" / name
     written = report.write_report([args.workdir], prefix, base=sweep.base_key(config))
     first = summaries[0]
+    steps = {  # a variant may train longer than the base (e.g. the combined pruning row)
+        (s["technique"], s["strength"]): s["config"]["recipe"]["stages"][-1]["config"]["train"]
+        for s in summaries
+    }
     rows = [
         {
             "name": f"{r['technique']} {r['strength']}",
@@ -63,6 +69,7 @@ def main() -> None:
             "bytes_relative": r["size"],
             "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
             "values": r["values"],
+            "steps": steps[r["technique"], r["strength"]].get("steps"),
         }
         for r in written["rows"]
     ]
