@@ -17,7 +17,8 @@ weight splitting into binary halves and trained on as binary weights, embeddings
 sparsity, movement pruning to 10% remaining (from the teacher, and Sanh et al.'s way: from the
 pre-trained model, 1,200 steps), 50% of heads by Michel et al.'s importance, 50%
 of FFN neurons, 6 -> 3 layers by four of Poor Man's BERT's strategies, and heads + FFN +
-layers combined, trained 1,200 steps; all distilled from the teacher), and `main` (the committed
+layers combined, trained 1,200 steps, by logits and also with hidden-state terms; all
+distilled from the teacher), and `main` (the committed
 comparison: factorized embeddings,
 low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
 or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
@@ -157,7 +158,17 @@ def families(quick: bool) -> dict[str, dict]:
             # About 4x less compute per step than the teacher, so three passes over the
             # subset cost what one pass of the other rows does.
             "combined_kd": {
-                "l3_h50_f50": longer(student((keep(3), heads(0.5), neurons(0.5)), 1e-4))
+                "l3_h50_f50": longer(student((keep(3), heads(0.5), neurons(0.5)), 1e-4)),
+                # + TinyBERT's hidden-state and embedding terms (the widths are unchanged)
+                "l3_h50_f50_hidden": longer(
+                    student(
+                        (keep(3), heads(0.5), neurons(0.5)),
+                        1e-4,
+                        hidden=1.0,
+                        embedding=1.0,
+                        cache_logits=False,
+                    )
+                ),
             },
         },
         "main": {
