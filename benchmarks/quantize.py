@@ -153,13 +153,10 @@ def update(workdir: Path, t0: float) -> None:
         for family in ("quantization", "binarybert")
         for row in qat_rows(family, workdir / "qat", run=False)
     ]
-    names = {row["name"] for row in fresh}
+    new = {row["name"]: row for row in fresh}
     carried = {"commit": old["commit"], "date": old["date"], "cpu": old["machine"]["cpu"]}
-    kept = [{**carried, **row} for row in old["rows"] if row["name"] not in names]
-    order = [row["name"] for row in old["rows"]]
-    rows = sorted(
-        kept + fresh, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)
-    )
+    rows = [new.pop(row["name"], {**carried, **row}) for row in old["rows"]]
+    rows += new.values()  # QAT variants the file did not have yet
     body = {"teacher": old["teacher"], "rows": rows, "wall_s": time.perf_counter() - t0}
     write_result(target, "quantize", body)
     for row in rows:

@@ -224,12 +224,13 @@ def sparsity(params: core.Params, rules: core.Rules) -> float:
     return _sparsity(masks_from_zeros(params, rules))
 
 
-def remaining_params(params: core.Params, rules: core.Rules) -> int:
-    """Parameters left after pruning: every stored value but the zeros among the weights
-    `rules` select (the count a sparse artefact keeps)."""
+def pruning_stats(params: core.Params, rules: core.Rules) -> dict[str, float | int]:
+    """`sparsity` (the fraction of zeros among the weights `rules` select) and
+    `remaining_params` (every stored value but those zeros: what a sparse artefact keeps)."""
+    masks = masks_from_zeros(params, rules)
     total = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    pruned = sum(int(m.size - jnp.sum(m)) for m in masks_from_zeros(params, rules).values())
-    return int(total - pruned)
+    pruned = sum(int(m.size - jnp.sum(m)) for m in masks.values())
+    return {"sparsity": _sparsity(masks), "remaining_params": int(total - pruned)}
 
 
 def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.0) -> core.Params:

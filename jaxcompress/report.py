@@ -83,7 +83,7 @@ def aggregate(summaries: Sequence[dict]) -> list[dict]:
         if all("speedup" in r for r in runs):
             row["speedup"], row["speedup_std"] = _mean_std([r["speedup"] for r in runs])
         if all("remaining_params" in r for r in runs):  # unstructured pruning: nonzeros kept
-            row["remaining_params"] = round(_mean_std([r["remaining_params"] for r in runs])[0])
+            row["remaining_params"] = round(statistics.fmean(r["remaining_params"] for r in runs))
         rows.append(row)
     return rows
 

@@ -334,7 +334,7 @@ def _measure(sweep: dict, run: Run, dirs: dict[str, Path], workdir: Path) -> dic
     row = json.loads(stage_summary.read_text()) if stage_summary.exists() else {}
     if "eval" not in row:  # e.g. an export stage: evaluate what it wrote
         row = _evaluate(run.recipe, measured, model_path)
-    row = {k: row[k] for k in (*MEASURED, *MEASURED_IF_PRESENT) if k in MEASURED or k in row}
+    row = {k: row[k] for k in MEASURED} | {k: row[k] for k in MEASURED_IF_PRESENT if k in row}
     reference_path = recipes.resolve(sweep["reference"], dirs)
     row["reference"] = _reference(sweep["reference"], reference_path, run, measured, workdir)
     row["relative"] = row["value"] / row["reference"]["value"]

@@ -561,10 +561,7 @@ def train(
     pruned = {}
     if pruning is not None:
         rules = prune.rules_from_config(config.prune)
-        pruned = {
-            "sparsity": prune.sparsity(params, rules),
-            "remaining_params": prune.remaining_params(params, rules),
-        }
+        pruned = prune.pruning_stats(params, rules)
         if not isinstance(model, QuantizedModel):  # a quantized artefact is the smaller one
             sparse.save(run.path / "sparse" / "params.safetensors", params, rules)
             size = sparse.sparse_bytes(params, rules)

@@ -91,7 +91,10 @@ def test_magnitude_sparsity_is_the_target_at_every_step_and_zeros_stay(scope):
     assert prune.sparsity(tree, RULES) == pytest.approx(0.9, abs=1e-3)
     dense = sum(x.size for x in jax.tree_util.tree_leaves(tree))
     zeros = sum(int(np.sum(v == 0)) for v in kernels(tree).values())
-    assert prune.remaining_params(tree, RULES) == dense - zeros
+    assert prune.pruning_stats(tree, RULES) == {
+        "sparsity": prune.sparsity(tree, RULES),
+        "remaining_params": dense - zeros,
+    }
 
 
 def test_one_shot_global_pruning_keeps_the_largest_weights():
