@@ -18,6 +18,7 @@ install-test:
 test: install-test
 	ruff format --check .
 	ruff check .
+	shellcheck tpu_scripts/*.sh
 	$(PYTHON) -m pytest -q
 
 # The main job: a compression recipe in quick mode (distil the MiniLM SST-2 teacher into a

@@ -92,6 +92,31 @@ COLUMNS["quantize"] = [
     "commit",
     "cpu",
 ]
+COLUMNS["throughput"] = [
+    "name",
+    "device",
+    "dtype",
+    "batch_size",
+    "step_ms",
+    "tokens_per_s",
+    "achieved_tflops",
+    "peak_tflops",
+    "peak_source",
+    "mfu",
+    "pytorch_tokens_per_s",
+    "ratio_vs_pytorch",
+    "commit",
+]
+COLUMNS["movement_scores"] = [
+    "name",
+    "steps_trained",
+    "chance",
+    "seed_vs_seed",
+    "seed_vs_seed_min",
+    "seed_vs_seed_max",
+    "scores_vs_magnitude",
+    "matrices",
+]
 STANDARD = [
     "name",
     "task",

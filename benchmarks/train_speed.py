@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 import transformers
+from timing import median_seconds, random_batch
 
 from jaxcompress import data, objectives, train
 from jaxcompress.config import load_config
@@ -44,22 +43,14 @@ def time_jax_step(config, batch_size: int, length: int, steps: int) -> float:
     tx = train.make_optimizer(config.train, 10_000)
     state = train.TrainState(jnp.array(0), params, tx.init(params), train.new_rng(0))
     step = train.make_train_step(objectives.finetune_loss(Bert(bert_config)), tx)
-    rng = np.random.default_rng(0)
-    batch = {
-        "input_ids": rng.integers(1000, 30000, (batch_size, length)).astype(np.int32),
-        "attention_mask": np.ones((batch_size, length), np.int32),
-        "token_type_ids": np.zeros((batch_size, length), np.int32),
-        "labels": rng.integers(0, 2, batch_size).astype(np.int32),
-        "example_mask": np.ones(batch_size, np.float32),
-    }
-    times = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
+    batch = random_batch(batch_size, length)
+
+    def run():
+        nonlocal state
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss"])
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return median_seconds(run, steps)
 
 
 def time_torch_step(config, batch_size: int, length: int, steps: int) -> float:
@@ -70,21 +61,19 @@ def time_torch_step(config, batch_size: int, length: int, steps: int) -> float:
     )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=0.01)
-    rng = np.random.default_rng(0)
-    ids = torch.tensor(rng.integers(1000, 30000, (batch_size, length)))
-    labels = torch.tensor(rng.integers(0, 2, batch_size))
+    batch = random_batch(batch_size, length)
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    labels = torch.from_numpy(batch["labels"]).long()
     mask = torch.ones_like(ids)
-    times = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
+
+    def run():
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return median_seconds(run, steps)
 
 
 def same_shape_rows(config, steps: int) -> list[dict]:

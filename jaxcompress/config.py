@@ -25,7 +25,15 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
     c.seed = 0
     c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
-    c.dtype = "float32"  # compute dtype: float32 or bfloat16
+    c.dtype = "float32"  # compute dtype (parameters stay float32): float32, bfloat16 or
+    # float16 (float16 trains with dynamic loss scaling)
+    c.remat = False  # recompute each layer's activations in the backward pass (saves memory)
+    # Devices: a (data, fsdp, tensor) mesh; -1 takes the devices the other axes leave.
+    # jaxcompress/sharding.py maps parameters to it. May change when a run resumes.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Multi-host (TPU pod slices, SLURM): call jax.distributed.initialize() first; each host
+    # then reads its share of every batch, and only process 0 writes logs and run files.
+    c.distributed = False
     c.dropout = 0.1  # hidden and attention dropout
     c.layerdrop = 0.0  # LayerDrop: probability of skipping each layer in a training step
     c.context_batches = 4  # train batches data-driven transforms measure (layer contributions)
@@ -107,6 +115,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.eps = 1e-8
+    # Split each batch into this many micro-batches whose gradients are averaged (weighted by
+    # their examples) before one optimizer step: the batch's memory at 1/grad_accum.
+    c.train.grad_accum = 1
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64

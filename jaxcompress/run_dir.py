@@ -19,17 +19,28 @@ def _jsonable(value):
     return value
 
 
-class RunDir:
-    """Owns the files of one run; refuses to mix two different configs in one directory."""
+# Config keys a run may change when it resumes: where it runs, not what it computes.
+PLACEMENT_KEYS = ("mesh", "distributed")
 
-    def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict):
+
+class RunDir:
+    """Owns the files of one run; refuses to mix two different configs in one directory.
+
+    With `write=False` (every process of a multi-host run but the first) it checks the
+    config but writes nothing."""
+
+    def __init__(
+        self, path: str | os.PathLike, config: ml_collections.ConfigDict, write: bool = True
+    ):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.write = write
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
         resolved = _resolved(config)
         config_file = self.path / "config.json"
         if config_file.exists():
             previous = json.loads(config_file.read_text())
-            if previous != resolved and _upgraded(previous) != resolved:
+            if _placed(previous) != _placed(resolved) and _upgraded(previous) != _placed(resolved):
                 changed = sorted(
                     k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k)
                 )
@@ -37,16 +48,20 @@ class RunDir:
                     f"{self.path} holds a run with a different config (keys {changed}); "
                     "use a new workdir or delete it"
                 )
-        else:
+        elif write:
             write_json(config_file, resolved)
         self.config = resolved
 
     def log(self, **record) -> None:
+        if not self.write:
+            return
         record = {"time": time.time(), **record}
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def write_summary(self, summary: dict) -> None:
+        if not self.write:
+            return
         full = {
             "config": self.config,
             "commit": provenance.git_commit(),
@@ -57,12 +72,18 @@ class RunDir:
         write_json(self.path / "summary.json", full)
 
 
+def _placed(resolved: dict) -> dict:
+    """A resolved config without its `PLACEMENT_KEYS`."""
+    return {k: v for k, v in resolved.items() if k not in PLACEMENT_KEYS}
+
+
 def _upgraded(saved: dict) -> dict:
-    """A saved config read under today's schema: keys added since take their defaults."""
+    """A saved config read under today's schema (keys added since take their defaults),
+    without its placement keys."""
     try:
-        return _resolved(config_from_json(saved))
+        return _placed(_resolved(config_from_json(saved)))
     except (KeyError, TypeError, ValueError):
-        return saved
+        return _placed(saved)
 
 
 def _resolved(config: ml_collections.ConfigDict) -> dict:

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from flax.training.dynamic_scale import DynamicScale
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxcompress import (
@@ -24,11 +26,13 @@ from jaxcompress import (
     checkpoint,
     core,
     data,
+    grads,
     hessian,
     metrics,
     prune,
     qat,
     quant_pack,
+    sharding,
     sparse,
     structured,
     student,
@@ -60,6 +64,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array  # raw key data (uint32); the step's dropout key is fold_in(key, step)
     prune: Any = ()  # a prune.PruneState when the run prunes
+    loss_scale: Any = ()  # a DynamicScale when the compute dtype is float16
 
 
 def new_rng(seed: int, impl: str = "rbg") -> jax.Array:
@@ -109,6 +114,8 @@ def make_train_step(
     rng_impl: str = "rbg",
     pruning: core.Reparam | None = None,
     prune_config: ml_collections.ConfigDict | None = None,
+    grad_accum: int = 1,
+    out_shardings: Any = None,
 ):
     """A jitted `(state, batch, teacher_params) -> (state, metrics)` that donates the state.
 
@@ -116,6 +123,9 @@ def make_train_step(
     several times cheaper on CPU than the default threefry; both are deterministic.
     With `pruning`, the loss sees `pruning.apply(params, state.prune)`, `tx` (wrapped by
     `prune.keep_pruned_zero`) gets the masks, and masks are updated after the step.
+    `grad_accum` > 1 accumulates gradients over that many micro-batches (`grads`). A state
+    holding a `DynamicScale` (float16) scales the loss and skips steps whose gradients are
+    not finite. `out_shardings` (of `(state, metrics)`) keeps a sharded state's layout.
     """
     score_l1 = prune_config.score_l1 if prune_config is not None else 0.0
     zero_stored = prune_config is not None and prune_config.method != "movement"
@@ -123,44 +133,63 @@ def make_train_step(
     def step(state: TrainState, batch: Batch, teacher_params=None):
         key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
         rng = jax.random.fold_in(key, state.step)
-        if pruning is None:
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (loss, aux), grads = grad_fn(state.params, batch, rng, teacher_params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        else:
+        scaling = isinstance(state.loss_scale, DynamicScale)
 
-            def pruned_loss(params):
-                loss, aux = loss_fn(pruning.apply(params, state.prune), batch, rng, teacher_params)
-                if score_l1:
-                    aux = {**aux, "score_penalty": prune.movement_penalty(params)}
-                    loss = loss + score_l1 * aux["score_penalty"]
-                return loss, aux
+        def objective(params, micro_batch, micro_rng):
+            seen = params if pruning is None else pruning.apply(params, state.prune)
+            loss, aux = loss_fn(seen, micro_batch, micro_rng, teacher_params)
+            if score_l1:
+                aux = {**aux, "score_penalty": prune.movement_penalty(params)}
+                loss = loss + score_l1 * aux["score_penalty"]
+            return loss, aux
 
-            (loss, aux), grads = jax.value_and_grad(pruned_loss, has_aux=True)(state.params)
-            masks = state.prune.masks
-            updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=masks)
-            params = optax.apply_updates(state.params, updates)
+        scale = state.loss_scale.scale if scaling else None
+        grad_fn = grads.value_and_grad(objective, grad_accum, scale)
+        (loss, aux), grad = grad_fn(state.params, batch, rng)
+        extra = {} if pruning is None else {"masks": state.prune.masks}
+        updates, opt_state = tx.update(grad, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if pruning is not None:
             prune_state = pruning.update(params, state.prune, state.step + 1)
             if zero_stored:  # magnitude pruning: a pruned weight is zero in storage too
                 params = prune.zero_pruned(params, prune_state.masks)
-            new = state.replace(
-                step=state.step + 1, params=params, opt_state=opt_state, prune=prune_state
-            )
+            new = new.replace(params=params, prune=prune_state)
             aux = {**aux, "sparsity": prune_state.target}
-        norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(new.params)}
+        if scaling:
+            finite = grads.all_finite(grad)
+            kept = grads.keep_if(
+                finite,
+                (new.params, new.opt_state, new.prune),
+                (state.params, state.opt_state, state.prune),
+            )
+            new = new.replace(
+                params=kept[0],
+                opt_state=kept[1],
+                prune=kept[2],
+                loss_scale=grads.next_loss_scale(state.loss_scale, finite),
+            )
+            aux = {**aux, "loss_scale": state.loss_scale.scale, "finite": finite}
+        norms = {"grad_norm": optax.tree.norm(grad), "param_norm": optax.tree.norm(new.params)}
         return new, {"loss": loss, **norms, **aux}
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
 
-def make_eval_step(model: Bert):
-    @jax.jit
-    def step(params, batch):
+def make_eval_step(model: Bert, mesh: Mesh | None = None):
+    """A jitted `(params, batch) -> logits`. With a mesh of several devices, the batch (the
+    same on every process) is split over its data axes and the logits come back whole."""
+    if mesh is None or mesh.size == 1:
+        return jax.jit(lambda params, batch: forward(model, params, batch, None).logits)
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def logits(params, batch):
         return forward(model, params, batch, None).logits
 
-    return step
+    def step(params, batch):
+        return logits(params, sharding.full_batch_to_global(batch, mesh))
+
+    return sharding.within(mesh, step)
 
 
 def predict(eval_step, params, split: data.TokenizedSplit, batch_size: int, buckets) -> np.ndarray:
@@ -265,6 +294,7 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
         hidden_dropout_prob=config.dropout,
         attention_probs_dropout_prob=config.dropout,
         layerdrop=config.layerdrop,
+        remat=config.remat,
     )
     return transforms.from_specs(config.transforms, transform_context(config))(bert_config, params)
 
@@ -313,12 +343,18 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple
 
 
 def initial_state(
-    config: ml_collections.ConfigDict, total_steps: int, teacher_config: BertConfig | None = None
+    config: ml_collections.ConfigDict,
+    total_steps: int,
+    teacher_config: BertConfig | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[BertConfig, Bert, optax.GradientTransformation, TrainState, core.Reparam | None]:
     """The model, optimizer, step-0 train state and pruning (or None) of a fine-tuning config.
 
-    With a teacher, the trainable tree also holds the objective's projections (if any).
+    With a teacher, the trainable tree also holds the objective's projections (if any). The
+    state is placed on `mesh` (default: `config.mesh`) by `sharding`'s rules: parameters put
+    there once loaded, optimizer moments created there.
     """
+    mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
     bert_config, params = load_model(config)
     rules = qat.rules_from_config(config.quantize)
     if rules is not None:  # learned step sizes (LSQ) train beside their weights
@@ -338,19 +374,28 @@ def initial_state(
         if projections:
             params = {**params, DISTILL_PARAMS: projections}
     tx = make_optimizer(config.train, total_steps)
+    specs = sharding.param_specs(bert_config, params, mesh)
+    params = jax.device_put(params, sharding.named(mesh, specs))
+    sharding.check_fsdp(params, mesh)
     prune_state = ()
     if pruning is not None:
         tx = prune.keep_pruned_zero(tx)
         prune_state = pruning.init(params)
+        masks = sharding.like_params(prune_state.masks, params, specs)
+        prune_state = jax.device_put(
+            prune_state, prune.PruneState(sharding.named(mesh, masks), sharding.replicated(mesh))
+        )
         if config.prune.method != "movement":
             params = prune.zero_pruned(params, prune_state.masks)
-    state = TrainState(
-        step=jnp.array(0, jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=new_rng(config.seed, config.rng_impl),
-        prune=prune_state,
+    opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, params), specs)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.named(mesh, opt_specs))(params)
+    scalars = (
+        jnp.array(0, jnp.int32),
+        new_rng(config.seed, config.rng_impl),
+        DynamicScale() if config.dtype == "float16" else (),
     )
+    step, rng, loss_scale = jax.device_put(scalars, sharding.replicated(mesh))
+    state = TrainState(step, params, opt_state, rng, prune_state, loss_scale)
     return bert_config, Bert(bert_config), tx, state, pruning
 
 
@@ -448,7 +493,31 @@ def train(
     `stop_after_step` ends the run early (after checkpointing), as a preemption would.
     Returns the summary that is also written to `workdir/summary.json`.
     """
+    if config.distributed:
+        sharding.initialize_distributed()
     enable_compile_cache(config.compile_cache)
+    mesh = sharding.mesh_from_config(config.mesh)
+    check_batch_split(config, mesh)
+    return _train(config, workdir, mesh, stop_after_step)
+
+
+def check_batch_split(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Train micro-batches and eval batches must split evenly over the mesh's data axes."""
+    accumulate = config.train.grad_accum
+    if accumulate < 1 or config.train.batch_size % accumulate:
+        raise ValueError(
+            f"train.grad_accum={accumulate} must divide train.batch_size={config.train.batch_size}"
+        )
+    sharding.check_batch_size(config.train.batch_size // accumulate, mesh, "train micro-batch")
+    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh, stop_after_step
+) -> dict:
+    main = jax.process_index() == 0
+    if not main:  # one log for the whole pod: process 0's
+        logging.getLogger("jaxcompress").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(config)
     train_split, eval_splits = load_task_splits(config, tokenizer)
     steps = total_steps(config, len(train_split))
@@ -458,8 +527,11 @@ def train(
             f"{len(train_split)} train examples < batch size {config.train.batch_size}"
         )
     teacher, teacher_params = load_teacher(config)
+    if teacher is not None:
+        specs = sharding.param_specs(teacher.config, teacher_params, mesh)
+        teacher_params = jax.device_put(teacher_params, sharding.named(mesh, specs))
     bert_config, model, tx, state, pruning = initial_state(
-        config, steps, None if teacher is None else teacher.config
+        config, steps, None if teacher is None else teacher.config, mesh
     )
     seen = state.params if pruning is None else pruning.apply(state.params, state.prune)
     model = quantize_model(config, model, seen, train_split)
@@ -472,22 +544,33 @@ def train(
                 "distill.cache_logits caches logits only; layer terms need the teacher"
             )
         teacher_logits = predict(
-            make_eval_step(teacher),
+            make_eval_step(teacher, mesh),
             teacher_params,
             train_split,
             config.eval.batch_size,
             config.buckets,
         )
-    run = RunDir(workdir, config)  # only once inputs load: a bad model or data path writes nothing
+    # Only once inputs load: a bad model or data path writes nothing. Process 0 writes.
+    run = RunDir(workdir, config, write=main)
     mngr = checkpoint.manager(run.path / "checkpoints", config.checkpoint_keep)
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
         state = restored
         log.info("resumed from step %d", int(state.step))
-    train_step = make_train_step(
-        loss_fn, tx, config.rng_impl, pruning, config.prune if pruning else None
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    train_step = sharding.within(
+        mesh,
+        make_train_step(
+            loss_fn,
+            tx,
+            config.rng_impl,
+            pruning,
+            config.prune if pruning else None,
+            config.train.grad_accum,
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+        ),
     )
-    eval_step = make_eval_step(model)
+    eval_step = make_eval_step(model, mesh)
 
     def evaluate_all(params) -> dict[str, dict[str, float]]:
         return evaluate_splits(config, eval_step, params, eval_splits)
@@ -500,7 +583,11 @@ def train(
     t0 = window_t = time.perf_counter()
     order: tuple[int, list[np.ndarray]] = (-1, [])
     bar = tqdm(
-        total=steps, initial=start, desc=f"finetune {config.task}", unit="step", disable=None
+        total=steps,
+        initial=start,
+        desc=f"finetune {config.task}",
+        unit="step",
+        disable=None if main else True,
     )
     for step in range(start, last):
         epoch, position = divmod(step, steps_per_epoch)
@@ -521,9 +608,10 @@ def train(
         if teacher_logits is not None:
             rows = len(batch["labels"])
             batch["teacher_logits"] = teacher_logits[indices[jax.process_index() * rows :][:rows]]
-        n_real = int(batch["attention_mask"].sum())
+        n_real = int(batch["attention_mask"].sum()) * jax.process_count()  # about: this host's
         real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
-        padded_tokens += batch["input_ids"].size
+        padded_tokens += batch["input_ids"].size * jax.process_count()
+        batch = sharding.local_batch_to_global(batch, mesh)
         state, step_metrics = train_step(state, batch, teacher_params)
         unchecked.append(step_metrics)
         done = step + 1
@@ -536,7 +624,7 @@ def train(
             loss = float(np.mean([m["loss"] for m in window]))
             run.log(step=done, loss=loss, grad_norm=window[-1]["grad_norm"], tokens_per_s=rate)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
-            if bar.disable:  # no terminal: progress goes to the log instead
+            if bar.disable and main:  # no terminal: progress goes to the log instead
                 log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, loss, rate)
             window, window_t, window_tokens = [], now, 0
         if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
@@ -556,6 +644,11 @@ def train(
     params = pruned_params(state, pruning)
     results = evaluate_all(params)
     run.log(step=steps, eval=results)
+    metric = metrics.main_metric(config.task)
+    value = results[data.get_task(config.task).eval_splits[0]][metric]
+    if not main:  # process 0 writes the artefacts and the summary
+        return {"task": config.task, "metric": metric, "value": value, "eval": results}
+    params = sharding.to_host(params)
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
     size = artefact.saved_bytes(params)
     pruned = {}
@@ -575,10 +668,8 @@ def train(
         artefact.save(bert_config, params, run.path / "compressed", tokenizer_dir)
     summary = {
         "task": config.task,
-        "metric": metrics.main_metric(config.task),
-        "value": results[data.get_task(config.task).eval_splits[0]][
-            metrics.main_metric(config.task)
-        ],
+        "metric": metric,
+        "value": value,
         "eval": results,
         "steps": steps,
         "train_examples": len(train_split),

@@ -12,7 +12,7 @@ from jaxcompress import prune, sparse
 from jaxcompress.config import finetune_defaults
 from jaxcompress.train import make_optimizer, train
 
-from .test_train import tiny_model_run_config
+from .helpers import tiny_model_run_config
 
 RULES = [(r".*/kernel", True), (".*", None)]
 

@@ -15,8 +15,7 @@ from jaxcompress.quantize import QuantSpec
 from jaxcompress.quantized_model import QuantizedModel, calibrate, fake_quant_input
 from jaxcompress.train import train
 
-from .helpers import save_tiny_model, tiny_config
-from .test_train import tiny_model_run_config, tiny_run_config
+from .helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
 
 
 def _batch(seed=0, batch=4, length=12):

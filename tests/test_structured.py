@@ -15,8 +15,7 @@ from jaxcompress.models.hf import save_pretrained
 from jaxcompress.objectives import forward, task_loss
 from jaxcompress.train import train
 
-from .helpers import tiny_config
-from .test_train import tiny_model_run_config
+from .helpers import tiny_config, tiny_model_run_config
 
 LAYER = "bert/encoder/layer/"
 CONFIG = tiny_config(num_labels=2)  # 2 layers, 4 heads of 8, FFN 64

@@ -3,48 +3,21 @@
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from jaxcompress import checkpoint
-from jaxcompress.config import finetune_defaults, merge
+from jaxcompress.config import finetune_defaults
 from jaxcompress.run_dir import RunDir
 from jaxcompress.train import make_optimizer, train
 
-from .helpers import save_tiny_model
+from .helpers import save_tiny_model, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, minilm_dir):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", minilm_dir)
-
-
-def tiny_run_config(model_dir, glue_dir, **train_changes):
-    c = ml_collections.ConfigDict()
-    c.model = str(model_dir)
-    c.glue_dir = str(glue_dir)
-    c.task = "sst2"
-    c.max_length = 64
-    c.buckets = (16, 32, 64)
-    c.log_every = 2
-    c.checkpoint_every = 2
-    c.checkpoint_keep = 5
-    c.train = ml_collections.ConfigDict(
-        {"examples": 32, "batch_size": 8, "steps": 6, "lr": 1e-3, **train_changes}
-    )
-    c.eval = ml_collections.ConfigDict({"batch_size": 128})
-    return merge(finetune_defaults(), c)
-
-
-def tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps: int):
-    """`tiny_run_config` of a fresh tiny SST-2 model saved under tmp_path, one bucket."""
-    model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
-    config = tiny_run_config(model_dir, glue_dir, steps=steps)
-    with config.unlocked():
-        config.buckets = (64,)
-    return config
 
 
 def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir):

@@ -24,6 +24,8 @@ VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (
     "positions",
     "types",
 )
+# Logical axis names of the hidden states between layers (sharding.RULES split the batch).
+BATCH, LENGTH, ACTIVATION_EMBED = "batch", "length", "activation_embed"
 
 # BertConfig fields that describe a shape Hugging Face's BertConfig cannot (head_size aside).
 COMPRESSED_FIELDS = (
@@ -75,6 +77,9 @@ class BertConfig:
     # LayerDrop (Fan et al. 2019): in training, each layer is skipped for the whole batch with
     # this probability (the 'dropout' rng); evaluation runs every layer. Not a shape.
     layerdrop: float = 0.0
+    # Recompute each layer's activations in the backward pass instead of keeping them
+    # (less memory, about a third more compute). Not a shape.
+    remat: bool = False
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
@@ -232,6 +237,11 @@ def activation(name: str):
     return table[name]
 
 
+def constrain_hidden(x_BxLxH: jax.Array) -> jax.Array:
+    """Hidden states as the logical axis rules in force say (unchanged when none are)."""
+    return nn.with_logical_constraint(x_BxLxH, (BATCH, LENGTH, ACTIVATION_EMBED))
+
+
 class Embeddings(nn.Module):
     config: BertConfig
 
@@ -255,7 +265,8 @@ class Embeddings(nn.Module):
         length = input_ids_BxL.shape[1]
         x_BxLxH = x_BxLxH + pos[None, :length] + jnp.take(types, token_type_ids_BxL, axis=0)
         x_BxLxH = LayerNorm(cfg, name="LayerNorm")(x_BxLxH)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=deterministic)
+        x_BxLxH = nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=deterministic)
+        return constrain_hidden(x_BxLxH)
 
 
 class SelfAttention(nn.Module):
@@ -348,7 +359,7 @@ class Layer(nn.Module):
         return self.attention(x, bias, self.deterministic)
 
     def feed_forward(self, x):
-        return self.output(self.intermediate(x), x, self.deterministic)
+        return constrain_hidden(self.output(self.intermediate(x), x, self.deterministic))
 
     def __call__(self, x, bias, skip=None):
         y, probs = self.attend(x, bias)
@@ -390,6 +401,9 @@ class LayerStack(nn.Module):
         ffn_groups = [cfg.ffn_group(i) for i in range(n)]
         runs = _consecutive_runs(attention_groups) if attention_groups == ffn_groups else None
         hidden_states, attentions = [x], []
+        layer_class = Layer
+        if cfg.remat:
+            layer_class = nn.remat(Layer, methods=["__call__", "attend", "feed_forward"])
         skips_N = None
         if not self.deterministic and cfg.layerdrop > 0:
             skips_N = jax.random.bernoulli(self.make_rng("dropout"), cfg.layerdrop, (n,))
@@ -399,7 +413,7 @@ class LayerStack(nn.Module):
                 layer = attention_groups.index(group)
                 sizes = (cfg.layer_heads(layer), cfg.layer_intermediate(layer))
                 scanned = nn.scan(
-                    Layer,
+                    layer_class,
                     variable_broadcast="params",
                     variable_axes={"intermediates": 0},
                     split_rngs={"params": False, "dropout": True},
@@ -425,7 +439,7 @@ class LayerStack(nn.Module):
                 width = (
                     cfg.layer_intermediate(ffn_groups.index(group)) if group in ffn_groups else 0
                 )
-                modules[group] = Layer(cfg, heads, width, self.deterministic, name=str(group))
+                modules[group] = layer_class(cfg, heads, width, self.deterministic, name=str(group))
             return modules[group]
 
         for i in range(n):

@@ -1,0 +1,70 @@
+"""Run in a subprocess (`python -m tests.sharded_training MODEL TEACHER GLUE WORKDIR MODE`)
+with XLA's host device count set: trains tiny runs under several meshes, prints their losses.
+
+MODE "reference" (1 device): each case once. MODE "meshes" (8 devices): fine-tuning under a
+data-parallel, an FSDP and a tensor-parallel mesh; QAT, pruning and distillation under a
+2 x 2 x 2 mesh; and a run stopped under one mesh and resumed under another.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxcompress.train import train
+
+from .helpers import tiny_run_config
+
+CASES = {
+    "finetune": {},
+    "qat": {"quantize.kernels": "bits=4", "quantize.activation_bits": 8},
+    "prune": {"prune.method": "magnitude", "prune.sparsity": 0.5, "prune.end": 0.5},
+    "distill": {"distill.hidden": 1.0},
+}
+MESHES = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (2, 1, 4), "mixed": (2, 2, 2)}
+
+
+def run(model_dir, teacher_dir, glue_dir, workdir, case, mesh, stop_after_step=None):
+    config = tiny_run_config(model_dir, glue_dir, steps=4)
+    with config.unlocked():
+        config.log_every = 1
+        config.checkpoint_every = 4  # the end (and the stop of a stopped run)
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+        config.distill.teacher = str(teacher_dir) if case == "distill" else ""
+        for key, value in CASES[case].items():
+            section, name = key.split(".")
+            config[section][name] = value
+    summary = train(config, workdir, stop_after_step=stop_after_step)
+    if stop_after_step is not None:
+        return None
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+    return {"losses": losses, "value": summary["value"]}
+
+
+def main(model_dir, teacher_dir, glue_dir, workdir, mode):
+    workdir = Path(workdir)
+    report = {"devices": jax.device_count()}
+    if mode == "reference":
+        for case in CASES:
+            report[case] = run(model_dir, teacher_dir, glue_dir, workdir / case, case, (1, 1, 1))
+    else:
+        for name in ("data", "fsdp", "tensor"):
+            report[f"finetune/{name}"] = run(
+                model_dir, teacher_dir, glue_dir, workdir / name, "finetune", MESHES[name]
+            )
+        for case in ("qat", "prune", "distill"):
+            report[f"{case}/mixed"] = run(
+                model_dir, teacher_dir, glue_dir, workdir / case, case, MESHES["mixed"]
+            )
+        resumed = workdir / "resumed"
+        run(model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["data"], 2)
+        report["finetune/data-then-mixed"] = run(
+            model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["mixed"]
+        )
+    print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
