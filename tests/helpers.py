@@ -1,5 +1,6 @@
 """Tiny real-format models for fast tests."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -86,3 +87,13 @@ def tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps: int):
     with config.unlocked():
         config.buckets = (64,)
     return config
+
+
+def simulated_devices_env(count: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `count` simulated CPU devices. On a loaded
+    two-core machine one device thread can miss XLA's default 40 s collective rendezvous, so
+    the timeout is raised; XLA's warnings about resharding tiny arrays are silenced."""
+    flags = (
+        f"--xla_force_host_platform_device_count={count} --xla_cpu_collective_timeout_seconds=600"
+    )
+    return {**os.environ, "XLA_FLAGS": flags, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -1,7 +1,6 @@
 """The conformance suite: every registered transform passes the same checks."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert
 
 from .conformance_cases import CASES, logits, model_and_batch
+from .helpers import simulated_devices_env
 
 IDS = [c.name for c in CASES]
 
@@ -71,7 +71,7 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
 
 
 def test_every_case_on_8_sharded_cpu_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = simulated_devices_env(8)
     repo = Path(__file__).resolve().parents[1]
     script = "from tests.conformance_sharded import main; main()"
     result = subprocess.run(

@@ -2,7 +2,6 @@
 8 simulated CPU devices equals one device."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.objectives import finetune_loss
 
-from .helpers import save_tiny_model, tiny_config, tiny_run_config
+from .helpers import save_tiny_model, simulated_devices_env, tiny_config, tiny_run_config
 from .sharded_training import CASES
 
 P = PartitionSpec
@@ -194,11 +193,7 @@ def test_bad_mesh_and_batch_splits_fail_before_training(tmp_path, minilm_dir, gl
 
 
 def _subprocess(devices: int, *args: str) -> dict:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",  # XLA's warnings about resharding tiny arrays
-    }
+    env = simulated_devices_env(devices)
     repo = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "tests.sharded_training", *args]
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
