@@ -27,6 +27,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
     c.dtype = "float32"  # compute dtype (parameters stay float32): float32, bfloat16 or
     # float16 (float16 trains with dynamic loss scaling)
+    # PoWER-BERT (jaxcompress/token_drop.py): per layer, the fraction of the padded length
+    # whose word vectors (by attention received) the layer keeps; () = all of them.
+    c.token_keep = ()
     c.remat = False  # recompute each layer's activations in the backward pass (saves memory)
     # Devices: a (data, fsdp, tensor) mesh; -1 takes the devices the other axes leave.
     # jaxcompress/sharding.py maps parameters to it. May change when a run resumes.
@@ -100,6 +103,16 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""
+
+    # Early exit (jaxcompress/early_exit.py): a head after each of these layers (1-based;
+    # () = off), trained on `targets` ("labels", "final": the model's own last-layer
+    # prediction (FastBERT), "teacher": distill.teacher's), weighted "equal" or by "layer"
+    # (PABEE); freeze_backbone trains the heads only (DeeBERT's second stage).
+    c.early_exit = ml_collections.ConfigDict()
+    c.early_exit.layers = ()
+    c.early_exit.targets = "labels"
+    c.early_exit.weighting = "equal"
+    c.early_exit.freeze_backbone = True
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32

@@ -17,8 +17,10 @@ from jaxcompress.models.bert import Bert, BertConfig, BertOutput, layer_projecti
 Batch = dict[str, jax.Array]
 # (params, batch, dropout key or None, teacher params or None) -> (loss, auxiliary metrics)
 LossFn = Callable[[Any, Batch, jax.Array | None, Any], tuple[jax.Array, dict[str, jax.Array]]]
-# Top-level key of the trainable tree holding distillation-only parameters (projections).
+# Top-level keys of the trainable tree that the model does not read: distillation-only
+# parameters (projections) and early-exit heads (`early_exit`).
 DISTILL_PARAMS = "distill"
+EXITS = "exits"
 
 
 def task_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array) -> jax.Array:
@@ -273,5 +275,5 @@ def finetune_loss(
 
 
 def model_params(params: dict) -> dict:
-    """The model's parameters of a trainable tree (distillation projections removed)."""
-    return {k: v for k, v in params.items() if k != DISTILL_PARAMS}
+    """The model's parameters of a trainable tree (projections and exit heads removed)."""
+    return {k: v for k, v in params.items() if k not in (DISTILL_PARAMS, EXITS)}

@@ -26,6 +26,7 @@ from jaxcompress import (
     checkpoint,
     core,
     data,
+    early_exit,
     grads,
     hessian,
     metrics,
@@ -43,6 +44,7 @@ from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
 from jaxcompress.objectives import (
     DISTILL_PARAMS,
+    EXITS,
     Batch,
     LossFn,
     Objective,
@@ -295,6 +297,7 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
         attention_probs_dropout_prob=config.dropout,
         layerdrop=config.layerdrop,
         remat=config.remat,
+        token_keep=tuple(config.token_keep) or None,
     )
     return transforms.from_specs(config.transforms, transform_context(config))(bert_config, params)
 
@@ -373,7 +376,12 @@ def initial_state(
         projections = init_distill_params(objective, bert_config, teacher_config)
         if projections:
             params = {**params, DISTILL_PARAMS: projections}
+    exits = config.early_exit
+    if exits.layers:
+        params = {**params, EXITS: early_exit.init_exits(bert_config, params, exits.layers)}
     tx = make_optimizer(config.train, total_steps)
+    if exits.layers and exits.freeze_backbone:
+        tx = early_exit.frozen_backbone_optimizer(tx)
     specs = sharding.param_specs(bert_config, params, mesh)
     params = jax.device_put(params, sharding.named(mesh, specs))
     sharding.check_fsdp(params, mesh)
@@ -536,7 +544,13 @@ def _train(
     seen = state.params if pruning is None else pruning.apply(state.params, state.prune)
     model = quantize_model(config, model, seen, train_split)
     objective = Objective.from_config(config.distill)
+    if config.token_keep and objective.uses_layers:
+        raise ValueError(
+            "token_keep shortens hidden states; layer distillation terms need them whole"
+        )
     loss_fn = make_loss(model, objective, teacher)
+    if config.early_exit.layers:
+        loss_fn = early_exit.make_exit_loss(model, config.early_exit, teacher)
     teacher_logits = None
     if teacher is not None and config.distill.cache_logits:
         if objective.uses_layers:
@@ -666,6 +680,14 @@ def _train(
     )
     if config.transforms or not bert_config.is_uniform:  # keep the compressed shapes too
         artefact.save(bert_config, params, run.path / "compressed", tokenizer_dir)
+    exits = {}
+    if config.early_exit.layers:  # the model with its exit heads, and each exit's accuracy
+        with_exits = {**params, EXITS: sharding.to_host(state.params[EXITS])}
+        artefact.save(bert_config, with_exits, run.path / "exits", tokenizer_dir)
+        split = eval_splits[data.get_task(config.task).eval_splits[0]]
+        batches = data.eval_batches(split, config.eval.batch_size, config.buckets)
+        accuracy = early_exit.exit_accuracies(bert_config, with_exits, list(batches))
+        exits = {"exit_accuracy": {str(n): a for n, a in accuracy.items()}}
     summary = {
         "task": config.task,
         "metric": metric,
@@ -680,6 +702,7 @@ def _train(
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "params": artefact.count_params(params),
         **pruned,
+        **exits,
         **size,
         "model_dir": str(model_dir),
     }

@@ -91,3 +91,30 @@ def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, mo
     recipe_file.write_text(f"def get_config(arg):\n    return {recipe!r}\n")
     assert main(["recipe", "--config", str(recipe_file), "--workdir", str(workdir)]) == 0
     assert (workdir / "results.md").read_text().strip() == table
+
+
+def test_dynamic_inference_stages_on_a_distilled_student(
+    tmp_path, minilm_dir, glue_dir, monkeypatch
+):
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    teacher = str(save_tiny_model(tmp_path / "teacher", minilm_dir, num_labels=2))
+    exits = finetune_stage("exits", "@student", "")
+    exits["config"]["early_exit"] = {"layers": (1,), "targets": "labels"}
+    power = finetune_stage("power", "@student", "@student", alpha=1.0)
+    power["config"]["token_keep"] = (1.0, 0.5)
+    recipe = {
+        "task": "sst2",
+        "stages": (
+            finetune_stage("student", teacher, teacher, ("low_rank(target='ffn', fraction=0.5)",)),
+            exits,
+            power,
+        ),
+    }
+    summaries = recipes.run_recipe(recipe, tmp_path / "recipe")
+    assert [s["stage"] for s in summaries] == ["student", "exits", "power"]
+    config, params = artefact.load(tmp_path / "recipe" / "exits" / "exits")
+    assert config.low_rank and set(params["exits"]) == {"1"}  # the compressed student's shape
+    trained = json.loads((tmp_path / "recipe" / "exits" / "summary.json").read_text())
+    assert set(trained["exit_accuracy"]) == {"1", "2"}
+    power_config, _ = artefact.load(recipes.stage_model(tmp_path / "recipe" / "power"))
+    assert power_config.token_keep == (1.0, 0.5)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxcompress import token_drop
+
 # Logical axis names carried by every parameter; sharding rules map them to mesh axes.
 VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (
     "vocab",
@@ -80,6 +82,10 @@ class BertConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them
     # (less memory, about a third more compute). Not a shape.
     remat: bool = False
+    # PoWER-BERT (Goyal et al. 2020): per layer, the fraction of the padded input length whose
+    # word vectors (the most attended, [CLS] always) it keeps for its FFN and every later
+    # layer; non-increasing. Counts are max(1, ceil(fraction * L)). Not a shape.
+    token_keep: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
@@ -93,6 +99,17 @@ class BertConfig:
         object.__setattr__(self, "low_rank", tuple((str(p), int(r)) for p, r in self.low_rank))
         if not 0.0 <= self.layerdrop < 1.0:
             raise ValueError(f"BertConfig.layerdrop={self.layerdrop}; expected 0 <= p < 1")
+        if self.token_keep is not None:
+            keep = tuple(float(f) for f in self.token_keep)
+            object.__setattr__(self, "token_keep", keep)
+            if len(keep) != n:
+                raise ValueError(f"BertConfig.token_keep has {len(keep)} entries, expected {n}")
+            if not all(0.0 < f <= 1.0 for f in keep):
+                raise ValueError(f"BertConfig.token_keep={keep}; expected fractions in (0, 1]")
+            if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
+                raise ValueError(f"BertConfig.token_keep={keep} must be non-increasing")
+            if self.layerdrop > 0:
+                raise ValueError("BertConfig.token_keep cannot be combined with layerdrop > 0")
         if self.dtype not in _DTYPES:
             raise ValueError(f"BertConfig.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
         if self.head_size is None and self.hidden_size % self.num_attention_heads:
@@ -159,8 +176,11 @@ class BertOutput:
     last_hidden_state: jax.Array
     pooled_output: jax.Array
     logits: jax.Array | None = None
-    hidden_states: tuple[jax.Array, ...] | None = None  # embeddings output, then each layer
-    attentions: tuple[jax.Array, ...] | None = None  # (B, heads, L, L) per layer
+    # Embeddings output, then each layer. With `token_keep`, layer i's output and
+    # last_hidden_state hold only its kept vectors (B, k_i, H), in their original order.
+    hidden_states: tuple[jax.Array, ...] | None = None
+    # (B, heads, L_i, L_i) per layer, L_i its input length (L, then k_{i-1} with token_keep).
+    attentions: tuple[jax.Array, ...] | None = None
 
 
 def _init(config: BertConfig, axes: Sequence[str]) -> nn.initializers.Initializer:
@@ -389,6 +409,10 @@ class LayerStack(nn.Module):
 
     LayerDrop draws one skip flag per layer from the 'dropout' rng when not deterministic;
     a skipped layer is computed and then discarded (`jnp.where`), so it saves no time.
+
+    With `token_keep` (PoWER-BERT), each layer keeps its most significant word vectors between
+    self-attention and the FFN, and later layers see only those; shared layers then run
+    unrolled (same parameters as the scan), since every layer has its own length.
     """
 
     config: BertConfig
@@ -407,7 +431,8 @@ class LayerStack(nn.Module):
         skips_N = None
         if not self.deterministic and cfg.layerdrop > 0:
             skips_N = jax.random.bernoulli(self.make_rng("dropout"), cfg.layerdrop, (n,))
-        if runs is not None and any(repeats > 1 for _, repeats in runs):
+        scannable = runs is not None and any(repeats > 1 for _, repeats in runs)
+        if scannable and cfg.token_keep is None:
             start = 0
             for group, repeats in runs:
                 layer = attention_groups.index(group)
@@ -442,8 +467,13 @@ class LayerStack(nn.Module):
                 modules[group] = layer_class(cfg, heads, width, self.deterministic, name=str(group))
             return modules[group]
 
+        counts = None
+        if cfg.token_keep is not None:
+            counts = token_drop.kept_counts(cfg.token_keep, x.shape[1])
         for i in range(n):
             y, probs = module(attention_groups[i], i).attend(x, bias)
+            if counts is not None:
+                y, bias = token_drop.eliminate(y, bias, probs, counts[i])
             y = module(ffn_groups[i], i).feed_forward(y)
             x, probs = _layerdrop(None if skips_N is None else skips_N[i], x, y, probs)
             hidden_states.append(x)

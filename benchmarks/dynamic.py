@@ -1,0 +1,197 @@
+"""Dynamic inference on SST-2: early exit (DeeBERT, FastBERT heads; entropy and patience
+policies) and PoWER-BERT, accuracy against layers run and measured CPU time.
+
+  JAXCOMPRESS_MODEL_ROOT=../shared/models JAXCOMPRESS_GLUE_DIR=../shared/data/glue \
+    python benchmarks/dynamic.py --workdir runs/dynamic
+
+Trains (or reuses) the runs of configs/dynamic.py from the teacher, then on the full dev set:
+- each early-exit policy through `ExitRunner` (batches of 32, sorted by length, regrouped
+  after every exit) against the teacher's own jitted forward on the same batches;
+- each PoWER-BERT model's jitted forward against the teacher's, on the same batches, and at
+  batch 32 x 128 (`latency.paired_latency`).
+Times are paired: the two passes alternate for `--rounds` rounds and the speed-up is the
+median of per-round ratios, so a slow spell of a shared machine hits both. Writes
+benchmarks/results/dynamic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxcompress import artefact, data, early_exit, train
+from jaxcompress.config import load_config
+from jaxcompress.early_exit import ExitRunner, Policy
+from jaxcompress.latency import paired_latency
+from jaxcompress.models.bert import Bert
+from jaxcompress.results import write_result
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "dynamic.py"
+EXIT_RUNS = ("exits_labels", "exits_final")
+POWER_RUNS = ("power_mild", "power_strong")
+POLICIES = (
+    *(Policy("entropy", t) for t in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
+    *(Policy("patience", k) for k in (2, 3, 4)),
+)
+BATCH = 32
+
+
+def paired_speedup(baseline: Callable[[], None], candidate: Callable[[], None], rounds: int):
+    """Median over rounds of baseline seconds / candidate seconds (alternating which runs
+    first), and the median seconds of each; both run once before timing (compilation)."""
+    baseline(), candidate()
+    ratios, base_s, cand_s = [], [], []
+    for r in range(rounds):
+        timed = {}
+        for name, fn in (("b", baseline), ("c", candidate))[:: 1 if r % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            timed[name] = time.perf_counter() - t0
+        ratios.append(timed["b"] / timed["c"])
+        base_s.append(timed["b"])
+        cand_s.append(timed["c"])
+    return statistics.median(ratios), statistics.median(base_s), statistics.median(cand_s)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "dynamic")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flags", default="", help="config flags, e.g. ',quick,teacher=PATH'")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    summaries = {}
+    for name in (*EXIT_RUNS, *POWER_RUNS):
+        config = load_config(f"{CONFIG}:{name}{args.flags}")
+        summaries[name] = (config, train.train_or_reuse(config, args.workdir / name))
+    config = summaries[EXIT_RUNS[0]][0]
+    tokenizer = train.load_tokenizer(config)
+    split = train.load_eval_splits(config, tokenizer)["validation"]
+    batches = []
+    for batch in data.eval_batches(split, BATCH, config.buckets):
+        index = batch.pop("index")
+        batches.append((batch, index))
+    labels = np.asarray(split.labels)
+
+    teacher_config, teacher_params = train.load_any(config.model, num_labels=2)
+    teacher_step = train.make_eval_step(Bert(teacher_config))
+
+    def teacher_pass() -> np.ndarray:
+        out = np.zeros((len(split), 2), np.float32)
+        for batch, index in batches:
+            logits = np.asarray(teacher_step(teacher_params, batch))
+            out[index[index >= 0]] = logits[index >= 0]
+        return out
+
+    teacher_accuracy = accuracy(teacher_pass(), labels)
+    rows = [{"name": "teacher", "value": teacher_accuracy, "relative": 1.0, "mean_layers": 6.0}]
+
+    for name in EXIT_RUNS:
+        run_config, summary = summaries[name]
+        exit_config, params = artefact.load(args.workdir / name / "exits")
+        runner = ExitRunner(exit_config, params, early_exit.split_exits(params)[1])
+        for policy in POLICIES:
+            result: dict = {}
+
+            def exit_pass(policy=policy, result=result) -> None:
+                out = np.zeros((len(split), 2), np.float32)
+                layers = np.zeros(len(split))
+                for batch, index in batches:
+                    logits, run = runner.run(batch, policy)
+                    out[index[index >= 0]] = logits[index >= 0]
+                    layers[index[index >= 0]] = run[index >= 0]
+                result.update(logits=out, layers=layers)
+
+            speedup, base_s, exit_s = paired_speedup(teacher_pass, exit_pass, args.rounds)
+            value = accuracy(result["logits"], labels)
+            rows.append(
+                {
+                    "name": f"{name} {policy.kind}={policy.value:g}",
+                    "heads": run_config.early_exit.targets,
+                    "policy": policy.kind,
+                    "threshold": policy.value,
+                    "value": value,
+                    "relative": value / teacher_accuracy,
+                    "mean_layers": float(result["layers"].mean()),
+                    "speedup": speedup,
+                    "teacher_dev_s": base_s,
+                    "dev_s": exit_s,
+                    "exit_accuracy": summary.get("exit_accuracy"),
+                }
+            )
+            logging.info("%s", {k: v for k, v in rows[-1].items() if k != "exit_accuracy"})
+
+    for name in POWER_RUNS:
+        run_config, summary = summaries[name]
+        keep = tuple(run_config.token_keep)
+        power_config, params = train.load_any(
+            str(args.workdir / name / "model"), num_labels=2, token_keep=keep
+        )
+        power_step = train.make_eval_step(Bert(power_config))
+        result = {}
+
+        def power_pass(result=result) -> None:
+            out = np.zeros((len(split), 2), np.float32)
+            for batch, index in batches:
+                logits = np.asarray(power_step(params, batch))
+                out[index[index >= 0]] = logits[index >= 0]
+            result["logits"] = out
+
+        speedup, base_s, power_s = paired_speedup(teacher_pass, power_pass, args.rounds)
+        value = accuracy(result["logits"], labels)
+        fixed = paired_latency((teacher_config, teacher_params), (power_config, params))
+        rows.append(
+            {
+                "name": name,
+                "token_keep": list(keep),
+                "value": value,
+                "relative": value / teacher_accuracy,
+                "trained_value": summary["value"],
+                "speedup": speedup,
+                "teacher_dev_s": base_s,
+                "dev_s": power_s,
+                "speedup_b32_l128": fixed["speedup"],
+            }
+        )
+        logging.info("%s", rows[-1])
+
+    write_result(
+        args.out / "dynamic.json",
+        "dynamic",
+        {
+            "teacher": {
+                "model": config.model,
+                "task": "sst2",
+                "metric": "accuracy",
+                "value": teacher_accuracy,
+            },
+            "training": {
+                "steps": config.train.steps,
+                "batch_size": config.train.batch_size,
+                "train_examples": config.train.examples,
+                "note": "exit heads: teacher frozen, heads only; PoWER-BERT: the teacher "
+                "fine-tuned under elimination by logit distillation from itself",
+            },
+            "devices": str(jax.devices()[0].platform),
+            "rounds": args.rounds,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
