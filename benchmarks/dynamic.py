@@ -17,6 +17,7 @@ benchmarks/results/dynamic.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcompress import artefact, data, early_exit, train
+from jaxcompress import data, early_exit, train
 from jaxcompress.config import load_config
 from jaxcompress.early_exit import ExitRunner, Policy
 from jaxcompress.latency import paired_latency
@@ -35,7 +36,7 @@ from jaxcompress.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "dynamic.py"
-EXIT_RUNS = ("exits_labels", "exits_final")
+EXIT_RUNS = ("exits_labels", "exits_final", "exits_labels_mean", "exits_final_mean")
 POWER_RUNS = ("power_mild", "power_strong")
 POLICIES = (
     *(Policy("entropy", t) for t in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
@@ -44,10 +45,12 @@ POLICIES = (
 BATCH = 32
 
 
-def paired_speedup(baseline: Callable[[], None], candidate: Callable[[], None], rounds: int):
+def paired_speedup(baseline: Callable[[], object], candidate: Callable[[], object], rounds: int):
     """Median over rounds of baseline seconds / candidate seconds (alternating which runs
-    first), and the median seconds of each; both run once before timing (compilation)."""
-    baseline(), candidate()
+    first), the median seconds of each, and the candidate's output; both run once before
+    timing (compilation)."""
+    baseline()
+    output = candidate()
     ratios, base_s, cand_s = [], [], []
     for r in range(rounds):
         timed = {}
@@ -58,7 +61,22 @@ def paired_speedup(baseline: Callable[[], None], candidate: Callable[[], None], 
         ratios.append(timed["b"] / timed["c"])
         base_s.append(timed["b"])
         cand_s.append(timed["c"])
-    return statistics.median(ratios), statistics.median(base_s), statistics.median(cand_s)
+    return statistics.median(ratios), statistics.median(base_s), statistics.median(cand_s), output
+
+
+def over_dev(batches: list, size: int, predict: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and layers run of every dev example; `predict(batch) -> (logits, layers)`."""
+    logits, layers = np.zeros((size, 2), np.float32), np.zeros(size)
+    for batch, index in batches:
+        out, run = predict(batch)
+        keep = index >= 0
+        logits[index[keep]], layers[index[keep]] = out[keep], run[keep]
+    return logits, layers
+
+
+def jitted(step: Callable, params: dict, layers: int) -> Callable:
+    """`predict` of a whole-model eval step: every example runs every layer."""
+    return lambda batch: (np.asarray(step(params, batch)), np.full(len(batch["labels"]), layers))
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -79,54 +97,46 @@ def main() -> None:
         config = load_config(f"{CONFIG}:{name}{args.flags}")
         summaries[name] = (config, train.train_or_reuse(config, args.workdir / name))
     config = summaries[EXIT_RUNS[0]][0]
-    tokenizer = train.load_tokenizer(config)
-    split = train.load_eval_splits(config, tokenizer)["validation"]
+    split = train.load_eval_splits(config, train.load_tokenizer(config))["validation"]
     batches = []
     for batch in data.eval_batches(split, BATCH, config.buckets):
         index = batch.pop("index")
         batches.append((batch, index))
-    labels = np.asarray(split.labels)
+    labels, size = np.asarray(split.labels), len(split)
 
     teacher_config, teacher_params = train.load_any(config.model, num_labels=2)
-    teacher_step = train.make_eval_step(Bert(teacher_config))
-
-    def teacher_pass() -> np.ndarray:
-        out = np.zeros((len(split), 2), np.float32)
-        for batch, index in batches:
-            logits = np.asarray(teacher_step(teacher_params, batch))
-            out[index[index >= 0]] = logits[index >= 0]
-        return out
-
-    teacher_accuracy = accuracy(teacher_pass(), labels)
-    rows = [{"name": "teacher", "value": teacher_accuracy, "relative": 1.0, "mean_layers": 6.0}]
+    layers = teacher_config.num_hidden_layers
+    teacher = functools.partial(
+        over_dev,
+        batches,
+        size,
+        jitted(train.make_eval_step(Bert(teacher_config)), teacher_params, layers),
+    )
+    teacher_accuracy = accuracy(teacher()[0], labels)
+    rows = [{"name": "teacher", "value": teacher_accuracy, "relative": 1.0, "mean_layers": layers}]
 
     for name in EXIT_RUNS:
         run_config, summary = summaries[name]
-        exit_config, params = artefact.load(args.workdir / name / "exits")
-        runner = ExitRunner(exit_config, params, early_exit.split_exits(params)[1])
+        exit_config, params, exits, pooling = early_exit.load_exit_model(
+            args.workdir / name / "exits"
+        )
+        runner = ExitRunner(exit_config, params, exits, pooling)
         for policy in POLICIES:
-            result: dict = {}
-
-            def exit_pass(policy=policy, result=result) -> None:
-                out = np.zeros((len(split), 2), np.float32)
-                layers = np.zeros(len(split))
-                for batch, index in batches:
-                    logits, run = runner.run(batch, policy)
-                    out[index[index >= 0]] = logits[index >= 0]
-                    layers[index[index >= 0]] = run[index >= 0]
-                result.update(logits=out, layers=layers)
-
-            speedup, base_s, exit_s = paired_speedup(teacher_pass, exit_pass, args.rounds)
-            value = accuracy(result["logits"], labels)
+            candidate = functools.partial(
+                over_dev, batches, size, functools.partial(runner.run, policy=policy)
+            )
+            speedup, base_s, exit_s, (logits, run) = paired_speedup(teacher, candidate, args.rounds)
+            value = accuracy(logits, labels)
             rows.append(
                 {
                     "name": f"{name} {policy.kind}={policy.value:g}",
                     "heads": run_config.early_exit.targets,
+                    "pooling": pooling,
                     "policy": policy.kind,
                     "threshold": policy.value,
                     "value": value,
                     "relative": value / teacher_accuracy,
-                    "mean_layers": float(result["layers"].mean()),
+                    "mean_layers": float(run.mean()),
                     "speedup": speedup,
                     "teacher_dev_s": base_s,
                     "dev_s": exit_s,
@@ -141,18 +151,10 @@ def main() -> None:
         power_config, params = train.load_any(
             str(args.workdir / name / "model"), num_labels=2, token_keep=keep
         )
-        power_step = train.make_eval_step(Bert(power_config))
-        result = {}
-
-        def power_pass(result=result) -> None:
-            out = np.zeros((len(split), 2), np.float32)
-            for batch, index in batches:
-                logits = np.asarray(power_step(params, batch))
-                out[index[index >= 0]] = logits[index >= 0]
-            result["logits"] = out
-
-        speedup, base_s, power_s = paired_speedup(teacher_pass, power_pass, args.rounds)
-        value = accuracy(result["logits"], labels)
+        step = train.make_eval_step(Bert(power_config))
+        candidate = functools.partial(over_dev, batches, size, jitted(step, params, layers))
+        speedup, base_s, power_s, (logits, _) = paired_speedup(teacher, candidate, args.rounds)
+        value = accuracy(logits, labels)
         fixed = paired_latency((teacher_config, teacher_params), (power_config, params))
         rows.append(
             {
@@ -186,7 +188,7 @@ def main() -> None:
                 "note": "exit heads: teacher frozen, heads only; PoWER-BERT: the teacher "
                 "fine-tuned under elimination by logit distillation from itself",
             },
-            "devices": str(jax.devices()[0].platform),
+            "device": str(jax.devices()[0].platform),
             "rounds": args.rounds,
             "rows": rows,
         },

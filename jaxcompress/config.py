@@ -113,6 +113,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.early_exit.targets = "labels"
     c.early_exit.weighting = "equal"
     c.early_exit.freeze_backbone = True
+    c.early_exit.pooling = "cls"  # what exit heads read: "cls" (DeeBERT) or "mean" of tokens
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32

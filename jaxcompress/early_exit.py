@@ -23,8 +23,11 @@ the layers skipped, not only the counted layers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -33,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxcompress import artefact
 from jaxcompress.models.bert import (
     CLASSES,
     EMBED,
@@ -48,19 +52,26 @@ from jaxcompress.objectives import EXITS, Batch, LossFn, forward, task_loss
 TARGETS = ("labels", "final", "teacher")
 WEIGHTINGS = ("equal", "layer")
 POLICIES = ("entropy", "patience", "budget")
+POOLINGS = ("cls", "mean")
+EXITS_FILE = "early_exit.json"
 
 
 class ExitHead(nn.Module):
-    """Pooler (dense + tanh on [CLS]) and classifier, as in HF's BERT head."""
+    """Pooler (dense + tanh) and classifier, as in HF's BERT head, on the [CLS] vector
+    ("cls") or on the mean of the real tokens' vectors ("mean")."""
 
     config: BertConfig
+    pooling: str = "cls"
 
     @nn.compact
-    def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxH: jax.Array, mask_BxL: jax.Array) -> jax.Array:
         cfg = self.config
-        pooled = jnp.tanh(
-            Linear(cfg, cfg.hidden_size, (EMBED, HIDDEN), name="pooler")(x_BxLxH[:, 0])
-        )
+        if self.pooling == "cls":
+            summary_BxH = x_BxLxH[:, 0]
+        else:
+            weights = mask_BxL.astype(x_BxLxH.dtype)[..., None]
+            summary_BxH = jnp.sum(x_BxLxH * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+        pooled = jnp.tanh(Linear(cfg, cfg.hidden_size, (EMBED, HIDDEN), name="pooler")(summary_BxH))
         head = Linear(cfg, cfg.num_labels, (HIDDEN, CLASSES), name="classifier")
         return head(pooled).astype(jnp.float32)
 
@@ -114,7 +125,9 @@ def make_exit_loss(
         )
     if (cfg.targets == "teacher") != (teacher is not None):
         raise ValueError("early_exit.targets='teacher' needs distill.teacher, and only it uses one")
-    head = ExitHead(model.config)
+    if cfg.pooling not in POOLINGS:
+        raise ValueError(f"early_exit.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
+    head = ExitHead(model.config, cfg.pooling)
     last = model.config.num_hidden_layers
 
     def loss_fn(params, batch: Batch, rng, teacher_params=None):
@@ -123,7 +136,7 @@ def make_exit_loss(
             backbone = jax.lax.stop_gradient(backbone)
             rng = None  # a frozen backbone is run as at inference: its features do not change
         out = forward(model, backbone, batch, rng, output_hidden_states=True)
-        labels, mask = batch["labels"], batch["example_mask"]
+        labels, mask, tokens = batch["labels"], batch["example_mask"], batch["attention_mask"]
         if cfg.targets == "final":
             target = jax.lax.stop_gradient(out.logits)
         elif cfg.targets == "teacher":
@@ -137,7 +150,7 @@ def make_exit_loss(
             )
 
         terms = {
-            n: exit_loss(head.apply({"params": exits[str(n)]}, out.hidden_states[n]))
+            n: exit_loss(head.apply({"params": exits[str(n)]}, out.hidden_states[n], tokens))
             for n in layers
         }
         if not cfg.freeze_backbone:
@@ -236,7 +249,7 @@ class ExitRunner:
     of layers it ran. Works on any `BertConfig` the model runs (pruned heads and neurons,
     shared or low-rank layers), without token elimination."""
 
-    def __init__(self, config: BertConfig, params: dict, exits: dict):
+    def __init__(self, config: BertConfig, params: dict, exits: dict, pooling: str = "cls"):
         self.config = config
         self.params, self.exits = split_exits(params)[0], exits
         self.layers = check_layers(config, [int(n) for n in exits])
@@ -261,12 +274,19 @@ class ExitRunner:
             return jax.jit(run)
 
         self._layers = [layer_fn(i) for i in range(cfg.num_hidden_layers)]
-        head = ExitHead(cfg)
-        self._head = jax.jit(lambda p, x: head.apply({"params": p}, x))
+
+        def head_fn(pooling: str):
+            head = ExitHead(cfg, pooling)
+            return jax.jit(lambda p, x, bias: head.apply({"params": p}, x, bias[:, 0, 0] == 0))
+
+        self._exit_head, self._final_head = head_fn(pooling), head_fn("cls")
         self._final = model_head(self.params)
 
-    def head_params(self, layer: int) -> dict:
-        return self._final if layer == self.config.num_hidden_layers else self.exits[str(layer)]
+    def head(self, layer: int, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """The logits of the exit after `layer` (the model's own head after the last)."""
+        if layer == self.config.num_hidden_layers:
+            return self._final_head(self._final, x, bias)
+        return self._exit_head(self.exits[str(layer)], x, bias)
 
     def run(self, batch: Batch, policy: Policy) -> tuple[np.ndarray, np.ndarray]:
         """Logits (rows, classes) and layers run per row of `batch` (padding rows, with
@@ -288,7 +308,7 @@ class ExitRunner:
             n = i + 1
             if n not in self.layers and n != last:
                 continue
-            out = np.asarray(self._head(self.head_params(n), x))[: len(active)]
+            out = np.asarray(self.head(n, x, bias))[: len(active)]
             leaving = decide(policy, out, n, state) | (n == last)
             logits[active[leaving]] = out[leaving]
             layers_run[active[leaving]] = n
@@ -316,17 +336,21 @@ def mean_layers(layers_run: np.ndarray, example_mask: np.ndarray) -> float:
     return float(layers_run[real].mean()) if real.any() else math.nan
 
 
-def exit_accuracies(config: BertConfig, params: dict, batches: Sequence[Batch]) -> dict[int, float]:
+def exit_accuracies(
+    config: BertConfig, params: dict, batches: Sequence[Batch], pooling: str = "cls"
+) -> dict[int, float]:
     """Accuracy of every exit (and the model's own head) on labelled batches."""
     model, exits = split_exits(params)
     layers = check_layers(config, [int(n) for n in exits])
-    head = ExitHead(config)
+    head = ExitHead(config, pooling)
 
     @jax.jit
     def predictions(p, e, batch):
         out = forward(Bert(config), p, batch, None, output_hidden_states=True)
+        tokens = batch["attention_mask"]
         each = {
-            n: head.apply({"params": e[str(n)]}, out.hidden_states[n]).argmax(-1) for n in layers
+            n: head.apply({"params": e[str(n)]}, out.hidden_states[n], tokens).argmax(-1)
+            for n in layers
         }
         each[config.num_hidden_layers] = out.logits.argmax(-1)
         return each
@@ -340,3 +364,28 @@ def exit_accuracies(config: BertConfig, params: dict, batches: Sequence[Batch]) 
             right[n] = right.get(n, 0.0) + float((np.asarray(pred) == batch["labels"])[real].sum())
         count += real.sum()
     return {n: right[n] / count for n in sorted(right)}
+
+
+def save_exit_model(
+    path: str | os.PathLike,
+    config: BertConfig,
+    params: dict,
+    pooling: str,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A native artefact of the model with its exit heads (`params[EXITS]`), and
+    `early_exit.json` (layers, pooling) beside it."""
+    target = artefact.save(config, params, path, tokenizer_dir)
+    layers = sorted(int(n) for n in params[EXITS])
+    (target / EXITS_FILE).write_text(json.dumps({"layers": layers, "pooling": pooling}) + "\n")
+    return target
+
+
+def load_exit_model(path: str | os.PathLike) -> tuple[BertConfig, dict, dict, str]:
+    """`(config, model params, exit heads, pooling)` of `save_exit_model`'s directory."""
+    meta_file = Path(path) / EXITS_FILE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file} does not exist (not a model with exit heads)")
+    config, params = artefact.load(path)
+    model, exits = split_exits(params)
+    return config, model, exits, json.loads(meta_file.read_text())["pooling"]

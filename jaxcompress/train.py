@@ -683,10 +683,13 @@ def _train(
     exits = {}
     if config.early_exit.layers:  # the model with its exit heads, and each exit's accuracy
         with_exits = {**params, EXITS: sharding.to_host(state.params[EXITS])}
-        artefact.save(bert_config, with_exits, run.path / "exits", tokenizer_dir)
+        pooling = config.early_exit.pooling
+        early_exit.save_exit_model(
+            run.path / "exits", bert_config, with_exits, pooling, tokenizer_dir
+        )
         split = eval_splits[data.get_task(config.task).eval_splits[0]]
         batches = data.eval_batches(split, config.eval.batch_size, config.buckets)
-        accuracy = early_exit.exit_accuracies(bert_config, with_exits, list(batches))
+        accuracy = early_exit.exit_accuracies(bert_config, with_exits, list(batches), pooling)
         exits = {"exit_accuracy": {str(n): a for n, a in accuracy.items()}}
     summary = {
         "task": config.task,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxcompress import artefact, early_exit
+from jaxcompress import early_exit
 from jaxcompress.config import finetune_defaults
 from jaxcompress.early_exit import ExitHead, ExitRunner, Policy, PolicyState, decide
 from jaxcompress.models.bert import Bert, init_params
@@ -42,12 +42,13 @@ def model_with_exits(config, layers, seed=0):
     return params, exits
 
 
-def head_outputs(config, params, exits, batch):
+def head_outputs(config, params, exits, batch, pooling="cls"):
     """Every exit's logits (and the model's) from one full forward pass."""
     out = forward(Bert(config), params, batch, None, output_hidden_states=True)
-    head = ExitHead(config)
+    head = ExitHead(config, pooling)
+    tokens = batch["attention_mask"]
     each = {
-        int(n): np.asarray(head.apply({"params": e}, out.hidden_states[int(n)]))
+        int(n): np.asarray(head.apply({"params": e}, out.hidden_states[int(n)], tokens))
         for n, e in exits.items()
     }
     each[config.num_hidden_layers] = np.asarray(out.logits)
@@ -69,15 +70,21 @@ def test_a_threshold_that_never_exits_equals_the_full_model(compressed):
 
 
 @pytest.mark.parametrize(
-    "policy",
-    [Policy("entropy", 0.6), Policy("entropy", 10.0), Policy("patience", 2), Policy("budget", 2)],
+    "policy, pooling",
+    [
+        (Policy("entropy", 0.6), "cls"),
+        (Policy("entropy", 0.6), "mean"),
+        (Policy("entropy", 10.0), "cls"),
+        (Policy("patience", 2), "mean"),
+        (Policy("budget", 2), "cls"),
+    ],
 )
-def test_every_example_gets_the_head_output_of_the_layer_it_left_at(policy):
+def test_every_example_gets_the_head_output_of_the_layer_it_left_at(policy, pooling):
     config = tiny_config(num_labels=2, num_hidden_layers=4)
     params, exits = model_with_exits(config, (1, 2, 3))
     batch = batch_of(rows=16, padding_rows=3, seed=1)
-    logits, layers_run = ExitRunner(config, params, exits).run(batch, policy)
-    each = head_outputs(config, params, exits, batch)
+    logits, layers_run = ExitRunner(config, params, exits, pooling).run(batch, policy)
+    each = head_outputs(config, params, exits, batch, pooling)
     real = np.flatnonzero(batch["example_mask"] > 0)
     for row in real:
         np.testing.assert_allclose(logits[row], each[layers_run[row]][row], atol=1e-5)
@@ -160,19 +167,20 @@ def test_training_exit_heads_leaves_a_frozen_backbone_unchanged(tmp_path, minilm
     with config.unlocked():
         config.buckets = (64,)
         config.early_exit.layers = (1,)
+        config.early_exit.pooling = "mean"
     summary = train(config, tmp_path / "run")
     before = load_file(model_dir / "model.safetensors")
     after = load_file(tmp_path / "run" / "model" / "model.safetensors")
     for key in before:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
     assert set(summary["exit_accuracy"]) == {"1", "2"}
-    saved_config, saved = artefact.load(tmp_path / "run" / "exits")
-    backbone, exits = early_exit.split_exits(saved)
-    assert set(exits) == {"1"}
+    saved_config, backbone, exits, pooling = early_exit.load_exit_model(tmp_path / "run" / "exits")
+    assert set(exits) == {"1"} and pooling == "mean"
     start = early_exit.model_head(backbone)
     assert not np.array_equal(exits["1"]["classifier"]["kernel"], start["classifier"]["kernel"])
     batch = batch_of(length=16)
-    logits, layers_run = ExitRunner(saved_config, saved, exits).run(batch, Policy("entropy", 0.0))
+    runner = ExitRunner(saved_config, backbone, exits, pooling)
+    logits, layers_run = runner.run(batch, Policy("entropy", 0.0))
     assert (layers_run[batch["example_mask"] > 0] == 2).all() and np.isfinite(logits).all()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any("loss" in json.loads(x) for x in lines)

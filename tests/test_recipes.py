@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxcompress import artefact, recipes, train
+from jaxcompress import artefact, early_exit, recipes, train
 from jaxcompress.cli import main
 
 from .helpers import save_tiny_model
@@ -112,8 +112,8 @@ def test_dynamic_inference_stages_on_a_distilled_student(
     }
     summaries = recipes.run_recipe(recipe, tmp_path / "recipe")
     assert [s["stage"] for s in summaries] == ["student", "exits", "power"]
-    config, params = artefact.load(tmp_path / "recipe" / "exits" / "exits")
-    assert config.low_rank and set(params["exits"]) == {"1"}  # the compressed student's shape
+    config, _, exits, _ = early_exit.load_exit_model(tmp_path / "recipe" / "exits" / "exits")
+    assert config.low_rank and set(exits) == {"1"}  # the compressed student's shape
     trained = json.loads((tmp_path / "recipe" / "exits" / "summary.json").read_text())
     assert set(trained["exit_accuracy"]) == {"1", "2"}
     power_config, _ = artefact.load(recipes.stage_model(tmp_path / "recipe" / "power"))
