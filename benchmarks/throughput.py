@@ -54,6 +54,7 @@ from timing import median_seconds, random_batch
 from jaxcompress import objectives, provenance, train
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, BertConfig, init_params
+from jaxcompress.models.hf import hf_config_dict
 from jaxcompress.results import markdown_table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,16 +204,7 @@ def torch_step_seconds(
 ) -> float:
     """Median seconds of one PyTorch eager step of HF BertForSequenceClassification."""
     torch.manual_seed(0)
-    hf_config = transformers.BertConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
-        type_vocab_size=config.type_vocab_size,
-        num_labels=config.num_labels,
-    )
+    hf_config = transformers.BertConfig(**hf_config_dict(config))
     model = transformers.BertForSequenceClassification(hf_config).to(device).train()
     defaults = finetune_defaults().train
     opt = torch.optim.AdamW(

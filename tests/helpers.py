@@ -25,6 +25,21 @@ def tiny_config(**changes) -> BertConfig:
     return BertConfig(**{**base, **changes})
 
 
+def peaked_config(layers: int, **changes) -> BertConfig:
+    """Unshared layers with peaked attention (large init), a small vocabulary and no dropout:
+    each layer clearly changes its input, and training mode differs from evaluation only by
+    what a test switches on."""
+    base = dict(
+        num_hidden_layers=layers,
+        vocab_size=512,
+        num_labels=2,
+        initializer_range=0.2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return tiny_config(**{**base, **changes})
+
+
 def compressed_tiny_config(
     num_labels: int = 2, low_rank_module: str = "intermediate"
 ) -> BertConfig:

@@ -13,7 +13,7 @@ from jaxcompress.models.bert import Bert, BertConfig, Layer, init_params
 from jaxcompress.models.hf import hf_config_dict
 
 from .conformance_cases import model_and_batch
-from .helpers import LAYER, assert_layers_taken, tiny_config
+from .helpers import LAYER, assert_layers_taken, peaked_config, tiny_config
 
 
 def batch():
@@ -21,17 +21,7 @@ def batch():
 
 
 def four_layers(**changes) -> BertConfig:
-    """Four unshared layers, strong enough that each changes its input; no dropout, so that
-    training mode differs from evaluation only by LayerDrop."""
-    base = dict(
-        num_hidden_layers=4,
-        vocab_size=512,
-        num_labels=2,
-        initializer_range=0.2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return tiny_config(**{**base, **changes})
+    return peaked_config(4, **changes)
 
 
 def apply(config, params, key=None, **kwargs):

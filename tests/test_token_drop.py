@@ -9,22 +9,13 @@ from jaxcompress import artefact, token_drop
 from jaxcompress.models.bert import Bert, BertConfig, init_params
 from jaxcompress.models.hf import hf_config_dict
 
-from .helpers import tiny_config
+from .helpers import peaked_config, tiny_config
 
 L = 8
 
 
 def three_layers(**changes) -> BertConfig:
-    """Three unshared layers with peaked attention and no dropout."""
-    base = dict(
-        num_hidden_layers=3,
-        vocab_size=512,
-        num_labels=2,
-        initializer_range=0.2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return tiny_config(**{**base, **changes})
+    return peaked_config(3, **changes)
 
 
 def batch(lengths=(8, 5, 3)) -> dict[str, jax.Array]:
