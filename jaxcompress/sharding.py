@@ -130,6 +130,15 @@ def param_specs(config: bert.BertConfig, params: Any, mesh: Mesh, rules: Sequenc
     return unflatten_dict(out, sep="/")
 
 
+def init_sharded(config: bert.BertConfig, rng: jax.Array, mesh: Mesh) -> Any:
+    """Fresh parameters created directly in their shardings: shapes from `jax.eval_shape`,
+    specs from the rules, then a jitted init whose outputs land split over the mesh (no
+    device ever holds a whole large parameter)."""
+    specs = param_specs(config, bert.abstract_params(config), mesh)
+    init = jax.jit(functools.partial(bert.init_params, config), out_shardings=named(mesh, specs))
+    return init(rng)
+
+
 def like_params(tree: Any, params: Any, specs: Any) -> Any:
     """Specs for a params-shaped tree (pruning masks): its parameter's spec where the shapes
     agree, replicated where not (a scalar mask for an unpruned leaf)."""

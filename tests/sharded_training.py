@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
+from jaxcompress import sharding
+from jaxcompress.models.bert import init_params
 from jaxcompress.train import train
 
-from .helpers import tiny_run_config
+from .helpers import tiny_config, tiny_run_config
 
 CASES = {
     "finetune": {},
@@ -58,6 +61,20 @@ def main(model_dir, teacher_dir, glue_dir, workdir, mode):
             report[f"{case}/mixed"] = run(
                 model_dir, teacher_dir, glue_dir, workdir / case, case, MESHES["mixed"]
             )
+        config = tiny_config(num_labels=2)
+        mesh = sharding.make_mesh(1, 8, 1)
+        fresh = sharding.init_sharded(config, jax.random.key(0), mesh)
+        sharding.check_fsdp(fresh, mesh)  # raises if a large parameter is whole
+        expected = init_params(config, jax.random.key(0))
+        differences = jax.tree.map(
+            lambda a, b: float(np.abs(np.asarray(a) - b).max()), fresh, expected
+        )
+        split = [not x.sharding.is_fully_replicated for x in jax.tree.leaves(fresh)]
+        report["init_sharded"] = {
+            "max_abs_diff": max(jax.tree.leaves(differences)),
+            "split": sum(split),
+            "leaves": len(split),
+        }
         resumed = workdir / "resumed"
         run(model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["data"], 2)
         report["finetune/data-then-mixed"] = run(

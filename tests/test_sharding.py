@@ -218,6 +218,8 @@ def test_sharded_training_equals_one_device(tmp_path, minilm_dir, glue_dir):
         "distill/mixed": "distill",
         "finetune/data-then-mixed": "resumed",
     }
+    fresh = meshes.pop("init_sharded")  # initialised directly split over an 8-way FSDP mesh
+    assert fresh["max_abs_diff"] < 1e-6 and fresh["split"] > 0.5 * fresh["leaves"]
     assert set(meshes) - {"devices"} == set(expected_runs)
     for name, run_dir in expected_runs.items():
         case = name.split("/")[0]
