@@ -1,9 +1,10 @@
 """Run in a subprocess (`python -m tests.sharded_training MODEL TEACHER GLUE WORKDIR MODE`)
 with XLA's host device count set: trains tiny runs under several meshes, prints their losses.
 
-MODE "reference" (1 device): each case once. MODE "meshes" (8 devices): fine-tuning under a
-data-parallel, an FSDP and a tensor-parallel mesh; QAT, pruning and distillation under a
-2 x 2 x 2 mesh; and a run stopped under one mesh and resumed under another.
+MODE "reference" (1 device): each case once. MODE "meshes" (8 devices): fine-tuning under an
+FSDP and a tensor-parallel mesh; QAT, pruning and distillation under a 2 x 2 x 2 mesh; a
+fine-tuning run started data-parallel, stopped after 2 steps and resumed under the 2 x 2 x 2
+mesh; and fresh parameters initialised directly split over an FSDP mesh.
 """
 
 import json
@@ -25,14 +26,15 @@ CASES = {
     "prune": {"prune.method": "magnitude", "prune.sparsity": 0.5, "prune.end": 0.5},
     "distill": {"distill.hidden": 1.0},
 }
+STEPS = 3
 MESHES = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (2, 1, 4), "mixed": (2, 2, 2)}
 
 
 def run(model_dir, teacher_dir, glue_dir, workdir, case, mesh, stop_after_step=None):
-    config = tiny_run_config(model_dir, glue_dir, steps=4)
+    config = tiny_run_config(model_dir, glue_dir, steps=STEPS)
     with config.unlocked():
         config.log_every = 1
-        config.checkpoint_every = 4  # the end (and the stop of a stopped run)
+        config.checkpoint_every = STEPS  # the end (and the stop of a stopped run)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
         config.distill.teacher = str(teacher_dir) if case == "distill" else ""
         for key, value in CASES[case].items():
@@ -53,7 +55,7 @@ def main(model_dir, teacher_dir, glue_dir, workdir, mode):
         for case in CASES:
             report[case] = run(model_dir, teacher_dir, glue_dir, workdir / case, case, (1, 1, 1))
     else:
-        for name in ("data", "fsdp", "tensor"):
+        for name in ("fsdp", "tensor"):
             report[f"finetune/{name}"] = run(
                 model_dir, teacher_dir, glue_dir, workdir / name, "finetune", MESHES[name]
             )
