@@ -107,6 +107,17 @@ COLUMNS["throughput"] = [
     "ratio_vs_pytorch",
     "commit",
 ]
+COLUMNS["dynamic"] = [
+    "name",
+    "value",
+    "relative",
+    "mean_layers",
+    "speedup",
+    "speedup_b32_l128",
+    "teacher_dev_s",
+    "dev_s",
+    "token_keep",
+]
 COLUMNS["movement_scores"] = [
     "name",
     "steps_trained",
