@@ -77,14 +77,17 @@ def compare(config_file: Path, seeds: tuple[int, int], workdir: Path) -> list[di
             mine = kept(score, sparsity)
             seed_overlaps.append(overlap(mine, kept(scores_b[path], sparsity)))
             magnitude_overlaps.append(overlap(mine, kept(np.abs(weights_a[path]), sparsity)))
+        agreement = float(np.mean(seed_overlaps))
         rows.append(
             {
                 "name": f"{config.model} s{sparsity:g}",
+                "metric": "seed_vs_seed",  # shared share of kept weights; chance = 1 - sparsity
+                "value": agreement,
                 "start": config.model,
                 "steps_trained": steps,
                 "sparsity": sparsity,
                 "chance": 1 - sparsity,
-                "seed_vs_seed": float(np.mean(seed_overlaps)),
+                "seed_vs_seed": agreement,
                 "seed_vs_seed_min": float(np.min(seed_overlaps)),
                 "seed_vs_seed_max": float(np.max(seed_overlaps)),
                 "scores_vs_magnitude": float(np.mean(magnitude_overlaps)),

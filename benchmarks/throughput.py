@@ -270,7 +270,9 @@ def measure_row(
         "peak_tflops": peak[0] / 1e12,
         "peak_source": peak[1],
         "mfu": mfu(flops, seconds, peak[0]),
+        "metric": "mfu",
     }
+    row["value"] = row["mfu"]
     if mode == "distill":
         row["student_layers"] = student_of(config).num_hidden_layers
         return row

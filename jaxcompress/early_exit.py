@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcompress import artefact
+from jaxcompress import artefact, distill, token_drop
 from jaxcompress.models.bert import (
     CLASSES,
     EMBED,
@@ -104,14 +103,6 @@ def split_exits(params: dict) -> tuple[dict, dict]:
     return {k: v for k, v in params.items() if k != EXITS}, params.get(EXITS, {})
 
 
-def _kl(target_logits: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
-    target = jax.nn.softmax(target_logits)
-    per_example = jnp.sum(
-        target * (jax.nn.log_softmax(target_logits) - jax.nn.log_softmax(logits)), -1
-    )
-    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def make_exit_loss(
     model: Bert, cfg: ml_collections.ConfigDict, teacher: Bert | None = None
 ) -> LossFn:
@@ -146,7 +137,7 @@ def make_exit_loss(
             return (
                 task_loss(logits, labels, mask)
                 if cfg.targets == "labels"
-                else _kl(target, logits, mask)
+                else distill.soft_cross_entropy(logits, target, mask)
             )
 
         terms = {
@@ -277,7 +268,9 @@ class ExitRunner:
 
         def head_fn(pooling: str):
             head = ExitHead(cfg, pooling)
-            return jax.jit(lambda p, x, bias: head.apply({"params": p}, x, bias[:, 0, 0] == 0))
+            return jax.jit(
+                lambda p, x, bias: head.apply({"params": p}, x, token_drop.mask_from_bias(bias))
+            )
 
         self._exit_head, self._final_head = head_fn(pooling), head_fn("cls")
         self._final = model_head(self.params)
@@ -299,7 +292,7 @@ class ExitRunner:
         if not len(active):
             return logits, layers_run
         x = self._embed(self.params, ids, np.asarray(batch["token_type_ids"]))
-        bias = jnp.where(jnp.asarray(mask)[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        bias = token_drop.bias_from_mask(jnp.asarray(mask) > 0)
         # Row j of x (and bias) holds example active[j]; rows past len(active) are filler.
         x, bias = _regroup(x, bias, active, rows)
         state = PolicyState.start(len(active))
@@ -328,12 +321,6 @@ def _regroup(x: jax.Array, bias: jax.Array, rows: np.ndarray, cap: int):
         return x, bias
     index = jnp.asarray(np.concatenate([rows, np.full(size - len(rows), rows[-1])]))
     return jnp.take(x, index, axis=0), jnp.take(bias, index, axis=0)
-
-
-def mean_layers(layers_run: np.ndarray, example_mask: np.ndarray) -> float:
-    """Average layers run over real examples."""
-    real = np.asarray(example_mask) > 0
-    return float(layers_run[real].mean()) if real.any() else math.nan
 
 
 def exit_accuracies(

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxcompress import artefact, gobo, metrics, train, transforms
+from jaxcompress import artefact, gobo, metrics, quantized_run, train, transforms
 from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
 from jaxcompress.measure import measure_model
 from jaxcompress.models.bert import Bert
@@ -191,14 +191,15 @@ def run_quantize(recipe, stage, dirs, overrides) -> dict:
     tokenizer = train.load_tokenizer(config)
     train_split, dev = train.load_task_splits(config, tokenizer)
     bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
-    model = train.quantize_model(config, Bert(bert_config), params, train_split)
+    model = quantized_run.quantize_model(config, Bert(bert_config), params, train_split)
     if not isinstance(model, QuantizedModel):
         raise ValueError(f"stage {stage['name']}: its quantize section quantizes nothing")
     results = train.evaluate_splits(config, train.make_eval_step(model), params, dev)
     out = dirs[stage["name"]]
-    size = train.save_quantized(config, model, params, out / "quantized", resolve_model_dir(source))
+    tokenizer_dir = resolve_model_dir(source)
+    size = quantized_run.save_quantized(config, model, params, out / "quantized", tokenizer_dir)
     seen = model.quantized_params(params)
-    save_pretrained(bert_config, seen, out / "model", tokenizer_dir=resolve_model_dir(source))
+    save_pretrained(bert_config, seen, out / "model", tokenizer_dir=tokenizer_dir)
     metric = metrics.main_metric(config.task)
     return {
         "source": stage["model"],

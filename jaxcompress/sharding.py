@@ -130,6 +130,12 @@ def param_specs(config: bert.BertConfig, params: Any, mesh: Mesh, rules: Sequenc
     return unflatten_dict(out, sep="/")
 
 
+def place_params(config: bert.BertConfig, params: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """`params` put on `mesh` by the rules, and their specs."""
+    specs = param_specs(config, params, mesh)
+    return jax.device_put(params, named(mesh, specs)), specs
+
+
 def init_sharded(config: bert.BertConfig, rng: jax.Array, mesh: Mesh) -> Any:
     """Fresh parameters created directly in their shardings: shapes from `jax.eval_shape`,
     specs from the rules, then a jitted init whose outputs land split over the mesh (no

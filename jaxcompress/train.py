@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -28,11 +27,10 @@ from jaxcompress import (
     data,
     early_exit,
     grads,
-    hessian,
     metrics,
     prune,
     qat,
-    quant_pack,
+    quantized_run,
     sharding,
     sparse,
     structured,
@@ -52,10 +50,9 @@ from jaxcompress.objectives import (
     init_distill_params,
     make_loss,
     model_params,
-    task_loss,
 )
-from jaxcompress.quantized_model import QuantizedModel, calibrate
-from jaxcompress.run_dir import RunDir, write_json
+from jaxcompress.quantized_model import QuantizedModel
+from jaxcompress.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +155,10 @@ def make_train_step(
                 params = prune.zero_pruned(params, prune_state.masks)
             new = new.replace(params=params, prune=prune_state)
             aux = {**aux, "sparsity": prune_state.target}
-        if scaling:
+        if scaling:  # a step with overflowing gradients changes only the step and the scale
             finite = grads.all_finite(grad)
-            kept = grads.keep_if(
-                finite,
-                (new.params, new.opt_state, new.prune),
-                (state.params, state.opt_state, state.prune),
-            )
-            new = new.replace(
-                params=kept[0],
-                opt_state=kept[1],
-                prune=kept[2],
-                loss_scale=grads.next_loss_scale(state.loss_scale, finite),
+            new = grads.keep_if(finite, new, state).replace(
+                step=new.step, loss_scale=grads.next_loss_scale(state.loss_scale, finite)
             )
             aux = {**aux, "loss_scale": state.loss_scale.scale, "finite": finite}
         norms = {"grad_norm": optax.tree.norm(grad), "param_norm": optax.tree.norm(new.params)}
@@ -382,8 +371,7 @@ def initial_state(
     tx = make_optimizer(config.train, total_steps)
     if exits.layers and exits.freeze_backbone:
         tx = early_exit.frozen_backbone_optimizer(tx)
-    specs = sharding.param_specs(bert_config, params, mesh)
-    params = jax.device_put(params, sharding.named(mesh, specs))
+    params, specs = sharding.place_params(bert_config, params, mesh)
     sharding.check_fsdp(params, mesh)
     prune_state = ()
     if pruning is not None:
@@ -420,71 +408,6 @@ def pruned_params(state: TrainState, pruning: core.Reparam | None) -> dict:
     """The model's parameters as the forward pass sees them (pruned weights zero)."""
     params = state.params if pruning is None else pruning.apply(state.params, state.prune)
     return model_params(params)
-
-
-def quantize_model(
-    config: ml_collections.ConfigDict, model: Bert, params: dict, train_split: data.TokenizedSplit
-) -> Bert | QuantizedModel:
-    """`model` as `config.quantize` asks: fake-quantized weights and dense-layer inputs, the
-    latter with ranges calibrated on the first train batches (of the step-0 model, so a
-    resumed run gets the same ranges) or dynamic."""
-    q = config.quantize
-    rules = qat.rules_from_config(q)
-    if q.activation_bits and not 2 <= q.activation_bits <= 8:
-        raise ValueError(f"quantize.activation_bits must be 0 or 2..8, got {q.activation_bits}")
-    if q.activation_ranges not in ("calibrated", "dynamic"):
-        raise ValueError(
-            f"quantize.activation_ranges must be 'calibrated' or 'dynamic': {q.activation_ranges}"
-        )
-    if rules is None and not q.activation_bits and not q.mixed_bits_budget:
-        return model
-
-    def first_batches(n: int) -> list[Batch]:  # of the run's first epoch, as training sees it
-        order = data.epoch_batches(
-            train_split.lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
-        )
-        return [data.make_batch(train_split, indices, config.buckets) for indices in order[:n]]
-
-    layer_bits = None
-    if q.mixed_bits_budget:
-        batches = first_batches(q.hessian_batches)
-        layer_bits = hessian_bits(config, model, model_params(params), batches)
-        tail = rules if rules is not None else [(".*", None)]
-        rules = hessian.mixed_precision_rules(layer_bits, q.mixed_group_size, tail=tail)
-    weights = qat.qat(rules) if rules is not None else core.identity()
-    quantized = QuantizedModel(model, weights, rules=rules, layer_bits=layer_bits)
-    if not q.activation_bits:
-        return quantized
-    ranges = None
-    if q.activation_ranges == "calibrated":
-        ranges = calibrate(quantized, model_params(params), first_batches(q.calibration_batches))
-    return dataclasses.replace(quantized, activation_bits=q.activation_bits, ranges=ranges)
-
-
-def hessian_bits(
-    config: ml_collections.ConfigDict, model: Bert, params: dict, batches: list[Batch]
-) -> dict[str, int]:
-    """Q-BERT's bit width per encoder layer: Hutchinson traces of the task loss on `batches`
-    (deterministic in the seed), ranked per parameter, assigned under the average budget."""
-    q = config.quantize
-
-    def loss_fn(p):
-        losses = [
-            task_loss(forward(model, p, b, None).logits, b["labels"], b["example_mask"])
-            for b in batches
-        ]
-        return sum(losses) / len(losses)
-
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    groups = hessian.encoder_layer_group
-    estimate = hessian.hutchinson_trace(loss_fn, params, groups, key, q.hessian_samples)
-    sensitivity = {g: max(float(v), 0.0) for g, v in estimate.per_param.items()}
-    sizes = hessian.group_sizes(params, groups)
-    bits = hessian.assign_bits(
-        sensitivity, sizes, tuple(q.mixed_choices), budget_bits=q.mixed_bits_budget
-    )
-    log.info("Q-BERT bits per layer %s (trace per parameter %s)", bits, sensitivity)
-    return bits
 
 
 def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
@@ -536,21 +459,21 @@ def _train(
         )
     teacher, teacher_params = load_teacher(config)
     if teacher is not None:
-        specs = sharding.param_specs(teacher.config, teacher_params, mesh)
-        teacher_params = jax.device_put(teacher_params, sharding.named(mesh, specs))
+        teacher_params, _ = sharding.place_params(teacher.config, teacher_params, mesh)
     bert_config, model, tx, state, pruning = initial_state(
         config, steps, None if teacher is None else teacher.config, mesh
     )
     seen = state.params if pruning is None else pruning.apply(state.params, state.prune)
-    model = quantize_model(config, model, seen, train_split)
+    model = quantized_run.quantize_model(config, model, seen, train_split)
     objective = Objective.from_config(config.distill)
     if config.token_keep and objective.uses_layers:
         raise ValueError(
             "token_keep shortens hidden states; layer distillation terms need them whole"
         )
-    loss_fn = make_loss(model, objective, teacher)
     if config.early_exit.layers:
         loss_fn = early_exit.make_exit_loss(model, config.early_exit, teacher)
+    else:
+        loss_fn = make_loss(model, objective, teacher)
     teacher_logits = None
     if teacher is not None and config.distill.cache_logits:
         if objective.uses_layers:
@@ -673,7 +596,9 @@ def _train(
             sparse.save(run.path / "sparse" / "params.safetensors", params, rules)
             size = sparse.sparse_bytes(params, rules)
     if isinstance(model, QuantizedModel):
-        size = save_quantized(config, model, params, run.path / "quantized", tokenizer_dir)
+        size = quantized_run.save_quantized(
+            config, model, params, run.path / "quantized", tokenizer_dir
+        )
         params = model.quantized_params(params)  # what the model computes with, LSQ steps gone
     model_dir = save_pretrained(
         bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir
@@ -711,28 +636,6 @@ def _train(
     }
     run.write_summary(summary)
     return summary
-
-
-def save_quantized(
-    config: ml_collections.ConfigDict,
-    model: QuantizedModel,
-    params: dict,
-    path: Path,
-    tokenizer_dir: str | Path,
-) -> dict[str, int]:
-    """The packed low-bit artefact (`params.safetensors`: codes, scales, float leaves) and
-    `quantization.json` (activation bits and calibrated ranges) in `path`; returns the
-    packed bytes with and without embeddings (float bytes when only activations are
-    quantized)."""
-    path.mkdir(parents=True, exist_ok=True)
-    ranges = {k: float(v) for k, v in (model.ranges or {}).items()}
-    activations = {"bits": model.activation_bits, "ranges": ranges or None}
-    record = {"activations": activations, "layer_bits": model.layer_bits}
-    write_json(path / "quantization.json", record)
-    if model.rules is None:
-        return artefact.saved_bytes(params)
-    quant_pack.save(path / "params.safetensors", params, model.rules)
-    return quant_pack.packed_bytes(params, model.rules)
 
 
 def train_or_reuse(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -507,8 +507,7 @@ class BertBackbone(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
         cfg = self.config
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
-        neg = jnp.finfo(jnp.float32).min
-        bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg)
+        bias_Bx1x1xL = token_drop.bias_from_mask(attention_mask > 0)
         x, hidden, attn = Encoder(cfg, name="encoder")(x, bias_Bx1x1xL, deterministic)
         return x, Pooler(cfg, name="pooler")(x), hidden, attn
 
