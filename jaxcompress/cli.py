@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from jaxcompress import checkpoint, data, recipes, report, sweep, train
 from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
+from jaxcompress.errors import UserError
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import (
     MODEL_ROOT_ENV,
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("finetune", help="fine-tune a model on a GLUE task (resumes a workdir)")
     p.add_argument("--config", required=True, help="path/to/config.py[:arg]")
@@ -196,11 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "JAXCOMPRESS_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    return args.fn(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return args.fn(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"jaxcompress {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(
+            f"jaxcompress {args.command}: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":
