@@ -62,7 +62,7 @@ def test_outputs_hidden_states_and_attentions():
     np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 7, 7)
     # Padded keys get no attention; each row is a distribution.
-    np.testing.assert_allclose(out.attentions[0].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out.attentions[0].sum(-1), 1.0, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(out.attentions[1][1, :, :, 4:]).max()) == 0.0
     plain = Bert(config).apply({"params": params}, ids, mask)
     assert plain.hidden_states is None and plain.attentions is None
