@@ -12,6 +12,8 @@ import ml_collections
 
 def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
     task, *flags = (arg or "sst2").split(",")
+    if unknown := set(flags) - {"quick"}:
+        raise ValueError(f"unknown flags {sorted(unknown)}; known: quick")
     c = ml_collections.ConfigDict()
     c.model = "sentence-transformers/all-MiniLM-L6-v2"
     c.task = task

@@ -7,27 +7,41 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jaxcompress import checkpoint, data, recipes, report, sweep, train
-from jaxcompress.config import GLUE_DIR_ENV, config_from_json, finetune_defaults, load_config
+from jaxcompress import assets, checkpoint, data, recipes, report, sweep, train
+from jaxcompress.config import config_from_json, finetune_defaults, load_config
 from jaxcompress.errors import UserError
 from jaxcompress.models.bert import Bert
-from jaxcompress.models.hf import (
-    MODEL_ROOT_ENV,
-    load_pretrained,
-    resolve_model_dir,
-    save_pretrained,
-)
+from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
 from jaxcompress.results import markdown_table
 
 EPILOG = f"""
-Offline assets: set {MODEL_ROOT_ENV} to a folder of model directories (hub ids are looked up
-there by their last component) and {GLUE_DIR_ENV} to a folder of GLUE TSVs (SST-2/train.tsv,
-...). Without them, models and data come from the Hugging Face hub.
+Offline assets: `model_root` is a folder of model directories (hub ids are looked up there by
+their last component), `glue_dir` a folder of GLUE TSVs (SST-2/train.tsv, ...). Set them in a
+{assets.CONFIG_FILE} (`model_root = "path"`, `glue_dir = "path"`, relative to the file) in the
+current directory or a parent (or the file ${assets.CONFIG_ENV} names; `make install` writes
+one), or with ${assets.MODEL_ROOT_ENV} and ${assets.GLUE_DIR_ENV}, which win. Without them,
+models and data come from the Hugging Face hub.
 """
+
+
+def check_workdir(workdir: str) -> None:
+    """Create `workdir` and write a scratch file there: a workdir that cannot be written is
+    reported before any data or model loads."""
+    path = Path(workdir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".jaxcompress-write-check-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(
+            f"workdir {path} is not writable ({reason}); pass a --workdir you can write to"
+        ) from None
 
 
 def format_value(v) -> str:
@@ -36,6 +50,8 @@ def format_value(v) -> str:
 
 def cmd_finetune(args) -> int:
     config = load_config(args.config, args.set)
+    data.get_task(config.task)  # an unknown task fails before the workdir is made
+    check_workdir(args.workdir)
     summary = train.train(config, args.workdir)
     if "stopped_at" in summary:
         return 0
@@ -51,7 +67,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    summaries = recipes.run_recipe(recipes.load_recipe(args.config), args.workdir, args.set)
+    recipe = recipes.load_recipe(args.config)
+    check_workdir(args.workdir)
+    summaries = recipes.run_recipe(recipe, args.workdir, args.set)
     table = recipes.results_table(summaries)
     (Path(args.workdir) / "results.md").write_text(table + "\n")
     print("\n" + table)
@@ -65,7 +83,7 @@ def parse_only(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         axis, sep, values = item.partition("=")
         if not sep or not values:
-            raise SystemExit(f"--only {item!r} must look like AXIS=VALUE[,VALUE...]")
+            raise UserError(f"--only {item!r} must look like AXIS=VALUE[,VALUE...]")
         only.setdefault(axis.strip(), []).extend(v.strip() for v in values.split(","))
     return only
 
@@ -73,13 +91,14 @@ def parse_only(items: list[str]) -> dict[str, list[str]]:
 def parse_shard(text: str) -> tuple[int, int]:
     index, sep, count = text.partition("/")
     if not sep or not index.isdigit() or not count.isdigit():
-        raise SystemExit(f"--shard {text!r} must look like INDEX/COUNT, e.g. 0/2")
+        raise UserError(f"--shard {text!r} must look like INDEX/COUNT, e.g. 0/2")
     return int(index), int(count)
 
 
 def cmd_sweep(args) -> int:
     config = sweep.load_sweep(args.config)
     only, shard = parse_only(args.only), parse_shard(args.shard)
+    check_workdir(args.workdir)
     summaries = sweep.run_sweep(config, args.workdir, only, shard, args.set)
     total = len(sweep.expand(config, only, args.set)[shard[0] :: shard[1]])
     print(f"\n{len(summaries)} of {total} runs finished under {args.workdir}")
@@ -101,14 +120,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    outputs = train.get_num_outputs(args.task)  # an unknown task fails before any loading
     config, params = load_pretrained(args.model)
-    outputs = train.get_num_outputs(args.task)
     if config.num_labels != outputs:
-        raise SystemExit(
-            f"{args.model} has {config.num_labels} outputs; {args.task} needs {outputs}"
+        head = f"a {config.num_labels}-output head" if config.num_labels else "no classifier head"
+        raise UserError(
+            f"model {args.model} has {head}, but task {args.task} needs {outputs} outputs; "
+            f"pass a model fine-tuned on {args.task} (or the --task it was fine-tuned on)"
         )
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer or args.model))
-    glue = args.glue_dir or os.environ.get(GLUE_DIR_ENV) or None
+    glue = args.glue_dir or assets.glue_dir()
     step = train.make_eval_step(Bert(config))
     buckets = finetune_defaults().buckets
     results = {}
@@ -122,21 +143,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def checkpoint_steps(run: Path) -> list[Path]:
+    """The entries of a run's checkpoints/ folder (none if it has none)."""
+    folder = run / "checkpoints"
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def run_config(run: Path):
+    """The saved config of a fine-tuning run directory; UserError for any other folder."""
+    usage = "export takes the --workdir of a finetune run (or of a recipe's finetune stage)"
+    if not run.is_dir():
+        raise UserError(f"{run} does not exist; {usage}")
+    file = run / "config.json"
+    if not file.is_file():
+        stages = sorted(p.name for p in run.iterdir() if (p / "config.json").is_file())
+        hint = f"; its runs: {', '.join(stages)}" if stages else ""
+        raise UserError(f"{run} is not a run directory (no config.json); {usage}{hint}")
+    try:
+        saved = json.loads(file.read_text())
+    except ValueError as e:
+        raise UserError(f"{file} is not valid JSON ({e}); {usage}") from None
+    if isinstance(saved, dict) and ("model_type" in saved or "architectures" in saved):
+        raise UserError(
+            f"{run} is a model directory (Hugging Face config.json), not a run; {usage}"
+        )
+    try:
+        return config_from_json(saved)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{file} is not a jaxcompress run config ({e}); {usage}") from None
+
+
 def cmd_export(args) -> int:
     run = Path(args.workdir)
-    if not (run / "config.json").exists():
-        raise SystemExit(f"{run} is not a run directory (no config.json)")
-    config = config_from_json(json.loads((run / "config.json").read_text()))
+    config = run_config(run)
+    if not any(p.name.isdigit() for p in checkpoint_steps(run)):
+        raise UserError(
+            f"run {run} has no checkpoint in {run / 'checkpoints'}; rerun its finetune "
+            "command (it saves every checkpoint_every steps and at the end), then export"
+        )
     teacher, _ = train.load_teacher(config)  # its width decides the checkpoint's projections
     bert_config, _, _, state, pruning = train.initial_state(
         config, total_steps=1, teacher_config=None if teacher is None else teacher.config
     )
     restored = checkpoint.restore_latest(checkpoint.manager(run / "checkpoints"), state)
     if restored is None:
-        raise SystemExit(f"no checkpoint in {run / 'checkpoints'}")
+        raise UserError(f"run {run} has no readable checkpoint in {run / 'checkpoints'}")
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
     params = train.pruned_params(restored, pruning)
-    out = save_pretrained(bert_config, params, args.out, tokenizer_dir=tokenizer_dir)
+    labels = data.get_task(config.task).label_names
+    out = save_pretrained(
+        bert_config, params, args.out, tokenizer_dir=tokenizer_dir, label_names=labels
+    )
     print(f"exported step {int(restored.step)} of {run} to {out}")
     return 0
 
@@ -167,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(p, "override a key of every finetune stage, e.g. --set train.steps=50")
     p.set_defaults(fn=cmd_recipe)
     p = sub.add_parser("sweep", help="run a sweep of variants x seeds (resumes a workdir)")
-    p.add_argument("config", help="path/to/sweep.py[:arg], e.g. configs/ablations/sst2_main.py")
+    p.add_argument(
+        "config", help="path/to/sweep.py[:arg], e.g. configs/ablations/sst2.py:main (see there)"
+    )
     p.add_argument("--workdir", required=True)
     p.add_argument(
         "--only",
@@ -186,16 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("eval", help="evaluate a saved model on a GLUE task's dev split(s)")
-    p.add_argument("--model", required=True, help="model directory or hub id")
-    p.add_argument("--task", required=True)
-    p.add_argument("--tokenizer", default="")
-    p.add_argument("--glue-dir", default="")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face model directory (e.g. a run's model/), or a name looked up in "
+        "model_root (e.g. minilm-l6-sst2-teacher), or a hub id",
+    )
+    p.add_argument("--task", required=True, help=f"GLUE task, one of: {', '.join(data.TASKS)}")
+    p.add_argument(
+        "--tokenizer", default="", help="tokenizer directory or hub id (default: the model's)"
+    )
+    p.add_argument(
+        "--glue-dir",
+        default="",
+        help="folder of GLUE TSVs (default: glue_dir of jaxcompress.toml or "
+        f"${assets.GLUE_DIR_ENV}, else the hub)",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=128, help="truncate inputs to this many tokens"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="examples per eval batch")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--workdir", required=True, help="a finetune run directory")
+    p.add_argument("--out", required=True, help="the Hugging Face directory to write")
     p.set_defaults(fn=cmd_export)
     return parser
 
@@ -208,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # "Unable to initialize backend 'tpu'" (INFO) on every machine without one.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.fn(args)
     except UserError as e:
         if debug:
             raise
-        print(f"jaxcompress {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"jaxcompress {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

@@ -5,13 +5,42 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
 
-GLUE_DIR_ENV = "JAXCOMPRESS_GLUE_DIR"
+from jaxcompress import assets
+from jaxcompress.errors import UserError
+
+GLUE_DIR_ENV = assets.GLUE_DIR_ENV
+
+
+class ConfigError(UserError):
+    """A config file or override the user must fix."""
+
+
+class ConfigKeyError(ConfigError, KeyError):
+    """An unknown config key (a KeyError whose message prints unquoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An override whose value has the wrong type."""
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """A malformed override or config argument."""
+
+
+class ConfigFileError(ConfigError, FileNotFoundError):
+    """A config file that does not exist."""
+
+
+class ConfigFunctionError(ConfigError, AttributeError):
+    """A config file without `get_config(arg)`."""
 
 
 def finetune_defaults() -> ml_collections.ConfigDict:
@@ -20,7 +49,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.model = "sentence-transformers/all-MiniLM-L6-v2"  # hub id or directory
     c.tokenizer = ""  # '' = the model's own
     c.task = "sst2"
-    c.glue_dir = ""  # '' = $JAXCOMPRESS_GLUE_DIR, else the `nyu-mll/glue` hub dataset
+    c.glue_dir = ""  # '' = $JAXCOMPRESS_GLUE_DIR or jaxcompress.toml's, else the hub
     c.max_length = 128
     c.buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
     c.seed = 0
@@ -146,18 +175,17 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     return c
 
 
-def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+def check_keys(
+    config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = ""
+) -> None:
     """Raise on any key of `config` that `schema` does not have, suggesting the closest one."""
     for key, value in config.items():
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema.keys()), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"unknown config key {key!r}{hint}")
+            raise ConfigKeyError(f"unknown config key {prefix + key!r}{hint}")
         if isinstance(value, ml_collections.ConfigDict):
-            try:
-                check_keys(value, schema[key])
-            except KeyError as e:
-                raise KeyError(f"{key}.{e.args[0]}") from None
+            check_keys(value, schema[key], f"{prefix}{key}.")
 
 
 def merge(defaults: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
@@ -184,7 +212,7 @@ def config_from_json(saved: dict) -> ml_collections.ConfigDict:
 def parse_override(text: str) -> tuple[str, object]:
     """`a.b=1e-4` -> ('a.b', 0.0001); values are Python literals, else plain strings."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like key=value")
+        raise ConfigValueError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
     try:
         value = ast.literal_eval(raw)
@@ -200,20 +228,25 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
-            if part not in node:
-                raise KeyError(f"unknown config key {key!r}")
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigKeyError(f"override {text!r}: unknown config key {key!r}")
             node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigKeyError(f"override {text!r}: unknown config key {key!r}")
         if parts[-1] not in node:
             close = difflib.get_close_matches(parts[-1], list(node.keys()), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"unknown config key {key!r}{hint}")
+            raise ConfigKeyError(f"override {text!r}: unknown config key {key!r}{hint}")
         current = node[parts[-1]]
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
         if isinstance(current, float) and isinstance(value, int):
             value = float(value)
         if current is not None and type(value) is not type(current):
-            raise TypeError(f"config key {key!r} is {type(current).__name__}, got {value!r}")
+            raise ConfigTypeError(
+                f"override {text!r}: config key {key!r} is {type(current).__name__}, "
+                f"got {type(value).__name__} {value!r}"
+            )
         node[parts[-1]] = value
 
 
@@ -221,25 +254,211 @@ def run_config_file(spec: str):
     """`path/to/file.py[:arg]` -> (the module, its `get_config(arg)`)."""
     path, _, arg = spec.partition(":")
     file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"config file {file} does not exist")
+    if not file.is_file():
+        raise ConfigFileError(
+            f"config file {file} does not exist (the form is path/to/config.py[:arg])"
+        )
     module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"{file} has no get_config(arg) function")
-    return module, module.get_config(arg)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{file}: line {e.lineno}: syntax error: {e.msg}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigFunctionError(f"{file} has no get_config(arg) function")
+    try:
+        return module, module.get_config(arg)
+    except (ValueError, KeyError) as e:  # the argument's mistakes, e.g. an unknown flag
+        message = e.args[0] if e.args else type(e).__name__
+        raise ConfigValueError(f"{spec}: {message}") from None
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` -> the merged, locked config with overrides applied."""
     module, config = run_config_file(spec)
     defaults = getattr(module, "DEFAULTS", finetune_defaults)()
-    merged = merge(defaults, config)
+    try:
+        merged = merge(defaults, config)
+    except ConfigKeyError as e:
+        raise ConfigKeyError(f"{spec.partition(':')[0]}: {e}") from None
     apply_overrides(merged, overrides)
     return merged
 
 
 def glue_dir(config: ml_collections.ConfigDict) -> str | None:
-    """The local GLUE folder to read, or None for the hub."""
-    return config.glue_dir or os.environ.get(GLUE_DIR_ENV) or None
+    """The local GLUE folder to read: the config's `glue_dir`, else `$JAXCOMPRESS_GLUE_DIR`,
+    else `jaxcompress.toml`'s (see `jaxcompress.assets`); None for the hub."""
+    if config.glue_dir:
+        return config.glue_dir
+    found = assets.glue_dir()
+    return None if found is None else str(found)
+
+
+# What each fine-tuning key may hold: (dotted key, test, the allowed values in words).
+# `validate` checks them all before a run writes anything; keys a config lacks are skipped.
+def _choice(*options: str) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: v in options), " or ".join(repr(o) for o in options)
+
+
+def _range(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def test(v) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return not isinstance(v, bool) and above and below
+
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return test, f"a number in {text}"
+
+
+def _at_least(low: float, integer: bool = True):
+    kind = "an integer" if integer else "a number"
+    return (lambda v: not isinstance(v, bool) and v >= low), f"{kind} >= {low:g}"
+
+
+def _positive(integer: bool = False):
+    kind = "an integer" if integer else "a number"
+    return (lambda v: not isinstance(v, bool) and v > 0), f"{kind} > 0"
+
+
+def _each(test_and_text, empty_ok: bool = True):
+    test, text = test_and_text
+    words = f"a tuple of {text.removeprefix('a ').removeprefix('an ')}s"
+    return (lambda v: (empty_ok or len(v) > 0) and all(test(x) for x in v)), words
+
+
+_FRACTION = _range(0.0, 1.0, high_open=True)
+_WEIGHT = _at_least(0.0, integer=False)
+_LAYER_MAP = (
+    lambda v: (
+        v in ("uniform", "skip", "last")
+        or all(p.strip().isdigit() and int(p) >= 1 for p in v.split(","))
+    ),
+    "'uniform', 'skip', 'last' or teacher layers like '2,4,6'",
+)
+VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
+    (key, *check)
+    for key, check in (
+        ("max_length", _positive(integer=True)),
+        ("buckets", _each(_positive(integer=True), empty_ok=False)),
+        ("seed", _at_least(0)),
+        ("rng_impl", _choice("rbg", "unsafe_rbg", "threefry2x32")),
+        ("dtype", _choice("float32", "bfloat16", "float16")),
+        ("token_keep", _each(_range(0.0, 1.0, low_open=True))),
+        ("mesh.data", (lambda v: v == -1 or v >= 1, "-1 (the devices left) or >= 1")),
+        ("mesh.fsdp", (lambda v: v == -1 or v >= 1, "-1 (the devices left) or >= 1")),
+        ("mesh.tensor", (lambda v: v == -1 or v >= 1, "-1 (the devices left) or >= 1")),
+        ("dropout", _FRACTION),
+        ("layerdrop", _FRACTION),
+        ("context_batches", _at_least(1)),
+        ("distill.alpha", _range(0.0, 1.0)),
+        ("distill.temperature", _positive()),
+        ("distill.logit_loss", _choice("kl", "mse")),
+        ("distill.prediction", _WEIGHT),
+        ("distill.hidden", _WEIGHT),
+        ("distill.hidden_loss", _choice("mse", "cosine")),
+        ("distill.embedding", _WEIGHT),
+        ("distill.attention", _WEIGHT),
+        ("distill.patient", _WEIGHT),
+        ("distill.relation", _WEIGHT),
+        ("distill.relation_heads", _at_least(0)),
+        ("distill.layer_map", _LAYER_MAP),
+        ("quantize.activation_bits", _range(0, 32)),
+        ("quantize.activation_ranges", _choice("calibrated", "dynamic")),
+        ("quantize.calibration_batches", _at_least(1)),
+        ("quantize.mixed_bits_budget", _WEIGHT),
+        ("quantize.mixed_choices", _each(_range(1, 32))),
+        ("quantize.mixed_group_size", _at_least(1)),
+        ("quantize.hessian_samples", _at_least(1)),
+        ("quantize.hessian_batches", _at_least(1)),
+        ("prune.method", _choice("", "magnitude", "movement")),
+        ("prune.sparsity", _FRACTION),
+        ("prune.initial_sparsity", _FRACTION),
+        ("prune.begin", _range(0.0, 1.0)),
+        ("prune.end", _range(0.0, 1.0)),
+        ("prune.frequency", _at_least(1)),
+        ("prune.scope", _choice("layer", "global")),
+        ("prune.movement", _choice("hard", "soft")),
+        ("prune.threshold", _FRACTION),
+        ("prune.score_l1", _WEIGHT),
+        ("early_exit.layers", _each(_at_least(1))),
+        ("early_exit.targets", _choice("labels", "final", "teacher")),
+        ("early_exit.weighting", _choice("equal", "layer")),
+        ("early_exit.pooling", _choice("cls", "mean")),
+        ("train.batch_size", _positive(integer=True)),
+        ("train.sort_window", _at_least(1)),
+        ("train.lr", _positive()),
+        ("train.warmup_ratio", _range(0.0, 1.0)),
+        ("train.weight_decay", _WEIGHT),
+        ("train.clip_norm", _positive()),
+        ("train.b1", _FRACTION),
+        ("train.b2", _FRACTION),
+        ("train.eps", _WEIGHT),
+        ("train.grad_accum", _at_least(1)),
+        ("eval.batch_size", _positive(integer=True)),
+        ("eval.every_steps", _at_least(0)),
+        ("log_every", _at_least(1)),
+        ("checkpoint_every", _at_least(1)),
+        (
+            "checkpoint_keep",
+            (
+                lambda v: v >= 2,
+                "an integer >= 2 (a corrupt latest checkpoint falls back to the one before)",
+            ),
+        ),
+    )
+)
+
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _bad(key: str, value, allowed: str) -> ConfigValueError:
+    return ConfigValueError(
+        f"config key {key}={value!r} is out of range: it must be {allowed}; "
+        f"fix it in the config file or with --set {key}=..."
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise UserError on the first value a run cannot use (`VALUE_CHECKS`, then the keys
+    that constrain each other), naming the key, the value, what is allowed and the fix."""
+    for key, test, allowed in VALUE_CHECKS:
+        value = _lookup(config, key)
+        if value is _MISSING:
+            continue
+        try:
+            ok = bool(test(value))
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise _bad(key, value, allowed)
+    train = _lookup(config, "train")
+    if train is not _MISSING:
+        steps, epochs = train.get("steps", -1), train.get("epochs", 1.0)
+        if not steps > 0 and not epochs > 0:
+            raise ConfigValueError(
+                f"config key train.epochs={epochs!r} is out of range: it must be > 0 unless "
+                f"train.steps > 0 (train.steps={steps!r}); set --set train.epochs=1.0 or "
+                "--set train.steps=N"
+            )
+        size, accum = train.get("batch_size", 1), train.get("grad_accum", 1)
+        if size % accum:
+            raise ConfigValueError(
+                f"config key train.grad_accum={accum!r} must divide train.batch_size={size!r} "
+                "into equal micro-batches; choose a divisor, e.g. --set train.grad_accum=1"
+            )
+    prune = _lookup(config, "prune")
+    if prune is not _MISSING and prune.get("begin", 0.0) > prune.get("end", 0.0):
+        raise ConfigValueError(
+            f"config key prune.begin={prune.begin!r} is after prune.end={prune.end!r}: the "
+            "schedule must start before it ends (begin == end prunes in one shot); "
+            "set prune.end >= prune.begin"
+        )

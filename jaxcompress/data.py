@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
+from jaxcompress import assets
+from jaxcompress.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -19,8 +22,16 @@ PAD_ID = 0
 _TOKENIZE_CHUNK = 8192
 
 
-class GlueFormatError(ValueError):
+class GlueFormatError(ValueError, UserError):
     """A local GLUE TSV file does not have the expected format."""
+
+
+class GlueFileNotFoundError(UserError, FileNotFoundError):
+    """A local GLUE TSV file that does not exist."""
+
+
+class UnknownTaskError(UserError, ValueError):
+    """A task name that is not a GLUE task."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +205,7 @@ TASKS: dict[str, TaskSpec] = {
 def get_task(name: str) -> TaskSpec:
     """Returns the spec of a GLUE task by its hub config name (e.g. 'sst2')."""
     if name not in TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(TASKS)}")
+        raise UnknownTaskError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -212,19 +223,41 @@ def load_split(
     """
     spec = get_task(task)
     if glue_dir is None:
+        # Fail at once offline, instead of after the datasets library's retries.
+        assets.require_hub(f"dataset {HUB_DATASET!r} ({spec.name})", "glue_dir")
         return datasets.load_dataset(HUB_DATASET, spec.name, split=split)
     path = Path(glue_dir) / spec.tsv_dir / spec.file_name(split)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"GLUE file not found: {path}. Set glue_dir to the folder holding the GLUE task "
-            f"folders ({spec.tsv_dir}/, ...), or to None to load {HUB_DATASET!r} from the hub."
+        raise GlueFileNotFoundError(
+            f"GLUE file not found: {path}; point glue_dir ({assets.how_to_set('glue_dir')}, "
+            f"or the config's glue_dir) at the folder holding the task folders "
+            f"({spec.tsv_dir}/, ...)"
         )
     columns = read_tsv(spec, path)
     return datasets.Dataset.from_dict(columns, features=_features(spec))
 
 
 def read_tsv(spec: TaskSpec, path: Path) -> dict[str, list]:
-    """Reads a local GLUE TSV into hub-style columns; raises GlueFormatError on a bad row."""
+    """Reads a local GLUE TSV into hub-style columns; raises GlueFormatError on a bad row
+    (or a byte that is not UTF-8, naming its line)."""
+    try:
+        return _read_tsv(spec, path)
+    except UnicodeDecodeError as e:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8-sig")
+            start = e.start  # not reached for a file that decodes as a whole
+        except UnicodeDecodeError as whole:
+            start = whole.start
+        line = raw.count(b"\n", 0, start) + 1
+        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        raise GlueFormatError(
+            f"{path}: line {line}: byte 0x{raw[start]:02x} (column {column}) is not UTF-8; "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_tsv(spec: TaskSpec, path: Path) -> dict[str, list]:
     columns: dict[str, list] = {key: [] for key in spec.text_keys}
     columns["label"] = []
     columns["idx"] = []

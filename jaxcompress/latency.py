@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -12,6 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.models.bert import Bert, BertConfig
+from jaxcompress.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 def jitted_forward(model) -> Callable:
@@ -43,13 +47,17 @@ def inference_latency(
     ids = jax.random.randint(jax.random.key(0), (batch_size, seq_len), 1000, 29000)
     mask = jnp.ones_like(ids)
     forward = _forward(config)
+    bar = Progress(log, f"latency {batch_size} x {seq_len}", warmup + repeats, "pass")
     for _ in range(warmup):
         jax.block_until_ready(forward(params, ids, mask))
+        bar.update()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(forward(params, ids, mask))
         times.append(time.perf_counter() - t0)
+        bar.update()
+    bar.close()
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -86,10 +94,16 @@ def paired_latency(
         jax.block_until_ready(forward(params, ids, mask))
         return time.perf_counter() - t0
 
+    bar = Progress(log, f"paired latency {batch_size} x {seq_len}", warmup + rounds, "round")
     for _ in range(warmup):
         for forward, params in pairs:
             timed(forward, params)
-    times = [[timed(f, p) for f, p in pairs] for _ in range(rounds)]
+        bar.update()
+    times = []
+    for _ in range(rounds):
+        times.append([timed(f, p) for f, p in pairs])
+        bar.update()
+    bar.close()
     return {
         "latency_s": statistics.median(t[1] for t in times),
         "reference_latency_s": statistics.median(t[0] for t in times),

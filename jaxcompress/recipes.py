@@ -29,16 +29,27 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
 
-from jaxcompress import artefact, gobo, metrics, quantized_run, train, transforms
-from jaxcompress.config import apply_overrides, finetune_defaults, merge, run_config_file
+from jaxcompress import artefact, data, gobo, metrics, quantized_run, train, transforms
+from jaxcompress.config import (
+    ConfigKeyError,
+    ConfigValueError,
+    apply_overrides,
+    finetune_defaults,
+    merge,
+    run_config_file,
+    validate,
+)
+from jaxcompress.errors import UserError
 from jaxcompress.measure import measure_model
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
+from jaxcompress.progress import duration
 from jaxcompress.quantized_model import QuantizedModel
 from jaxcompress.results import markdown_table
 from jaxcompress.run_dir import write_json
@@ -66,20 +77,20 @@ def load_recipe(spec: str) -> dict:
 def check_recipe(recipe: dict) -> None:
     """Unknown keys, kinds, duplicate names and forward `@` references raise, naming the stage."""
     if set(recipe) - {"task", "stages"} or "stages" not in recipe:
-        raise KeyError(f"a recipe has 'task' and 'stages'; got {sorted(recipe)}")
+        raise ConfigKeyError(f"a recipe has 'task' and 'stages'; got {sorted(recipe)}")
     seen: set[str] = set()
     for i, stage in enumerate(recipe["stages"]):
         name = stage.get("name") or f"#{i}"
         kind = stage.get("kind")
         if kind not in STAGE_FIELDS:
-            raise ValueError(f"stage {name}: kind {kind!r} not in {sorted(STAGE_FIELDS)}")
+            raise ConfigValueError(f"stage {name}: kind {kind!r} not in {sorted(STAGE_FIELDS)}")
         if unknown := set(stage) - STAGE_FIELDS[kind]:
-            raise KeyError(f"stage {name}: unknown keys {sorted(unknown)} for a {kind} stage")
+            raise ConfigKeyError(f"stage {name}: unknown keys {sorted(unknown)} for a {kind} stage")
         if name in seen:
-            raise ValueError(f"two stages are named {name!r}")
+            raise ConfigValueError(f"two stages are named {name!r}")
         for ref in _references(stage):
             if ref not in seen:
-                raise ValueError(f"stage {name} uses @{ref}, which is not an earlier stage")
+                raise ConfigValueError(f"stage {name} uses @{ref}, which is not an earlier stage")
         seen.add(name)
 
 
@@ -119,10 +130,15 @@ def stage_config(
 def merged_stage_config(
     recipe: dict, stage: dict, overrides: Sequence[str] = ()
 ) -> ml_collections.ConfigDict:
-    """A `finetune` stage's config over the defaults, `@` references left as written."""
+    """A `finetune` stage's config over the defaults, `@` references left as written; bad
+    values raise UserError naming the stage."""
     partial = ml_collections.ConfigDict({"task": recipe.get("task", "sst2"), **stage["config"]})
     config = merge(finetune_defaults(), partial)
     apply_overrides(config, overrides)
+    try:
+        validate(config)
+    except UserError as e:
+        raise UserError(f"stage {stage['name']}: {e}") from None
     return config
 
 
@@ -137,6 +153,7 @@ def run_finetune(recipe, stage, dirs, overrides) -> dict:
         "steps": summary["steps"],
         "train_examples": summary["train_examples"],
         **{k: summary[k] for k in ("metric", "value", "params", "bytes", "bytes_no_embeddings")},
+        **({"wall_seconds": summary["wall_seconds"]} if "wall_seconds" in summary else {}),
     }
 
 
@@ -188,18 +205,25 @@ def run_quantize(recipe, stage, dirs, overrides) -> dict:
         config.quantize = merge(config.quantize, ml_collections.ConfigDict(stage["quantize"]))
         # calibration reads only the first batches of a seeded shuffle of this subset
         config.train.examples = config.quantize.calibration_batches * config.train.batch_size
+    try:
+        validate(config)
+    except UserError as e:
+        raise UserError(f"stage {stage['name']}: {e}") from None
     tokenizer = train.load_tokenizer(config)
     train_split, dev = train.load_task_splits(config, tokenizer)
     bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
     model = quantized_run.quantize_model(config, Bert(bert_config), params, train_split)
     if not isinstance(model, QuantizedModel):
-        raise ValueError(f"stage {stage['name']}: its quantize section quantizes nothing")
+        raise ConfigValueError(f"stage {stage['name']}: its quantize section quantizes nothing")
     results = train.evaluate_splits(config, train.make_eval_step(model), params, dev)
     out = dirs[stage["name"]]
     tokenizer_dir = resolve_model_dir(source)
     size = quantized_run.save_quantized(config, model, params, out / "quantized", tokenizer_dir)
     seen = model.quantized_params(params)
-    save_pretrained(bert_config, seen, out / "model", tokenizer_dir=tokenizer_dir)
+    labels = data.get_task(config.task).label_names
+    save_pretrained(
+        bert_config, seen, out / "model", tokenizer_dir=tokenizer_dir, label_names=labels
+    )
     metric = metrics.main_metric(config.task)
     return {
         "source": stage["model"],
@@ -224,7 +248,11 @@ def run_gobo(recipe, stage, dirs, overrides) -> dict:
     out = dirs[stage["name"]]
     gobo.gobo_save(out / "gobo.safetensors", params, tensors)
     save_pretrained(
-        bert_config, dequantized, out / "model", tokenizer_dir=resolve_model_dir(source)
+        bert_config,
+        dequantized,
+        out / "model",
+        tokenizer_dir=resolve_model_dir(source),
+        label_names=data.get_task(config.task).label_names,
     )
     dev = train.load_eval_splits(config, train.load_tokenizer(config))
     row = measure_model(config, bert_config, dequantized, dev)
@@ -239,6 +267,7 @@ def run_export(recipe, stage, dirs, overrides) -> dict:
         params,
         dirs[stage["name"]] / "model",
         tokenizer_dir=resolve_model_dir(source),
+        label_names=data.get_task(recipe.get("task", "sst2")).label_names,
     )
     return {"source": stage["model"], "exported": str(out)}
 
@@ -263,10 +292,12 @@ def run_stage(
         log.info("stage %s: done earlier", stage["name"])
         return json.loads(done.read_text())
     log.info("stage %s (%s)", stage["name"], stage["kind"])
+    started = time.perf_counter()
     summary = RUNNERS[stage["kind"]](recipe, stage, dirs, overrides)
     if "stopped_at" in summary:
         return None
-    summary = {"stage": stage["name"], "kind": stage["kind"], **summary}
+    seconds = {"wall_seconds": time.perf_counter() - started}
+    summary = {"stage": stage["name"], "kind": stage["kind"], **seconds, **summary}
     if stage["kind"] != "finetune":  # train() writes a finetune stage's own summary
         done.parent.mkdir(parents=True, exist_ok=True)
         write_json(done, summary)
@@ -278,6 +309,9 @@ def run_recipe(recipe: dict, workdir: str | Path, overrides: Sequence[str] = ())
     stage's summary (stopping early if a stage was interrupted). `overrides` apply to every
     finetune stage, e.g. `train.steps=50`."""
     check_recipe(recipe)
+    for stage in recipe["stages"]:  # every stage's values, before the first stage runs
+        if stage["kind"] == "finetune":
+            merged_stage_config(recipe, stage, overrides)
     dirs = {stage["name"]: Path(workdir) / stage["name"] for stage in recipe["stages"]}
     summaries = []
     for stage in recipe["stages"]:
@@ -289,10 +323,22 @@ def run_recipe(recipe: dict, workdir: str | Path, overrides: Sequence[str] = ())
 
 
 def results_table(summaries: list[dict]) -> str:
-    """A markdown table of every stage's model: metric, size, and latency where measured."""
+    """A markdown table of every stage's model: metric, size, and latency where measured,
+    then `total time: ...` (the stages' `wall_seconds` summed) when the summaries have them.
+
+    A stage whose model a later `evaluate` stage measures (`@stage` in its models) gets no
+    row of its own: the evaluate row has the same numbers and more."""
     columns = ["stage", "model", "metric", "value", "relative", "params", "MB", "speedup"]
+    evaluated = {
+        row["model"][1:]
+        for summary in summaries
+        for row in summary.get("rows", [])
+        if str(row.get("model", "")).startswith("@")
+    }
     cells = []
     for summary in summaries:
+        if "rows" not in summary and summary["stage"] in evaluated:
+            continue
         for row in summary.get("rows", [summary]):
             cells.append(
                 {
@@ -308,7 +354,11 @@ def results_table(summaries: list[dict]) -> str:
                     "speedup": f"{row['speedup']:.2f}x" if "speedup" in row else "",
                 }
             )
-    return markdown_table(cells, columns)
+    table = markdown_table(cells, columns)
+    seconds = [s["wall_seconds"] for s in summaries if "wall_seconds" in s]
+    if seconds:
+        table += f"\n\ntotal time: {duration(sum(seconds))}"
+    return table
 
 
 def _fmt(value) -> str:

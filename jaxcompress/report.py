@@ -3,14 +3,55 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxcompress.errors import UserError
 from jaxcompress.results import markdown_table
 from jaxcompress.sweep import read_run_summary
 
 TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
+READS = "`jaxcompress report` reads the --workdir of a `jaxcompress sweep`"
+
+
+class NoRunsError(UserError, FileNotFoundError):
+    """A directory that holds no sweep run summaries."""
+
+
+class MixedBasesError(UserError, ValueError):
+    """Runs of different base configs passed to one report."""
+
+
+def _summary_format(path: Path) -> object:
+    try:
+        return json.loads(path.read_text()).get("format")
+    except (ValueError, AttributeError):
+        return None
+
+
+def not_a_sweep(directory: Path) -> str:
+    """Why `directory` holds no sweep runs: what it is instead, and which command reads it."""
+    lead = f"no run summaries (runs/*/summary.json) under {directory}"
+    if (directory / "results.md").is_file() or any(
+        _summary_format(f) is None for f in directory.glob("*/summary.json")
+    ):
+        return (
+            f"{lead}: it is a recipe workdir (written by `jaxcompress recipe`), whose results "
+            f"table is {directory / 'results.md'}; {READS}"
+        )
+    if (directory / "config.json").is_file() and (directory / "checkpoints").is_dir():
+        return (
+            f"{lead}: it is a finetune run directory, whose results are in "
+            f"{directory / 'summary.json'} (rescore its model with `jaxcompress eval --model "
+            f"{directory / 'model'} --task TASK`); {READS}"
+        )
+    if (directory / "summary.json").is_file() and _summary_format(directory / "summary.json"):
+        parents = directory.resolve().parents
+        workdir = parents[1] if len(parents) > 1 else "two levels up"
+        return f"{lead}: it is one run of a sweep; pass the sweep's workdir ({workdir})"
+    return f"{lead}; {READS}"
 
 
 def collect(
@@ -25,23 +66,28 @@ def collect(
     files: list[Path] = []
     for directory in map(Path, directories):
         if not directory.is_dir():
-            raise FileNotFoundError(f"{directory} is not a directory")
-        runs = directory / "runs" if (directory / "runs").is_dir() else directory
-        files += sorted(runs.glob("*/summary.json"))
-    if not files:
-        raise FileNotFoundError(f"no run summaries (runs/*/summary.json) under {directories}")
+            raise NoRunsError(f"{directory} is not a directory; {READS}")
+        if (directory / "runs").is_dir():
+            found = sorted((directory / "runs").glob("*/summary.json"))
+        else:  # a sweep's runs/ folder itself, or something else
+            found = sorted(directory.glob("*/summary.json"))
+            if not found or any(_summary_format(f) is None for f in found):
+                raise NoRunsError(not_a_sweep(directory))
+        if not found:
+            raise NoRunsError(not_a_sweep(directory))
+        files += found
     summaries = [read_run_summary(f) for f in files]
     if base is not None:
         kept = [(f, s) for f, s in zip(files, summaries, strict=True) if s["base"] == base]
         if not kept:
-            raise FileNotFoundError(f"no run summaries of base {base} under {directories}")
+            raise NoRunsError(f"no run summaries of base {base} under {directories}")
         files, summaries = [f for f, _ in kept], [s for _, s in kept]
     bases: dict[str, list[str]] = {}
     for f, s in zip(files, summaries, strict=True):
         bases.setdefault(s["base"], []).append(str(f.parent))
     if len(bases) > 1 and not allow_mixed:
         detail = "; ".join(f"{b}: {dirs[0]} (+{len(dirs) - 1})" for b, dirs in bases.items())
-        raise ValueError(
+        raise MixedBasesError(
             f"runs from {len(bases)} different base configs ({detail}); compare them only "
             "knowingly (allow_mixed / --allow-mixed)"
         )

@@ -37,7 +37,13 @@ from pathlib import Path
 from flax.traverse_util import flatten_dict
 
 from jaxcompress import provenance, recipes, train
-from jaxcompress.config import finetune_defaults, run_config_file
+from jaxcompress.config import (
+    ConfigKeyError,
+    ConfigValueError,
+    finetune_defaults,
+    run_config_file,
+)
+from jaxcompress.errors import UserError
 from jaxcompress.latency import paired_latency
 from jaxcompress.measure import measure_model
 from jaxcompress.run_dir import write_json
@@ -84,25 +90,27 @@ def load_sweep(spec: str) -> dict:
 def check_sweep(sweep: dict) -> None:
     """Unknown or missing keys, unknown stages and bad config keys raise, naming the variant."""
     if unknown := set(sweep) - SWEEP_KEYS:
-        raise KeyError(f"unknown sweep key(s) {sorted(unknown)}; known: {sorted(SWEEP_KEYS)}")
+        raise ConfigKeyError(f"unknown sweep key(s) {sorted(unknown)}; known: {sorted(SWEEP_KEYS)}")
     if missing := REQUIRED - set(sweep):
-        raise KeyError(f"sweep config lacks {sorted(missing)}")
+        raise ConfigKeyError(f"sweep config lacks {sorted(missing)}")
     recipe = sweep["recipe"]
     recipes.check_recipe(recipe)
     stages = {s["name"]: s for s in recipe["stages"]}
     if sweep["measure"] not in stages:
-        raise ValueError(f"measure: no stage named {sweep['measure']!r} in the recipe")
+        raise ConfigValueError(f"measure: no stage named {sweep['measure']!r} in the recipe")
     for name in sweep.get("seeded", ()):
         if stages.get(name, {}).get("kind") != "finetune":
-            raise ValueError(f"seeded: {name!r} is not a finetune stage of the recipe")
+            raise ConfigValueError(f"seeded: {name!r} is not a finetune stage of the recipe")
     if not sweep["variants"]:
-        raise ValueError("a sweep needs at least one variant")
+        raise ConfigValueError("a sweep needs at least one variant")
     for technique, strengths in sweep["variants"].items():
         for strength, changes in strengths.items():
             where = f"variant {technique}/{strength}"
             for name in changes:
                 if name not in stages:
-                    raise ValueError(f"{where} changes stage {name!r}, which the recipe lacks")
+                    raise ConfigValueError(
+                        f"{where} changes stage {name!r}, which the recipe lacks"
+                    )
             try:
                 varied = apply_variant(recipe, changes, seed=0, seeded=())
                 recipes.check_recipe(varied)
@@ -197,7 +205,7 @@ def expand(
     values are listed in `only`, e.g. `{"technique": ["factorize"], "seed": ["0"]}`."""
     only = only or {}
     if unknown := set(only) - set(AXES):
-        raise ValueError(f"unknown sweep axis {sorted(unknown)}; axes are {list(AXES)}")
+        raise ConfigValueError(f"unknown sweep axis {sorted(unknown)}; axes are {list(AXES)}")
     seeded = _seeded(sweep)
     runs = []
     for t, (technique, strengths) in enumerate(sweep["variants"].items()):
@@ -221,7 +229,7 @@ def expand(
     for axis, values in only.items():
         seen = {str(getattr(r, axis)) for r in runs}
         if missing := [v for v in values if str(v) not in seen]:
-            raise ValueError(f"no run has {axis} in {missing}")
+            raise ConfigValueError(f"no run has {axis} in {missing}")
     return runs
 
 
@@ -237,11 +245,15 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class SummaryFormatError(UserError, ValueError):
+    """A run summary written under another summary format."""
+
+
 def read_run_summary(path: Path) -> dict:
     """A run's summary.json; one written under another summary format is refused."""
     summary = json.loads(path.read_text())
     if summary.get("format") != FORMAT:
-        raise ValueError(
+        raise SummaryFormatError(
             f"{path} was written by sweep format {summary.get('format')!r}; this jaxcompress "
             f"reads format {FORMAT}. Rerun the sweep into a new workdir or use the matching "
             "jaxcompress version."
@@ -269,7 +281,7 @@ def run_sweep(
     check_sweep(sweep)
     index, count = shard
     if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
+        raise ConfigValueError(f"shard {index}/{count}: need 0 <= index < count")
     workdir = Path(workdir)
     runs = expand(sweep, only, overrides)[index::count]
     base = base_key(sweep, overrides)

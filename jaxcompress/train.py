@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from jaxcompress import (
     early_exit,
     grads,
     metrics,
+    progress,
     prune,
     qat,
     quantized_run,
@@ -37,7 +39,7 @@ from jaxcompress import (
     student,
     transforms,
 )
-from jaxcompress.config import glue_dir
+from jaxcompress.config import glue_dir, validate
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
 from jaxcompress.objectives import (
@@ -183,16 +185,34 @@ def make_eval_step(model: Bert, mesh: Mesh | None = None):
     return sharding.within(mesh, step)
 
 
+# Each eval step's announcer of new batch shapes, as long as the step lives.
+_EVAL_ANNOUNCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _eval_announcer(eval_step) -> progress.CompileAnnouncer:
+    try:
+        return _EVAL_ANNOUNCERS.setdefault(eval_step, progress.CompileAnnouncer(log, "eval step"))
+    except TypeError:  # not weakly referenceable: announce per call
+        return progress.CompileAnnouncer(log, "eval step")
+
+
 def predict(eval_step, params, split: data.TokenizedSplit, batch_size: int, buckets) -> np.ndarray:
-    """The model's outputs for every example of a split, in the split's order."""
+    """The model's outputs for every example of a split, in the split's order (progress on a
+    bar or, without a terminal, in the log)."""
     outputs = None
+    announce = _eval_announcer(eval_step)
+    bar = progress.Progress(
+        log, f"predict {len(split)} examples", -(-len(split) // batch_size), "batch"
+    )
     for batch in data.eval_batches(split, batch_size, buckets):
         index = batch.pop("index")
-        logits = np.asarray(eval_step(params, batch))
+        logits = np.asarray(announce(batch["input_ids"].shape, eval_step, params, batch))
         if outputs is None:
             outputs = np.zeros((len(split), logits.shape[-1]), np.float32)
         keep = index >= 0
         outputs[index[keep]] = logits[keep]
+        bar.update()
+    bar.close()
     return outputs
 
 
@@ -422,14 +442,33 @@ def train(
     """Fine-tune `config.model` on `config.task`; resumes from `workdir` if it holds a checkpoint.
 
     `stop_after_step` ends the run early (after checkpointing), as a preemption would.
-    Returns the summary that is also written to `workdir/summary.json`.
+    Returns the summary that is also written to `workdir/summary.json`; a finished run in
+    `workdir` (same results-relevant config) is not rerun: its saved summary is returned.
+    Bad config values raise `UserError` before anything is read or written.
     """
+    started = time.perf_counter()
+    validate(config)
+    transforms.from_specs(config.transforms, transform_context(config))  # specs parse
+    finished = finished_summary(config, workdir)
+    if finished is not None:
+        return finished
     if config.distributed:
         sharding.initialize_distributed()
     enable_compile_cache(config.compile_cache)
     mesh = sharding.mesh_from_config(config.mesh)
     check_batch_split(config, mesh)
-    return _train(config, workdir, mesh, stop_after_step)
+    return _train(config, workdir, mesh, stop_after_step, started)
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+    """The saved summary of a finished run in `workdir`, None if it has none; a finished run
+    with a config that changes results is refused (`RunDir`)."""
+    summary_file = Path(workdir) / "summary.json"
+    if not summary_file.exists():
+        return None
+    RunDir(workdir, config, write=False)  # raises if the finished run had a different config
+    log.info("%s holds a finished run; its summary is reused (a new workdir trains again)", workdir)
+    return json.loads(summary_file.read_text())
 
 
 def check_batch_split(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -444,7 +483,11 @@ def check_batch_split(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def _train(
-    config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh, stop_after_step
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    mesh: Mesh,
+    stop_after_step,
+    started: float,
 ) -> dict:
     main = jax.process_index() == 0
     if not main:  # one log for the whole pod: process 0's
@@ -494,6 +537,8 @@ def _train(
     if restored is not None:
         state = restored
         log.info("resumed from step %d", int(state.step))
+    # Rows logged after the restored step are from the lost part of an earlier attempt.
+    run.drop_rows_after(int(state.step), final_eval=int(state.step) >= steps)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = sharding.within(
         mesh,
@@ -518,6 +563,8 @@ def _train(
     window: list[dict] = []  # step metrics since the last log line
     real_tokens = padded_tokens = window_tokens = 0
     t0 = window_t = time.perf_counter()
+    announce = progress.CompileAnnouncer(log, "train step")
+    progress_t, progress_step, progress_tokens = t0, start, 0  # the last time-based log line
     order: tuple[int, list[np.ndarray]] = (-1, [])
     bar = tqdm(
         total=steps,
@@ -547,12 +594,21 @@ def _train(
             batch["teacher_logits"] = teacher_logits[indices[jax.process_index() * rows :][:rows]]
         n_real = int(batch["attention_mask"].sum()) * jax.process_count()  # about: this host's
         real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
+        progress_tokens += n_real
         padded_tokens += batch["input_ids"].size * jax.process_count()
+        shape = (config.train.batch_size, batch["input_ids"].shape[1])
         batch = sharding.local_batch_to_global(batch, mesh)
-        state, step_metrics = train_step(state, batch, teacher_params)
+        compiling = shape not in announce.seen
+        state, step_metrics = announce(shape, train_step, state, batch, teacher_params)
         unchecked.append(step_metrics)
         done = step + 1
         bar.update(1)
+        if compiling:  # the pace (time left) counts from after compilation
+            progress_t, progress_step, progress_tokens = time.perf_counter(), done, 0
+        if bar.disable and main and time.perf_counter() - progress_t >= progress.PROGRESS_SECONDS:
+            since = (progress_t, progress_step, progress_tokens)
+            progress_t, progress_step = log_progress(step_metrics, done, last, steps, since)
+            progress_tokens = 0
         if done % config.log_every == 0 or done == last:
             window += check_finite(unchecked, done, mngr)
             unchecked = []
@@ -572,6 +628,8 @@ def _train(
             checkpoint.save(mngr, done, state)
     bar.close()
     train_seconds = time.perf_counter() - t0
+    if last > start:
+        log.info("trained steps %d-%d in %s", start + 1, last, progress.duration(train_seconds))
     if int(state.step) < steps:
         log.info(
             "stopped at step %d of %d; rerun the same command to resume", int(state.step), steps
@@ -600,8 +658,9 @@ def _train(
             config, model, params, run.path / "quantized", tokenizer_dir
         )
         params = model.quantized_params(params)  # what the model computes with, LSQ steps gone
+    labels = data.get_task(config.task).label_names
     model_dir = save_pretrained(
-        bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir
+        bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir, label_names=labels
     )
     if config.transforms or not bert_config.is_uniform:  # keep the compressed shapes too
         artefact.save(bert_config, params, run.path / "compressed", tokenizer_dir)
@@ -633,29 +692,49 @@ def _train(
         **exits,
         **size,
         "model_dir": str(model_dir),
+        "wall_seconds": time.perf_counter() - started,  # this invocation, loading to summary
     }
     run.write_summary(summary)
     return summary
 
 
 def train_or_reuse(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """The summary of the finished run in `workdir` (any config change is refused), else
-    `train` it (resuming from its checkpoints)."""
-    summary_file = Path(workdir) / "summary.json"
-    if summary_file.exists():
-        RunDir(workdir, config)  # raises if the finished run had a different config
-        return json.loads(summary_file.read_text())
+    """The summary of the finished run in `workdir` (a config change that alters results is
+    refused), else `train` it (resuming from its checkpoints): `train` itself does both."""
     return train(config, workdir)
 
 
 def enable_compile_cache(directory: str) -> None:
-    """Use a persistent XLA compilation cache in `directory` ('' leaves JAX's setting alone)."""
-    if not directory:
+    """Use a persistent XLA compilation cache in `directory` ('' leaves JAX's setting alone,
+    and so does a cache folder set outside, e.g. by $JAX_COMPILATION_CACHE_DIR)."""
+    if not directory or jax.config.jax_compilation_cache_dir:
         return
     path = Path(directory).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def log_progress(
+    step_metrics: dict, done: int, last: int, steps: int, since: tuple[float, int, int]
+) -> tuple[float, int]:
+    """Logs step of `steps`, loss, tokens/s and the time left to step `last` at the pace
+    since the previous such line, `since` = (its time, its step, tokens since); returns
+    (now, done)."""
+    now = time.perf_counter()
+    t, step, tokens = since
+    left = (now - t) / max(done - step, 1) * (last - done)
+    loss = float(step_metrics["loss"])
+    rate = tokens / max(now - t, 1e-9)
+    log.info(
+        "step %d/%d loss %.4f %.0f tokens/s, %s left",
+        done,
+        steps,
+        loss,
+        rate,
+        progress.duration(left),
+    )
+    return now, done
 
 
 def check_finite(step_metrics: list[dict], step: int, mngr) -> list[dict]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxcompress import factorize, share, structured, student
 from jaxcompress.core import StructureTransform, compose
+from jaxcompress.errors import UserError
 from jaxcompress.models.bert import BertConfig
 
 # Rules for the BERT dense kernels each `target` of low_rank names.
@@ -194,32 +195,38 @@ REGISTRY: dict[str, Callable[..., StructureTransform]] = {
 }
 
 
+class TransformSpecError(UserError, ValueError):
+    """A transform spec in a config that does not parse or names an unknown transform."""
+
+
 def parse(text: str, context: TransformContext | None = None) -> StructureTransform:
     """`"name(key=literal, ...)"` -> the transform; unknown names and arguments raise."""
     try:
         call = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as e:
-        raise ValueError(f"transform {text!r} is not of the form name(key=value, ...)") from e
+        raise TransformSpecError(
+            f"transform {text!r} is not of the form name(key=value, ...)"
+        ) from e
     if isinstance(call, ast.Name):
         call = ast.Call(func=call, args=[], keywords=[])
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
-        raise ValueError(f"transform {text!r} is not of the form name(key=value, ...)")
+        raise TransformSpecError(f"transform {text!r} is not of the form name(key=value, ...)")
     name = call.func.id
     if name not in REGISTRY:
-        raise ValueError(f"unknown transform {name!r}; known: {sorted(REGISTRY)}")
+        raise TransformSpecError(f"unknown transform {name!r}; known: {sorted(REGISTRY)}")
     try:
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except ValueError as e:
-        raise ValueError(f"transform {text!r}: arguments must be literals") from e
+        raise TransformSpecError(f"transform {text!r}: arguments must be literals") from e
     factory = REGISTRY[name]
     if "context" in kwargs:
-        raise ValueError(f"transform {text!r}: 'context' is supplied by the caller")
+        raise TransformSpecError(f"transform {text!r}: 'context' is supplied by the caller")
     if "context" in inspect.signature(factory).parameters:
         kwargs["context"] = context
     try:
         return factory(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"transform {text!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # unknown or bad arguments
+        raise TransformSpecError(f"transform {text!r}: {e}") from None
 
 
 def from_specs(

@@ -43,11 +43,13 @@ def test_finetune_eval_export(tmp_path, minilm_dir, glue_dir, capsys, monkeypatc
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_bad_override_fails_before_writing(tmp_path):
+def test_bad_override_fails_before_writing(tmp_path, capsys):
     workdir = tmp_path / "run"
     args = ["finetune", "--config", f"{REPO}/configs/finetune.py", "--workdir", str(workdir)]
-    with pytest.raises(KeyError, match="did you mean 'lr'"):
-        main(args + ["--set", "train.lrr=1e-3"])
+    assert main(args + ["--set", "train.lrr=1e-3"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    with pytest.raises(KeyError, match="did you mean 'lr'"):  # --debug: the exception itself
+        main(["--debug", *args, "--set", "train.lrr=1e-3"])
     assert not workdir.exists()
 
 

@@ -5,21 +5,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxcompress import assets
+from jaxcompress.errors import UserError
 from jaxcompress.models.bert import BertConfig, abstract_params, unshare_layers
 
 log = logging.getLogger(__name__)
 
-MODEL_ROOT_ENV = "JAXCOMPRESS_MODEL_ROOT"
+MODEL_ROOT_ENV = assets.MODEL_ROOT_ENV
 _HF_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -35,6 +39,14 @@ _HF_FIELDS = (
     "initializer_range",
     "pad_token_id",
 )
+# Keys of config.json without which the weights' shapes are unknown.
+_REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -43,45 +55,63 @@ _TOKENIZER_FILES = (
 )
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local directory for a model: the path itself, `$JAXCOMPRESS_MODEL_ROOT/<name>`, or the hub.
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model directory or hub id that cannot be found."""
 
-    `$JAXCOMPRESS_MODEL_ROOT` is how offline machines map hub ids to local copies: the id's last
-    component (`sentence-transformers/all-MiniLM-L6-v2` -> `all-MiniLM-L6-v2`) is looked up there.
+
+class ModelFormatError(UserError, ValueError):
+    """A model directory whose files cannot be read as a BERT checkpoint."""
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory for a model: the path itself, `<model_root>/<name>`, or the hub.
+
+    `model_root` (`$JAXCOMPRESS_MODEL_ROOT` or `jaxcompress.toml`, see `jaxcompress.assets`) is
+    how offline machines map hub ids to local copies: the id's last component
+    (`sentence-transformers/all-MiniLM-L6-v2` -> `all-MiniLM-L6-v2`) is looked up there.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
-    root = os.environ.get(MODEL_ROOT_ENV)
+    root = assets.model_root()
     if root:
-        for candidate in (Path(root) / name, Path(root) / name.rsplit("/", 1)[-1]):
+        for candidate in (root / name, root / name.rsplit("/", 1)[-1]):
             if candidate.is_dir():
                 return candidate
+    where = f"model_root {root}" if root else f"no model_root ({assets.how_to_set('model_root')})"
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
     if looks_local:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model directory {name!r} does not exist (expected config.json and "
-            f"model.safetensors there; ${MODEL_ROOT_ENV}={root!r})"
+            f"model.safetensors there; {where})"
         )
+    known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root and root.is_dir() else []
+    if known:
+        where += f" holds {', '.join(known)}"
+    try:
+        assets.require_hub(f"model {name!r} (not a directory; {where})", "model_root")
+    except UserError as e:
+        raise ModelNotFoundError(str(e)) from None
     from huggingface_hub import snapshot_download
 
     try:
         patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *_TOKENIZER_FILES]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # network, auth or unknown id: say what to set instead
-        raise FileNotFoundError(
-            f"could not find model {name!r} locally or on the Hugging Face hub ({e}); "
-            f"pass a directory or set ${MODEL_ROOT_ENV} to a folder holding it"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"could not find model {name!r} locally ({where}) or on the Hugging Face hub "
+            f"({reason}); pass a model directory or {assets.how_to_set('model_root')}"
         ) from e
 
 
 def config_from_hf(hf: dict, num_labels: int) -> BertConfig:
     """Our config from a Hugging Face `config.json` dict."""
     if hf.get("model_type", "bert") != "bert":
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not BERT")
+        raise ModelFormatError(f"model_type {hf.get('model_type')!r} is not BERT")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only absolute position embeddings are supported")
+        raise ModelFormatError("only absolute position embeddings are supported")
     fields = {k: hf[k] for k in _HF_FIELDS if k in hf}
     pruned = {int(k): set(v) for k, v in (hf.get("pruned_heads") or {}).items()}
     if pruned:
@@ -106,25 +136,58 @@ def _hf_key(flax_path: str) -> tuple[str, bool]:
     return ".".join(parts) + ".weight", False  # embedding tables
 
 
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise ModelNotFoundError(f"{path} does not exist") from None
+        raise ModelFormatError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated: "
+            "copy or download it again"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(
+            f"{path}: line {e.lineno}: not valid JSON ({e.msg}); restore the file"
+        ) from None
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{path} is not UTF-8 text; restore the file") from None
+    if not isinstance(value, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index} has no 'weight_map' object; restore the file")
+        shards = sorted(set(weight_map.values()))
+        return {k: v for s in shards for k, v in _load_safetensors(directory / s).items()}
     pickled = directory / "pytorch_model.bin"
     if pickled.exists():
         if not allow_pickle:
-            raise ValueError(
+            # No command offers allow_pickle: the fix is a safetensors copy of the weights.
+            raise ModelFormatError(
                 f"{pickled} is a pickled PyTorch checkpoint, which can execute code when "
-                "loaded; convert it to safetensors, or pass allow_pickle=True if you trust it"
+                "loaded, so it is not read; convert it to model.safetensors in the same "
+                "folder (safetensors.torch.save_file of its state dict)"
             )
         import torch
 
         state = torch.load(pickled, map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in state.items()}
-    raise FileNotFoundError(f"no model.safetensors (or sharded index) in {directory}")
+    raise ModelNotFoundError(
+        f"no model.safetensors (or model.safetensors.index.json) in {directory}"
+    )
 
 
 def _normalise_keys(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -158,12 +221,21 @@ def load_pretrained(
     directory = resolve_model_dir(name_or_path)
     config_file = directory / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {directory}")
+        raise ModelNotFoundError(f"no config.json in {directory}")
+    hf = _read_json(config_file)
+    missing_keys = [k for k in _REQUIRED_FIELDS if k not in hf]
+    if missing_keys:
+        raise ModelFormatError(
+            f"{config_file} lacks keys {missing_keys}; restore the file from the model's source"
+        )
     weights = _normalise_keys(_read_weights(directory, allow_pickle))
     has_head = "classifier.weight" in weights
     if num_labels is None:
         num_labels = weights["classifier.weight"].shape[0] if has_head else 0
-    config = config_from_hf(json.loads(config_file.read_text()), num_labels).replace(**overrides)
+    try:
+        config = config_from_hf(hf, num_labels).replace(**overrides)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{config_file}: {e}") from None
 
     fresh = abstract_params(config)
     params, missing = {}, []
@@ -175,14 +247,14 @@ def load_pretrained(
         value = weights.pop(key)
         value = value.T if transpose else value
         if value.shape != spec.shape:
-            raise ValueError(
+            raise ModelFormatError(
                 f"{directory}: weight {key} has shape {value.shape}, but parameter {path} "
                 f"of the config needs {spec.shape}"
             )
         params[path] = jnp.asarray(value, jnp.float32)
     head_missing = [k for k in missing if k.startswith("classifier.")]
     if set(missing) - set(head_missing):
-        raise ValueError(
+        raise ModelFormatError(
             f"{directory}: weights missing for {sorted(set(missing) - set(head_missing))}"
         )
     if head_missing:
@@ -246,13 +318,19 @@ def _pad_width(flat: dict, producers: list[str], consumer: str, width: int) -> N
     flat[consumer + "/kernel"] = np.pad(flat[consumer + "/kernel"], ((0, pad), (0, 0)))
 
 
-def hf_config_dict(config: BertConfig) -> dict:
-    """A `config.json` for `transformers.BertForSequenceClassification`."""
+def hf_config_dict(config: BertConfig, label_names: Sequence[str] = ()) -> dict:
+    """A `config.json` for `transformers.BertForSequenceClassification`.
+
+    `label_names` (one per output, e.g. a GLUE task's) name the labels; otherwise they are
+    LABEL_0, LABEL_1, ..."""
     hf = {k: getattr(config, k) for k in _HF_FIELDS}
     hf.update(model_type="bert", architectures=["BertForSequenceClassification"])
     if config.num_labels > 0:
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        names = list(label_names)
+        if len(names) != config.num_labels:
+            names = [f"LABEL_{i}" for i in range(config.num_labels)]
+        hf["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf["label2id"] = {name: i for i, name in enumerate(names)}
     if config.num_labels == 1:
         hf["problem_type"] = "regression"
     return hf
@@ -271,10 +349,12 @@ def save_pretrained(
     path: str | os.PathLike,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
+    label_names: Sequence[str] = (),
 ) -> Path:
     """Write a Hugging Face directory (config.json + model.safetensors), atomically.
 
     Compressed shapes are exported as their dense equivalent (see `dense_equivalent`).
+    `label_names` (one per output) become config.json's id2label / label2id.
     """
     if config.attention_head_size * config.num_attention_heads != config.hidden_size:
         raise ValueError(
@@ -289,10 +369,13 @@ def save_pretrained(
         tensors[key] = np.ascontiguousarray(value.T if transpose else value)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # mkdir, not tempfile.mkdtemp: the folder gets the umask's mode (mkdtemp's is 0700).
+    staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(dense_config), indent=2))
+        hf = hf_config_dict(dense_config, label_names)
+        (staging / "config.json").write_text(json.dumps(hf, indent=2))
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, staging)
         if target.exists():
