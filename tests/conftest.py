@@ -1,11 +1,23 @@
 """Shared fixtures: where the offline assets live (set by .ci/run, defaulting to ../shared)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One XLA compilation cache for the session, set before JAX is imported: tests (and the
+# subprocesses they start, which inherit the environment) that build the same program
+# compile it once. A fresh folder each session, so timings do not depend on earlier runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxcompress-test-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
 
 
 def _asset_root(env: str, default: Path) -> Path:

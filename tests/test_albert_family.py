@@ -154,8 +154,8 @@ def test_shared_gradient_is_the_sum_over_layers():
     def loss(cfg, p):
         return jnp.sum(logits(cfg, p, batch) ** 2)
 
-    g_unshared = jax.grad(lambda p: loss(config, p))(params)
-    g_shared = jax.grad(lambda p: loss(shared_config, p))(shared)
+    g_unshared = jax.jit(jax.grad(lambda p: loss(config, p)))(params)
+    g_shared = jax.jit(jax.grad(lambda p: loss(shared_config, p)))(shared)
     per_layer = g_unshared["bert"]["encoder"]["layer"]
     total = jax.tree_util.tree_map(lambda *xs: sum(xs), *[per_layer[str(i)] for i in range(3)])
     jax.tree_util.tree_map(

@@ -159,7 +159,7 @@ def test_narrower_shallower_student_trains_its_projections():
     loss_fn = objectives.make_loss(Bert(student_config), objective, teacher)
     params = {**student, objectives.DISTILL_PARAMS: projections}
     teacher_params = init_params(teacher_config, jax.random.key(0))
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         params, batch_of(student_config), jax.random.key(2), teacher_params
     )
     assert np.isfinite(float(loss)) and set(terms) >= {"hidden_loss", "embedding_loss"}

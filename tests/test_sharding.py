@@ -170,8 +170,10 @@ def test_remat_gives_the_same_loss_and_gradients():
         "example_mask": np.ones(2, np.float32),
     }
     key = jax.random.key(1)
-    plain = jax.value_and_grad(finetune_loss(Bert(config)), has_aux=True)
-    remat = jax.value_and_grad(finetune_loss(Bert(config.replace(remat=True))), has_aux=True)
+    plain = jax.jit(jax.value_and_grad(finetune_loss(Bert(config)), has_aux=True))
+    remat = jax.jit(
+        jax.value_and_grad(finetune_loss(Bert(config.replace(remat=True))), has_aux=True)
+    )
     (a, _), ga = plain(params, batch, key, None)
     (b, _), gb = remat(params, batch, key, None)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -25,9 +25,10 @@ def get_config(teacher):
         "config": {
             "model": teacher,
             "distill": {"teacher": teacher, "cache_logits": True},
-            "train": {"batch_size": 16, "steps": 8, "examples": 64},
+            "train": {"batch_size": 16, "steps": 4, "examples": 64},
             "checkpoint_every": 2,
-            "buckets": (128,),
+            "max_length": 64,
+            "buckets": (64,),
         },
     }
     def rank(fraction):
