@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -17,6 +18,7 @@ from jaxcompress.config import config_from_json, finetune_defaults, load_config
 from jaxcompress.errors import UserError
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
+from jaxcompress.progress import duration
 from jaxcompress.results import markdown_table
 
 EPILOG = f"""
@@ -52,6 +54,7 @@ def cmd_finetune(args) -> int:
     config = load_config(args.config, args.set)
     data.get_task(config.task)  # an unknown task fails before the workdir is made
     check_workdir(args.workdir)
+    started = time.perf_counter()
     summary = train.train(config, args.workdir)
     if "stopped_at" in summary:
         return 0
@@ -63,6 +66,7 @@ def cmd_finetune(args) -> int:
     print(f"\n{config.task}: {summary['steps']} steps on {summary['train_examples']} examples\n")
     print(markdown_table(rows, ["split", "metric", "value"], fmt=format_value))
     print(f"\nmodel: {summary['model_dir']}  summary: {Path(args.workdir) / 'summary.json'}")
+    print(f"total time: {duration(time.perf_counter() - started)}")
     return 0
 
 
@@ -99,6 +103,7 @@ def cmd_sweep(args) -> int:
     config = sweep.load_sweep(args.config)
     only, shard = parse_only(args.only), parse_shard(args.shard)
     check_workdir(args.workdir)
+    started = time.perf_counter()
     summaries = sweep.run_sweep(config, args.workdir, only, shard, args.set)
     total = len(sweep.expand(config, only, args.set)[shard[0] :: shard[1]])
     print(f"\n{len(summaries)} of {total} runs finished under {args.workdir}")
@@ -108,6 +113,7 @@ def cmd_sweep(args) -> int:
         out = Path(args.workdir) / f"report_{base}"
         written = report.write_report([args.workdir], out, plots=False, base=base)
         print("\n" + written["table"])
+    print(f"\ntotal time: {duration(time.perf_counter() - started)}")
     return 0
 
 

@@ -80,7 +80,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             if candidate.is_dir():
                 return candidate
     where = f"model_root {root}" if root else f"no model_root ({assets.how_to_set('model_root')})"
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
+    # `runs/x` could be a hub id `org/name`, but a local folder `runs/` says it is a path.
+    looks_local = (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or path.exists()
+        or (path.parent != Path(".") and path.parent.is_dir())
+    )
     if looks_local:
         raise ModelNotFoundError(
             f"model directory {name!r} does not exist (expected config.json and "
