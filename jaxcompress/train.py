@@ -603,8 +603,9 @@ def _train(
         unchecked.append(step_metrics)
         done = step + 1
         bar.update(1)
-        if compiling:  # the pace (time left) counts from after compilation
+        if compiling:  # rates and the pace (time left) count from after compilation
             progress_t, progress_step, progress_tokens = time.perf_counter(), done, 0
+            window_t, window_tokens = progress_t, 0
         if bar.disable and main and time.perf_counter() - progress_t >= progress.PROGRESS_SECONDS:
             since = (progress_t, progress_step, progress_tokens)
             progress_t, progress_step = log_progress(step_metrics, done, last, steps, since)
@@ -613,12 +614,14 @@ def _train(
             window += check_finite(unchecked, done, mngr)
             unchecked = []
             now = time.perf_counter()
-            rate = window_tokens / (now - window_t)
+            # None when every step of the window compiled a new shape
+            rate = window_tokens / (now - window_t) if window_tokens else None
             loss = float(np.mean([m["loss"] for m in window]))
             run.log(step=done, loss=loss, grad_norm=window[-1]["grad_norm"], tokens_per_s=rate)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+            shown = "-" if rate is None else f"{rate:.0f}"
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=shown)
             if bar.disable and main:  # no terminal: progress goes to the log instead
-                log.info("step %d/%d loss %.4f %.0f tokens/s", done, steps, loss, rate)
+                log.info("step %d/%d loss %.4f %s tokens/s", done, steps, loss, shown)
             window, window_t, window_tokens = [], now, 0
         if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
             run.log(step=done, eval=evaluate_all(pruned_params(state, pruning)))
