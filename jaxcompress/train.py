@@ -600,6 +600,8 @@ def _train(
         batch = sharding.local_batch_to_global(batch, mesh)
         compiling = shape not in announce.seen
         state, step_metrics = announce(shape, train_step, state, batch, teacher_params)
+        if unchecked:  # at most one step ahead of the device, so rates and lines are on time
+            jax.block_until_ready(unchecked[-1])
         unchecked.append(step_metrics)
         done = step + 1
         bar.update(1)
@@ -724,10 +726,10 @@ def log_progress(
     """Logs step of `steps`, loss, tokens/s and the time left to step `last` at the pace
     since the previous such line, `since` = (its time, its step, tokens since); returns
     (now, done)."""
+    loss = float(step_metrics["loss"])  # waits for the step, so `now` is when it ended
     now = time.perf_counter()
     t, step, tokens = since
     left = (now - t) / max(done - step, 1) * (last - done)
-    loss = float(step_metrics["loss"])
     rate = tokens / max(now - t, 1e-9)
     log.info(
         "step %d/%d loss %.4f %.0f tokens/s, %s left",
