@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Hashable
 
@@ -28,9 +29,16 @@ def duration(seconds: float) -> str:
     return f"{hours} h {rest:02d} min"
 
 
+def due(since_last: float, each: float) -> bool:
+    """Whether to log a progress line now: waiting for one more unit of work (`each`
+    seconds) would leave more than `PROGRESS_SECONDS` between two lines."""
+    return since_last + each >= PROGRESS_SECONDS
+
+
 class Progress:
     """Counts `total` items of work: a tqdm bar when stderr is a terminal; otherwise a start
-    line, a line at most every `PROGRESS_SECONDS` and an end line on `log`."""
+    line, a line often enough that no two are more than `PROGRESS_SECONDS` apart (see `due`)
+    and an end line on `log`."""
 
     def __init__(self, log: logging.Logger, what: str, total: int, unit: str, enabled: bool = True):
         self.log, self.what, self.total = log, what, total
@@ -48,7 +56,8 @@ class Progress:
         if not self.logging:
             return
         now = time.perf_counter()
-        if now - self.last >= PROGRESS_SECONDS and self.done < self.total:
+        each = (now - self.start) / self.done
+        if due(now - self.last, each) and self.done < self.total:
             self.last = now
             left = (now - self.start) / self.done * (self.total - self.done)
             done, total = self.done, self.total
@@ -80,8 +89,22 @@ class CompileAnnouncer:
         if shape in self.seen:
             return fn(*args)
         self.seen.add(shape)
-        self.log.info("compiling %s for batch %s ...", self.what, " x ".join(map(str, shape)))
+        batch = " x ".join(map(str, shape))
+        self.log.info("compiling %s for batch %s ...", self.what, batch)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        done = threading.Event()
+
+        def remind() -> None:  # XLA compiles in one blocking call: say it is still at it
+            while PROGRESS_SECONDS > 0 and not done.wait(PROGRESS_SECONDS):
+                seconds = time.perf_counter() - t0
+                self.log.info("still compiling %s for batch %s (%.0f s)", self.what, batch, seconds)
+
+        reminder = threading.Thread(target=remind, daemon=True)
+        reminder.start()
+        try:
+            out = jax.block_until_ready(fn(*args))
+        finally:
+            done.set()
+            reminder.join()
         self.log.info("compiled %s in %.1f s", self.what, time.perf_counter() - t0)
         return out

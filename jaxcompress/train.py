@@ -608,7 +608,9 @@ def _train(
         if compiling:  # rates and the pace (time left) count from after compilation
             progress_t, progress_step, progress_tokens = time.perf_counter(), done, 0
             window_t, window_tokens = progress_t, 0
-        if bar.disable and main and time.perf_counter() - progress_t >= progress.PROGRESS_SECONDS:
+        since_line = time.perf_counter() - progress_t
+        each = since_line / max(done - progress_step, 1)  # seconds a step takes
+        if bar.disable and main and progress.due(since_line, each):
             since = (progress_t, progress_step, progress_tokens)
             progress_t, progress_step = log_progress(step_metrics, done, last, steps, since)
             progress_tokens = 0

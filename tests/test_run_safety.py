@@ -4,6 +4,7 @@ corruption, metrics log each step once, and long work reports progress."""
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -240,3 +241,23 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_and_logs_each_step_
     assert [r["step"] for r in rows if "eval" in r] == [4]
     with pytest.raises(UserError, match="different config"):
         train.train(tiny(tiny_model, glue_dir, steps=4, lr=1e-4), workdir)
+
+
+def test_a_long_compilation_is_reported_while_it_runs(caplog, monkeypatch):
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.05)
+    announce = progress.CompileAnnouncer(logging.getLogger("jaxcompress.test"), "train step")
+    with caplog.at_level(logging.INFO, logger="jaxcompress.test"):
+        assert announce((8, 64), lambda x: (time.sleep(0.3), x + 1)[1], jnp.ones(2))[0] == 2.0
+        announce((8, 64), lambda x: x, jnp.ones(2))  # a known shape: nothing logged
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "compiling train step for batch 8 x 64 ..."
+    assert "still compiling train step for batch 8 x 64" in lines[1]
+    assert lines[-1].startswith("compiled train step in ")
+    assert 2 <= len(lines) - 1 <= 8
+
+
+def test_progress_lines_come_before_the_interval_would_pass():
+    progress_seconds = progress.PROGRESS_SECONDS
+    assert not progress.due(progress_seconds - 5.0, 1.0)
+    assert progress.due(progress_seconds - 1.0, 1.0)  # one more step would overshoot
+    assert progress.due(progress_seconds, 0.0)
