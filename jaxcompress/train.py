@@ -610,7 +610,8 @@ def _train(
             window_t, window_tokens = progress_t, 0
         since_line = time.perf_counter() - progress_t
         each = since_line / max(done - progress_step, 1)  # seconds a step takes
-        if bar.disable and main and progress.due(since_line, each):
+        # two steps: the line waits for the step just dispatched, and the next may not come
+        if bar.disable and main and progress.due(since_line, 2 * each):
             since = (progress_t, progress_step, progress_tokens)
             progress_t, progress_step = log_progress(step_metrics, done, last, steps, since)
             progress_tokens = 0
