@@ -17,8 +17,8 @@ import logging
 import time
 from pathlib import Path
 
-from jaxcompress import report, sweep
-from jaxcompress.results import write_result
+from jaxcompress.experiments import report, sweep
+from jaxcompress.experiments.results import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 

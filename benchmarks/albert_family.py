@@ -17,11 +17,12 @@ import statistics
 import time
 from pathlib import Path
 
-from jaxcompress import artefact, train
 from jaxcompress.config import load_config
-from jaxcompress.latency import compiled_program_size, inference_latency
-from jaxcompress.measure import measure_model
-from jaxcompress.results import write_result
+from jaxcompress.experiments.latency import compiled_program_size, inference_latency
+from jaxcompress.experiments.measure import measure_model
+from jaxcompress.experiments.results import write_result
+from jaxcompress.models import artefact
+from jaxcompress.train import loop as train
 
 REPO = Path(__file__).resolve().parents[1]
 # A variant of configs/albert.py, its flags after '+', seeds after ':': "share_all+long:1".

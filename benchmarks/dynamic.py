@@ -27,12 +27,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcompress import data, early_exit, train
+from jaxcompress.compress.dynamic import early_exit
+from jaxcompress.compress.dynamic.early_exit import ExitRunner, Policy
 from jaxcompress.config import load_config
-from jaxcompress.early_exit import ExitRunner, Policy
-from jaxcompress.latency import paired_latency
+from jaxcompress.data import glue as data
+from jaxcompress.experiments.latency import paired_latency
+from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
-from jaxcompress.results import write_result
+from jaxcompress.train import loop as train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "dynamic.py"

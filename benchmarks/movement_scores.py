@@ -23,9 +23,11 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxcompress import checkpoint, prune, train
+from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.config import config_from_json
-from jaxcompress.results import write_result
+from jaxcompress.experiments.results import write_result
+from jaxcompress.train import checkpoint
+from jaxcompress.train import loop as train
 
 REPO = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.5, 0.9)

@@ -25,10 +25,13 @@ import statistics
 import time
 from pathlib import Path
 
-from jaxcompress import hessian, int8_exec, recipes, report, sweep, train
-from jaxcompress.latency import paired_latency
+from jaxcompress.compress.quant import hessian
+from jaxcompress.compress.quant import int8 as int8_exec
+from jaxcompress.experiments import recipes, report, sweep
+from jaxcompress.experiments.latency import paired_latency
+from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
-from jaxcompress.results import write_result
+from jaxcompress.train import loop as train
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "minilm-l6-sst2-teacher"

@@ -14,8 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-from jaxcompress import recipes
-from jaxcompress.results import write_result
+from jaxcompress.experiments import recipes
+from jaxcompress.experiments.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 

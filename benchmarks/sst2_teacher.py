@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from jaxcompress import train
 from jaxcompress.config import load_config
+from jaxcompress.experiments.results import write_result
 from jaxcompress.models.hf import load_pretrained
-from jaxcompress.results import write_result
+from jaxcompress.train import loop as train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxcompress.results import markdown_table
+from jaxcompress.experiments.results import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"

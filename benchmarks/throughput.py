@@ -51,11 +51,13 @@ import transformers
 from tables import COLUMNS, fmt
 from timing import median_seconds, random_batch
 
-from jaxcompress import objectives, provenance, train
+from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.config import finetune_defaults
+from jaxcompress.experiments.results import markdown_table, write_result
 from jaxcompress.models.bert import Bert, BertConfig, init_params
 from jaxcompress.models.hf import hf_config_dict
-from jaxcompress.results import markdown_table, write_result
+from jaxcompress.train import loop as train
+from jaxcompress.train import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks/results/throughput.json"

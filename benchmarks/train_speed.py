@@ -27,11 +27,13 @@ import torch
 import transformers
 from timing import median_seconds, random_batch
 
-from jaxcompress import data, objectives, train
+from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.config import load_config
+from jaxcompress.data import glue as data
+from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir
-from jaxcompress.results import write_result
+from jaxcompress.train import loop as train
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -3,10 +3,26 @@
 The names below are the public API for other JAX projects: transforms that take any
 parameter tree addressed by path rules (`core`), and the model, training and recipe entry
 points of this package. Submodules hold the rest; names that are also submodules are not
-re-exported (`jaxcompress.qat.qat`, `jaxcompress.quantize.quantize`), so that
-`from jaxcompress import qat` keeps meaning the module.
+re-exported (`jaxcompress.compress.quant.qat.qat`), and no public name is called like a
+subpackage (`models`, `data`, `compress`, `train`, `experiments`), so that
+`from jaxcompress import train` keeps meaning the subpackage.
 """
 
+from jaxcompress.compress.distill.losses import attention_kl, hidden_mse, soft_cross_entropy
+from jaxcompress.compress.factorize import LowRank, low_rank_params, svd_factors
+from jaxcompress.compress.prune.structured import head_importance, prune_ffn, prune_heads, shrink
+from jaxcompress.compress.prune.unstructured import (
+    Schedule,
+    add_movement_scores,
+    keep_pruned_zero,
+    magnitude_pruning,
+    movement_pruning,
+    rewind,
+)
+from jaxcompress.compress.quant.gobo import GoboSpec, gobo_dequantize, gobo_quantize
+from jaxcompress.compress.quant.hessian import assign_bits, hutchinson_trace
+from jaxcompress.compress.quant.qat import add_binary_split, add_lsq_steps
+from jaxcompress.compress.quant.quantizers import QuantSpec, dequantize, fake_quant, ternary_split
 from jaxcompress.core import (
     Reparam,
     chain,
@@ -16,23 +32,8 @@ from jaxcompress.core import (
     map_rules,
     match_rules,
 )
-from jaxcompress.distill import attention_kl, hidden_mse, soft_cross_entropy
-from jaxcompress.factorize import LowRank, low_rank_params, svd_factors
-from jaxcompress.gobo import GoboSpec, gobo_dequantize, gobo_quantize
-from jaxcompress.hessian import assign_bits, hutchinson_trace
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, save_pretrained
-from jaxcompress.prune import (
-    Schedule,
-    add_movement_scores,
-    keep_pruned_zero,
-    magnitude_pruning,
-    movement_pruning,
-    rewind,
-)
-from jaxcompress.qat import add_binary_split, add_lsq_steps
-from jaxcompress.quantize import QuantSpec, dequantize, fake_quant, ternary_split
-from jaxcompress.structured import head_importance, prune_ffn, prune_heads, shrink
 
 __all__ = [
     "Bert",

@@ -13,13 +13,17 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jaxcompress import assets, checkpoint, data, recipes, report, sweep, train
+from jaxcompress import assets
 from jaxcompress.config import config_from_json, finetune_defaults, load_config
+from jaxcompress.data import glue as data
 from jaxcompress.errors import UserError
+from jaxcompress.experiments import recipes, report, sweep
+from jaxcompress.experiments.results import markdown_table
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
-from jaxcompress.progress import duration
-from jaxcompress.results import markdown_table
+from jaxcompress.train import checkpoint
+from jaxcompress.train import loop as train
+from jaxcompress.train.progress import duration
 
 EPILOG = f"""
 Offline assets: `model_root` is a folder of model directories (hub ids are looked up there by

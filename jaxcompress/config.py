@@ -56,12 +56,12 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
     c.dtype = "float32"  # compute dtype (parameters stay float32): float32, bfloat16 or
     # float16 (float16 trains with dynamic loss scaling)
-    # PoWER-BERT (jaxcompress/token_drop.py): per layer, the fraction of the padded length
-    # whose word vectors (by attention received) the layer keeps; () = all of them.
+    # PoWER-BERT (jaxcompress/compress/dynamic/token_drop.py): per layer, the fraction of the
+    # padded length whose word vectors (by attention received) the layer keeps; () = all of them.
     c.token_keep = ()
     c.remat = False  # recompute each layer's activations in the backward pass (saves memory)
     # Devices: a (data, fsdp, tensor) mesh; -1 takes the devices the other axes leave.
-    # jaxcompress/sharding.py maps parameters to it. May change when a run resumes.
+    # jaxcompress/train/sharding.py maps parameters to it. May change when a run resumes.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # Multi-host (TPU pod slices, SLURM): call jax.distributed.initialize() first; each host
     # then reads its share of every batch, and only process 0 writes logs and run files.
@@ -70,13 +70,14 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.layerdrop = 0.0  # LayerDrop: probability of skipping each layer in a training step
     c.context_batches = 4  # train batches data-driven transforms measure (layer contributions)
     # Structure transforms applied to the loaded model, in order, e.g. ("low_rank(fraction=0.5)",)
-    # (names and arguments: jaxcompress/transforms.py).
+    # (names and arguments: jaxcompress/compress/transforms.py).
     c.transforms = ()
 
     c.distill = ml_collections.ConfigDict()
     c.distill.teacher = ""  # '' = plain fine-tuning; else a model directory or hub id
     # loss = prediction * ((1 - alpha) * task + alpha * logit KD) + the weighted layer terms
-    # below (each averaged over mapped layers); jaxcompress/objectives.py has the details.
+    # below (each averaged over mapped layers); jaxcompress/compress/distill/objective.py has
+    # the details.
     c.distill.alpha = 0.5
     c.distill.temperature = 2.0
     c.distill.logit_loss = "kl"  # "kl" (Hinton) or "mse" (Tang et al.); regression uses mse
@@ -92,8 +93,8 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.distill.layer_map = "uniform"  # "uniform", "skip", "last" or teacher layers "2,4,6"
     c.distill.cache_logits = False  # precompute teacher logits once (logit-only objectives)
 
-    # Quantization-aware training (jaxcompress/qat.py, quantized_model.py). Specs are QuantSpec
-    # arguments as text, e.g. "bits=8", "bits=4,granularity='group',group_size=128",
+    # Quantization-aware training (jaxcompress/compress/quant/qat.py, activations.py). Specs are
+    # QuantSpec arguments as text, e.g. "bits=8", "bits=4,granularity='group',group_size=128",
     # "scheme='ternary'"; '' keeps those parameters float.
     c.quantize = ml_collections.ConfigDict()
     c.quantize.kernels = ""  # every dense kernel (low-rank factors and E x H projection too)
@@ -115,7 +116,8 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.quantize.hessian_samples = 16
     c.quantize.hessian_batches = 2
 
-    # Unstructured pruning during training (jaxcompress/prune.py); steps are fractions of the run.
+    # Unstructured pruning during training (jaxcompress/compress/prune/unstructured.py); steps
+    # are fractions of the run.
     c.prune = ml_collections.ConfigDict()
     c.prune.method = ""  # "", "magnitude" (Zhu & Gupta) or "movement" (Sanh et al.)
     c.prune.params = r"bert/encoder/.*/kernel"  # regex of the weights pruned (encoder dense)
@@ -133,8 +135,8 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""
 
-    # Early exit (jaxcompress/early_exit.py): a head after each of these layers (1-based;
-    # () = off), trained on `targets` ("labels", "final": the model's own last-layer
+    # Early exit (jaxcompress/compress/dynamic/early_exit.py): a head after each of these layers
+    # (1-based; () = off), trained on `targets` ("labels", "final": the model's own last-layer
     # prediction (FastBERT), "teacher": distill.teacher's), weighted "equal" or by "layer"
     # (PABEE); freeze_backbone trains the heads only (DeeBERT's second stage).
     c.early_exit = ml_collections.ConfigDict()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxcompress import transforms
+from jaxcompress.compress import transforms
 from jaxcompress.models.bert import Bert, init_params
 
 from .helpers import tiny_config

@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcompress import sharding
 from jaxcompress.models.bert import init_params
-from jaxcompress.train import train
+from jaxcompress.train import sharding
+from jaxcompress.train.loop import train
 
 from .helpers import tiny_config, tiny_run_config
 

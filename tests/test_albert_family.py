@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress import artefact, factorize, share, transforms
+from jaxcompress.compress import factorize, share, transforms
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, init_params, unshare_layers
 
 from .conformance_cases import logits, model_and_batch

@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import objectives, train
+from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert
+from jaxcompress.train import loop as train
 
 from .conformance_cases import CASES, logits, model_and_batch
 from .helpers import simulated_devices_env

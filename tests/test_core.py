@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import core, factorize
+from jaxcompress import core
+from jaxcompress.compress import factorize
 
 
 class MLP(nn.Module):

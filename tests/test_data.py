@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jaxcompress import data
-from jaxcompress.data import GlueFormatError, TokenizedSplit
+from jaxcompress.data import glue as data
+from jaxcompress.data.glue import GlueFormatError, TokenizedSplit
 
 BUCKETS = (32, 64, 128)
 

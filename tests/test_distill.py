@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import distill, objectives, share
+from jaxcompress.compress import share
+from jaxcompress.compress.distill import losses as distill
+from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.models.bert import Bert, init_params, layer_projections, unshare_layers
 
 from .helpers import tiny_config

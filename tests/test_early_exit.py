@@ -7,12 +7,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxcompress import early_exit
+from jaxcompress.compress.distill.objective import EXITS, forward
+from jaxcompress.compress.dynamic import early_exit
+from jaxcompress.compress.dynamic.early_exit import (
+    ExitHead,
+    ExitRunner,
+    Policy,
+    PolicyState,
+    decide,
+)
 from jaxcompress.config import finetune_defaults
-from jaxcompress.early_exit import ExitHead, ExitRunner, Policy, PolicyState, decide
 from jaxcompress.models.bert import Bert, init_params
-from jaxcompress.objectives import EXITS, forward
-from jaxcompress.train import train
+from jaxcompress.train.loop import train
 
 from .helpers import compressed_tiny_config, save_tiny_model, tiny_config, tiny_run_config
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from jaxcompress import core, gobo
-from jaxcompress.gobo import GoboSpec, gobo_dequantize, gobo_quantize
-from jaxcompress.quantize import QuantSpec, fake_quant
+from jaxcompress import core
+from jaxcompress.compress.quant import gobo
+from jaxcompress.compress.quant.gobo import GoboSpec, gobo_dequantize, gobo_quantize
+from jaxcompress.compress.quant.quantizers import QuantSpec, fake_quant
 
 
 def gaussian(shape, seed=0, std=0.05) -> np.ndarray:

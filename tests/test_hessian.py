@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import hessian
+from jaxcompress.compress.distill.objective import task_loss
+from jaxcompress.compress.quant import hessian
+from jaxcompress.compress.quant.qat import quantize_tree
 from jaxcompress.models.bert import Bert, init_params
-from jaxcompress.objectives import task_loss
-from jaxcompress.qat import quantize_tree
 
 from .helpers import tiny_config
 

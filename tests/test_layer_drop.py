@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from jaxcompress import artefact, student, transforms
+from jaxcompress.compress import transforms
+from jaxcompress.compress.distill import student
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig, Layer, init_params
 from jaxcompress.models.hf import hf_config_dict
 

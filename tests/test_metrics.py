@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxcompress import metrics
+from jaxcompress.data import metrics
 
 # Shared binary case. Per example (pred, label): (1,1) TP, (0,1) FN, (1,1) TP, (1,0) FP, (0,0) TN.
 PREDS = np.array([1, 0, 1, 1, 0])

@@ -8,9 +8,10 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
-from jaxcompress import prune, sparse
+from jaxcompress.compress.prune import sparse
+from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.config import finetune_defaults
-from jaxcompress.train import make_optimizer, train
+from jaxcompress.train.loop import make_optimizer, train
 
 from .helpers import tiny_model_run_config
 

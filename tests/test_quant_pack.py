@@ -5,16 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import artefact, quant_pack
-from jaxcompress.int8_exec import (
+from jaxcompress.compress.quant import pack as quant_pack
+from jaxcompress.compress.quant.int8 import (
     fake_quant_dense,
     int8_dense,
     int8_weight,
     int8_weights,
     quantize_activations,
 )
-from jaxcompress.qat import SPLIT_SUFFIX, add_binary_split, add_lsq_steps, qat
-from jaxcompress.quantize import QuantSpec, fake_quant, quantize
+from jaxcompress.compress.quant.qat import SPLIT_SUFFIX, add_binary_split, add_lsq_steps, qat
+from jaxcompress.compress.quant.quantizers import QuantSpec, fake_quant, quantize
+from jaxcompress.models import artefact
 
 
 def spec_id(spec: QuantSpec) -> str:

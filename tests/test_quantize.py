@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from jaxcompress import core
-from jaxcompress.qat import LSQ_SUFFIX, add_lsq_steps, default_rules, qat, split_lsq_steps
-from jaxcompress.quantize import (
+from jaxcompress.compress.quant.qat import (
+    LSQ_SUFFIX,
+    add_lsq_steps,
+    default_rules,
+    qat,
+    split_lsq_steps,
+)
+from jaxcompress.compress.quant.quantizers import (
     QuantSpec,
     dequantize,
     fake_quant,

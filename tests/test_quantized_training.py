@@ -9,11 +9,15 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
-from jaxcompress import core, int8_exec, qat, quant_pack, recipes
+from jaxcompress import core
+from jaxcompress.compress.quant import int8 as int8_exec
+from jaxcompress.compress.quant import pack as quant_pack
+from jaxcompress.compress.quant import qat
+from jaxcompress.compress.quant.activations import QuantizedModel, calibrate, fake_quant_input
+from jaxcompress.compress.quant.quantizers import QuantSpec
+from jaxcompress.experiments import recipes
 from jaxcompress.models.bert import Bert, init_params
-from jaxcompress.quantize import QuantSpec
-from jaxcompress.quantized_model import QuantizedModel, calibrate, fake_quant_input
-from jaxcompress.train import train
+from jaxcompress.train.loop import train
 
 from .helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
 

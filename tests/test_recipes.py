@@ -4,8 +4,11 @@ import json
 
 import pytest
 
-from jaxcompress import artefact, early_exit, recipes, train
 from jaxcompress.cli import main
+from jaxcompress.compress.dynamic import early_exit
+from jaxcompress.experiments import recipes
+from jaxcompress.models import artefact
+from jaxcompress.train import loop as train
 
 from .helpers import save_tiny_model
 

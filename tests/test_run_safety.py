@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import checkpoint, progress, recipes, train
 from jaxcompress.config import finetune_defaults, validate
 from jaxcompress.errors import UserError
-from jaxcompress.latency import inference_latency
-from jaxcompress.run_dir import RunDir
+from jaxcompress.experiments import recipes
+from jaxcompress.experiments.latency import inference_latency
+from jaxcompress.train import checkpoint, progress
+from jaxcompress.train import loop as train
+from jaxcompress.train.run_dir import RunDir
 
 from .helpers import save_tiny_model, tiny_config, tiny_run_config
 

@@ -15,10 +15,12 @@ from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import AbstractMesh, PartitionSpec
 from safetensors.numpy import load_file
 
-from jaxcompress import grads, prune, sharding, train
+from jaxcompress.compress.distill.objective import finetune_loss
+from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, init_params
-from jaxcompress.objectives import finetune_loss
+from jaxcompress.train import grads, sharding
+from jaxcompress.train import loop as train
 
 from .helpers import save_tiny_model, simulated_devices_env, tiny_config, tiny_run_config
 from .sharded_training import CASES, STEPS

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress import artefact, structured
+from jaxcompress.compress.distill.objective import forward, task_loss
+from jaxcompress.compress.prune import structured
 from jaxcompress.core import path_str
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, abstract_params
 from jaxcompress.models.hf import save_pretrained
-from jaxcompress.objectives import forward, task_loss
-from jaxcompress.train import train
+from jaxcompress.train.loop import train
 
 from .helpers import tiny_config, tiny_model_run_config
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress import factorize, share, student, transforms
+from jaxcompress.compress import factorize, share, transforms
+from jaxcompress.compress.distill import student
 from jaxcompress.models.bert import Bert, Layer, abstract_params, init_params
 
 from .conformance_cases import logits, model_and_batch

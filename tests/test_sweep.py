@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from jaxcompress import artefact, prune, qat, recipes, report, sweep, train, transforms
 from jaxcompress import config as config_module
+from jaxcompress.compress import transforms
+from jaxcompress.compress.prune import unstructured as prune
+from jaxcompress.compress.quant import qat
+from jaxcompress.experiments import recipes, report, sweep
+from jaxcompress.models import artefact
+from jaxcompress.train import loop as train
 
 from .helpers import save_tiny_model
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from flax.traverse_util import flatten_dict
 
-from jaxcompress import objectives
+from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.models.bert import Bert, init_params
 
 from .helpers import tiny_config

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import artefact, token_drop
+from jaxcompress.compress.dynamic import token_drop
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig, init_params
 from jaxcompress.models.hf import hf_config_dict
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxcompress import checkpoint
 from jaxcompress.config import finetune_defaults
-from jaxcompress.run_dir import RunDir
-from jaxcompress.train import make_optimizer, train
+from jaxcompress.train import checkpoint
+from jaxcompress.train.loop import make_optimizer, train
+from jaxcompress.train.run_dir import RunDir
 
 from .helpers import save_tiny_model, tiny_run_config
 

@@ -30,7 +30,7 @@ strengths, one padded length, no latency: what the tests run), `teacher=PATH` (a
 teacher; the tests pass a tiny random model).
 """
 
-from jaxcompress.sweep import deep_merge
+from jaxcompress.experiments.sweep import deep_merge
 
 TEACHER = "minilm-l6-sst2-teacher"
 BASE = "sentence-transformers/all-MiniLM-L6-v2"  # what the teacher was fine-tuned from

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress import token_drop
+from jaxcompress.compress.dynamic import token_drop
 
 # Logical axis names carried by every parameter; sharding rules map them to mesh axes.
 VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxcompress import artefact, data, gobo, metrics, quantized_run, train, transforms
+from jaxcompress.compress import transforms
+from jaxcompress.compress.quant import gobo
+from jaxcompress.compress.quant.activations import QuantizedModel
 from jaxcompress.config import (
     ConfigKeyError,
     ConfigValueError,
@@ -45,14 +47,18 @@ from jaxcompress.config import (
     run_config_file,
     validate,
 )
+from jaxcompress.data import glue as data
+from jaxcompress.data import metrics
 from jaxcompress.errors import UserError
-from jaxcompress.measure import measure_model
+from jaxcompress.experiments.measure import measure_model
+from jaxcompress.experiments.results import markdown_table
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
-from jaxcompress.progress import duration
-from jaxcompress.quantized_model import QuantizedModel
-from jaxcompress.results import markdown_table
-from jaxcompress.run_dir import write_json
+from jaxcompress.train import loop as train
+from jaxcompress.train import quantized as quantized_run
+from jaxcompress.train.progress import duration
+from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from jaxcompress import core
-from jaxcompress.qat import EMBEDDINGS, KERNELS
-from jaxcompress.quant_pack import Packed, file_bytes, read_packed, write_packed
+from jaxcompress.compress.quant.pack import Packed, file_bytes, read_packed, write_packed
+from jaxcompress.compress.quant.qat import EMBEDDINGS, KERNELS
 
 META_KEY = "jaxcompress.gobo"  # the JSON description, in the safetensors header metadata
 FORMAT = 1

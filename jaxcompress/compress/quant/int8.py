@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.qat import SPLIT_SUFFIX
-from jaxcompress.quant_pack import read, unpack
-from jaxcompress.quantize import QTensor, QuantSpec
+from jaxcompress.compress.quant.pack import read, unpack
+from jaxcompress.compress.quant.qat import SPLIT_SUFFIX
+from jaxcompress.compress.quant.quantizers import QTensor, QuantSpec
 
 ACT_QMAX = 127  # activations: symmetric int8, absmax scale
 

@@ -21,28 +21,10 @@ from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxcompress import (
-    artefact,
-    checkpoint,
-    core,
-    data,
-    early_exit,
-    grads,
-    metrics,
-    progress,
-    prune,
-    qat,
-    quantized_run,
-    sharding,
-    sparse,
-    structured,
-    student,
-    transforms,
-)
-from jaxcompress.config import glue_dir, validate
-from jaxcompress.models.bert import Bert, BertConfig
-from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
-from jaxcompress.objectives import (
+from jaxcompress import core
+from jaxcompress.compress import transforms
+from jaxcompress.compress.distill import student
+from jaxcompress.compress.distill.objective import (
     DISTILL_PARAMS,
     EXITS,
     Batch,
@@ -53,8 +35,20 @@ from jaxcompress.objectives import (
     make_loss,
     model_params,
 )
-from jaxcompress.quantized_model import QuantizedModel
-from jaxcompress.run_dir import RunDir
+from jaxcompress.compress.dynamic import early_exit
+from jaxcompress.compress.prune import sparse, structured
+from jaxcompress.compress.prune import unstructured as prune
+from jaxcompress.compress.quant import qat
+from jaxcompress.compress.quant.activations import QuantizedModel
+from jaxcompress.config import glue_dir, validate
+from jaxcompress.data import glue as data
+from jaxcompress.data import metrics
+from jaxcompress.models import artefact
+from jaxcompress.models.bert import Bert, BertConfig
+from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
+from jaxcompress.train import checkpoint, grads, progress, sharding
+from jaxcompress.train import quantized as quantized_run
+from jaxcompress.train.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,15 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jaxcompress import artefact, core, data, hessian, qat, quant_pack
+from jaxcompress import core
+from jaxcompress.compress.distill.objective import Batch, forward, model_params, task_loss
+from jaxcompress.compress.quant import hessian, qat
+from jaxcompress.compress.quant import pack as quant_pack
+from jaxcompress.compress.quant.activations import QuantizedModel, calibrate
+from jaxcompress.data import glue as data
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert
-from jaxcompress.objectives import Batch, forward, model_params, task_loss
-from jaxcompress.quantized_model import QuantizedModel, calibrate
-from jaxcompress.run_dir import write_json
+from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import core
-from jaxcompress.qat import KERNEL_LEAF
-from jaxcompress.quantize import QuantSpec
+from jaxcompress.compress.quant.qat import KERNEL_LEAF
+from jaxcompress.compress.quant.quantizers import QuantSpec
 
 GroupFn = Callable[[str], str | None]
 _ENCODER_KERNEL = re.compile(rf"(bert/encoder/layer/[^/]+)/.*/{KERNEL_LEAF}")

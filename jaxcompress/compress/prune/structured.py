@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxcompress.compress.distill.objective import Batch, forward, task_loss
 from jaxcompress.core import StructureTransform
 from jaxcompress.models.bert import Bert, BertConfig
-from jaxcompress.objectives import Batch, forward, task_loss
 
 # Importance arrays are [layers, max units] float, NaN where a layer has fewer units (already
 # pruned); keep masks are bool of the same shape, True = keep. A unit is a head or an FFN neuron.
@@ -351,7 +351,7 @@ def iterative_prune(
 def task_gradient_fn(batches: Sequence[Batch]) -> GradientFn:
     """A `GradientFn` from fixed batches: jax.grad of the task loss, dropout off.
 
-    Batches are `data.py` batches: input_ids, attention_mask, token_type_ids, labels and
+    Batches are `data/glue.py` batches: input_ids, attention_mask, token_type_ids, labels and
     example_mask. One jit-compiled gradient per config, reused across pruning steps.
     """
     batches = list(batches)

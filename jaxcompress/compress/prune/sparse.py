@@ -16,7 +16,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from jaxcompress import core
-from jaxcompress.quant_pack import Packed, file_bytes, read_packed, write_packed
+from jaxcompress.compress.quant.pack import Packed, file_bytes, read_packed, write_packed
 
 META_KEY = "jaxcompress.sparse"
 FORMAT = 1

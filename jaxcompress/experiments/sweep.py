@@ -3,7 +3,7 @@
 A sweep config (`get_config(arg)` in a Python file, as in configs/ablations/) is a dict:
 
 - `name`: a label for the sweep.
-- `recipe`: the base recipe (`task` and `stages`, as in jaxcompress/recipes.py).
+- `recipe`: the base recipe (`task` and `stages`, as in jaxcompress/experiments/recipes.py).
 - `variants`: `{technique: {strength: {stage name: changes}}}`; a finetune stage's changes
   are merged into its `config` (nested dicts merge key by key), another stage's replace its
   fields. Techniques may have different strengths.
@@ -36,7 +36,6 @@ from pathlib import Path
 
 from flax.traverse_util import flatten_dict
 
-from jaxcompress import provenance, recipes, train
 from jaxcompress.config import (
     ConfigKeyError,
     ConfigValueError,
@@ -44,9 +43,12 @@ from jaxcompress.config import (
     run_config_file,
 )
 from jaxcompress.errors import UserError
-from jaxcompress.latency import paired_latency
-from jaxcompress.measure import measure_model
-from jaxcompress.run_dir import write_json
+from jaxcompress.experiments import recipes
+from jaxcompress.experiments.latency import paired_latency
+from jaxcompress.experiments.measure import measure_model
+from jaxcompress.train import loop as train
+from jaxcompress.train import provenance
+from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
 

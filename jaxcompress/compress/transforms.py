@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxcompress import factorize, share, structured, student
+from jaxcompress.compress import factorize, share
+from jaxcompress.compress.distill import student
+from jaxcompress.compress.prune import structured
 from jaxcompress.core import StructureTransform, compose
 from jaxcompress.errors import UserError
 from jaxcompress.models.bert import BertConfig

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import core
-from jaxcompress.quantize import straight_through
+from jaxcompress.compress.quant.quantizers import straight_through
 
 DENSE_TYPES = ("Linear", "Dense")
 RANGE_NAME = "input_absmax"

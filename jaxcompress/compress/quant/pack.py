@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress import core
-from jaxcompress.artefact import is_embedding
-from jaxcompress.qat import SPLIT_SUFFIX, quantize_tree
-from jaxcompress.quantize import QTensor, QuantSpec, dequantize
+from jaxcompress.compress.quant.qat import SPLIT_SUFFIX, quantize_tree
+from jaxcompress.compress.quant.quantizers import QTensor, QuantSpec, dequantize
+from jaxcompress.models.artefact import is_embedding
 
 META_KEY = "jaxcompress.quant"  # the JSON description, in the safetensors header metadata
 FORMAT = 1

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxcompress import distill
+from jaxcompress.compress.distill import losses as distill
 from jaxcompress.models.bert import Bert, BertConfig, BertOutput, layer_projections
 
 Batch = dict[str, jax.Array]

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from jaxcompress import provenance
+from jaxcompress.train import provenance
 
 
 def write_result(path: str | os.PathLike, benchmark: str, body: dict) -> Path:

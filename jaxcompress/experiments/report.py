@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxcompress.errors import UserError
-from jaxcompress.results import markdown_table
-from jaxcompress.sweep import read_run_summary
+from jaxcompress.experiments.results import markdown_table
+from jaxcompress.experiments.sweep import read_run_summary
 
 TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 READS = "`jaxcompress report` reads the --workdir of a `jaxcompress sweep`"

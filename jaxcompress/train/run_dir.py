@@ -10,9 +10,9 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxcompress import provenance
 from jaxcompress.config import config_from_json
 from jaxcompress.errors import UserError
+from jaxcompress.train import provenance
 
 
 def _jsonable(value):

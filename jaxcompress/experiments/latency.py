@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.models.bert import Bert, BertConfig
-from jaxcompress.progress import Progress
+from jaxcompress.train.progress import Progress
 
 log = logging.getLogger(__name__)
 

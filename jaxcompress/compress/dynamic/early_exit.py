@@ -35,7 +35,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcompress import artefact, distill, token_drop
+from jaxcompress.compress.distill import losses as distill
+from jaxcompress.compress.distill.objective import EXITS, Batch, LossFn, forward, task_loss
+from jaxcompress.compress.dynamic import token_drop
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import (
     CLASSES,
     EMBED,
@@ -46,7 +49,6 @@ from jaxcompress.models.bert import (
     Layer,
     Linear,
 )
-from jaxcompress.objectives import EXITS, Batch, LossFn, forward, task_loss
 
 TARGETS = ("labels", "final", "teacher")
 WEIGHTINGS = ("equal", "layer")

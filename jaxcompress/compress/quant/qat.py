@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from jaxcompress import core
-from jaxcompress.quantize import (
+from jaxcompress.compress.quant.quantizers import (
     QTensor,
     QuantSpec,
     fake_quant,

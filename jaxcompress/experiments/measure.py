@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxcompress import artefact, metrics, train
-from jaxcompress.latency import inference_latency
+from jaxcompress.data import metrics
+from jaxcompress.experiments.latency import inference_latency
+from jaxcompress.models import artefact
 from jaxcompress.models.bert import BertConfig
+from jaxcompress.train import loop as train
 
 
 def measure_model(

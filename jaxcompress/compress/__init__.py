@@ -1,0 +1,1 @@
+"""Compression methods: factorization, sharing, quantization, pruning, distillation, dynamic."""

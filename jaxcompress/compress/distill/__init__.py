@@ -1,0 +1,1 @@
+"""Distillation: losses, the training objective of a run, students from a teacher."""

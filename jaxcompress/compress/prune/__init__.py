@@ -1,0 +1,1 @@
+"""Pruning: unstructured masks, structured head and FFN pruning, sparse artefacts."""

@@ -1,0 +1,1 @@
+"""Quantization: quantizers, QAT, activations, packed artefacts, int8 execution, GOBO, Hessian."""

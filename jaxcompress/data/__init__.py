@@ -1,0 +1,1 @@
+"""GLUE data loading and metrics."""

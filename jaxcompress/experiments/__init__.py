@@ -1,0 +1,1 @@
+"""Experiments: recipes, sweeps, reports, measurement, latency, result files."""

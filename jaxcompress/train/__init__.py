@@ -1,0 +1,1 @@
+"""Training: the train loop, sharding, checkpoints, gradients, run directories, provenance."""
