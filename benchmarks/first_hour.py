@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxcompress.results import write_result
+from jaxcompress.experiments.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "first_hour.json"

@@ -106,11 +106,13 @@ def tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps: int):
 
 def simulated_devices_env(count: int) -> dict[str, str]:
     """The environment of a subprocess that sees `count` simulated CPU devices. On a loaded
-    two-core machine one device thread can miss XLA's default 40 s collective rendezvous, so
-    the timeout is raised; XLA's warnings about resharding tiny arrays are silenced."""
+    two-core machine (two pytest processes at once) one device thread can miss XLA's default
+    40 s collective rendezvous, so both collective timeouts are raised; XLA's warnings about
+    resharding tiny arrays are silenced."""
     flags = (
-        os.environ.get("XLA_FLAGS", "")  # the suite's own flags (conftest.py) carry over
+        os.environ.get("XLA_FLAGS", "")  # the caller's own flags carry over
         + f" --xla_force_host_platform_device_count={count}"
         + " --xla_cpu_collective_timeout_seconds=600"
+        + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     ).strip()
     return {**os.environ, "XLA_FLAGS": flags, "TF_CPP_MIN_LOG_LEVEL": "2"}
