@@ -82,9 +82,7 @@ def main() -> None:
             seeded = load_config(
                 str(REPO / f"configs/albert.py:{config_arg}"), [*args.overrides, f"seed={seed}"]
             )
-            summaries.append(
-                train.train_or_reuse(seeded, Path(args.workdir) / run_name(variant, seed))
-            )
+            summaries.append(train.train(seeded, Path(args.workdir) / run_name(variant, seed)))
         trained[variant] = (config, before, summaries, time.perf_counter() - t0)
         values = [s["value"] for s in summaries]
         print(f"{variant}: {before:.4f} -> {values} after recovery")

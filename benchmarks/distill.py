@@ -59,7 +59,7 @@ def main() -> None:
             )
             run_dir = Path(args.workdir) / f"{row.replace(',', '_')}_s{seed}"
             t0 = time.perf_counter()
-            summary = train.train_or_reuse(config, run_dir)
+            summary = train.train(config, run_dir)
             runs.setdefault(row, []).append((summary, time.perf_counter() - t0, config))
             print(f"{row} seed {seed}: {summary['value']:.4f}")
 

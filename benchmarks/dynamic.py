@@ -97,7 +97,7 @@ def main() -> None:
     summaries = {}
     for name in (*EXIT_RUNS, *POWER_RUNS):
         config = load_config(f"{CONFIG}:{name}{args.flags}")
-        summaries[name] = (config, train.train_or_reuse(config, args.workdir / name))
+        summaries[name] = (config, train.train(config, args.workdir / name))
     config = summaries[EXIT_RUNS[0]][0]
     split = train.load_eval_splits(config, train.load_tokenizer(config))["validation"]
     batches = []

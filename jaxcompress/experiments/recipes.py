@@ -150,7 +150,7 @@ def merged_stage_config(
 
 def run_finetune(recipe, stage, dirs, overrides) -> dict:
     config = stage_config(recipe, stage, dirs, overrides)
-    summary = train.train_or_reuse(config, dirs[stage["name"]])
+    summary = train.train(config, dirs[stage["name"]])
     if "stopped_at" in summary:
         return summary
     return {

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -164,43 +163,38 @@ def make_train_step(
 
 
 def make_eval_step(model: Bert, mesh: Mesh | None = None):
-    """A jitted `(params, batch) -> logits`. With a mesh of several devices, the batch (the
-    same on every process) is split over its data axes and the logits come back whole."""
+    """A jitted `(params, batch) -> logits` that announces each new batch shape's compilation.
+    With a mesh of several devices, the batch (the same on every process) is split over its
+    data axes and the logits come back whole."""
     if mesh is None or mesh.size == 1:
-        return jax.jit(lambda params, batch: forward(model, params, batch, None).logits)
+        compiled = jax.jit(lambda params, batch: forward(model, params, batch, None).logits)
+    else:
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def logits(params, batch):
-        return forward(model, params, batch, None).logits
+        @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+        def logits(params, batch):
+            return forward(model, params, batch, None).logits
+
+        def compiled(params, batch):
+            return logits(params, sharding.full_batch_to_global(batch, mesh))
+
+    announce = progress.CompileAnnouncer(log, "eval step")
 
     def step(params, batch):
-        return logits(params, sharding.full_batch_to_global(batch, mesh))
+        return announce(batch["input_ids"].shape, compiled, params, batch)
 
-    return sharding.within(mesh, step)
-
-
-# Each eval step's announcer of new batch shapes, as long as the step lives.
-_EVAL_ANNOUNCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _eval_announcer(eval_step) -> progress.CompileAnnouncer:
-    try:
-        return _EVAL_ANNOUNCERS.setdefault(eval_step, progress.CompileAnnouncer(log, "eval step"))
-    except TypeError:  # not weakly referenceable: announce per call
-        return progress.CompileAnnouncer(log, "eval step")
+    return step if mesh is None or mesh.size == 1 else sharding.within(mesh, step)
 
 
 def predict(eval_step, params, split: data.TokenizedSplit, batch_size: int, buckets) -> np.ndarray:
     """The model's outputs for every example of a split, in the split's order (progress on a
     bar or, without a terminal, in the log)."""
     outputs = None
-    announce = _eval_announcer(eval_step)
     bar = progress.Progress(
         log, f"predict {len(split)} examples", -(-len(split) // batch_size), "batch"
     )
     for batch in data.eval_batches(split, batch_size, buckets):
         index = batch.pop("index")
-        logits = np.asarray(announce(batch["input_ids"].shape, eval_step, params, batch))
+        logits = np.asarray(eval_step(params, batch))
         if outputs is None:
             outputs = np.zeros((len(split), logits.shape[-1]), np.float32)
         keep = index >= 0
@@ -698,12 +692,6 @@ def _train(
     }
     run.write_summary(summary)
     return summary
-
-
-def train_or_reuse(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """The summary of the finished run in `workdir` (a config change that alters results is
-    refused), else `train` it (resuming from its checkpoints): `train` itself does both."""
-    return train(config, workdir)
 
 
 def enable_compile_cache(directory: str) -> None:
