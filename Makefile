@@ -27,7 +27,9 @@ test: install-test
 	ruff format --check .
 	ruff check .
 	shellcheck tpu_scripts/*.sh
-	$(PYTHON) -m pytest -q -p no:benchmark -n $(TEST_WORKERS) --dist worksteal --durations=10
+	$(PYTHON) -m pytest -q -p no:benchmark -n $(TEST_WORKERS) --dist worksteal --durations=10 -m "not devices8"
+	# Alone: 8 simulated devices' collectives can miss each other on a CPU that other tests load.
+	$(PYTHON) -m pytest -q -p no:benchmark --durations=2 -m devices8
 
 # The main job: a compression recipe in quick mode (distil the MiniLM SST-2 teacher into a
 # 3-layer student for 100 steps, evaluate both on the full dev set), ending in a results table.

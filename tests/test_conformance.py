@@ -71,6 +71,7 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     assert train.make_eval_step(model)(state.params, batch).shape == (4, 2)
 
 
+@pytest.mark.devices8
 def test_every_case_on_8_sharded_cpu_devices():
     env = simulated_devices_env(8)
     repo = Path(__file__).resolve().parents[1]

@@ -206,6 +206,7 @@ def _subprocess(devices: int, *args: str) -> dict:
     return json.loads(line.removeprefix("REPORT "))
 
 
+@pytest.mark.devices8
 def test_sharded_training_equals_one_device(tmp_path, minilm_dir, glue_dir):
     model = save_tiny_model(tmp_path / "model", minilm_dir, num_labels=2)
     teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, seed=1, num_labels=2)
