@@ -167,6 +167,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
     c.eval.every_steps = 0  # 0 = only at the end
+    c.eval.examples = -1  # > 0: at most this many examples (the first) of each eval split
 
     # Persistent XLA compilation cache shared by runs ('' = off): each bucket shape of the train
     # step takes ~10 s to compile on CPU, which a cache pays once per machine, not once per run.
@@ -337,6 +338,8 @@ _LAYER_MAP = (
     ),
     "'uniform', 'skip', 'last' or teacher layers like '2,4,6'",
 )
+_ALL_OR_COUNT = (lambda v: v == -1 or v >= 1, "-1 (all of them) or an integer >= 1")
+
 VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
     (key, *check)
     for key, check in (
@@ -387,6 +390,7 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("early_exit.weighting", _choice("equal", "layer")),
         ("early_exit.pooling", _choice("cls", "mean")),
         ("train.batch_size", _positive(integer=True)),
+        ("train.examples", _ALL_OR_COUNT),
         ("train.sort_window", _at_least(1)),
         ("train.lr", _positive()),
         ("train.warmup_ratio", _range(0.0, 1.0)),
@@ -398,6 +402,7 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("train.grad_accum", _at_least(1)),
         ("eval.batch_size", _positive(integer=True)),
         ("eval.every_steps", _at_least(0)),
+        ("eval.examples", _ALL_OR_COUNT),
         ("log_every", _at_least(1)),
         ("checkpoint_every", _at_least(1)),
         (

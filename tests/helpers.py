@@ -91,7 +91,7 @@ def tiny_run_config(model_dir, glue_dir, **train_changes):
     c.train = ml_collections.ConfigDict(
         {"examples": 32, "batch_size": 8, "steps": 6, "lr": 1e-3, **train_changes}
     )
-    c.eval = ml_collections.ConfigDict({"batch_size": 128})
+    c.eval = ml_collections.ConfigDict({"batch_size": 128, "examples": 128})  # one batch
     return merge(finetune_defaults(), c)
 
 

@@ -2,9 +2,9 @@
 with XLA's host device count set: trains tiny runs under several meshes, prints their losses.
 
 MODE "reference" (1 device): each case once. MODE "meshes" (8 devices): fine-tuning under an
-FSDP and a tensor-parallel mesh; QAT, pruning and distillation under a 2 x 2 x 2 mesh; a
-fine-tuning run started data-parallel, stopped after 2 steps and resumed under the 2 x 2 x 2
-mesh; and fresh parameters initialised directly split over an FSDP mesh.
+FSDP mesh; QAT, pruning and distillation under a 2 x 2 x 2 mesh; a fine-tuning run started
+data-parallel, stopped after 2 steps and resumed under a 4-way tensor-parallel mesh; and fresh
+parameters initialised directly split over an FSDP mesh.
 """
 
 import json
@@ -55,10 +55,9 @@ def main(model_dir, teacher_dir, glue_dir, workdir, mode):
         for case in CASES:
             report[case] = run(model_dir, teacher_dir, glue_dir, workdir / case, case, (1, 1, 1))
     else:
-        for name in ("fsdp", "tensor"):
-            report[f"finetune/{name}"] = run(
-                model_dir, teacher_dir, glue_dir, workdir / name, "finetune", MESHES[name]
-            )
+        report["finetune/fsdp"] = run(
+            model_dir, teacher_dir, glue_dir, workdir / "fsdp", "finetune", MESHES["fsdp"]
+        )
         for case in ("qat", "prune", "distill"):
             report[f"{case}/mixed"] = run(
                 model_dir, teacher_dir, glue_dir, workdir / case, case, MESHES["mixed"]
@@ -79,8 +78,8 @@ def main(model_dir, teacher_dir, glue_dir, workdir, mode):
         }
         resumed = workdir / "resumed"
         run(model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["data"], 2)
-        report["finetune/data-then-mixed"] = run(
-            model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["mixed"]
+        report["finetune/data-then-tensor"] = run(
+            model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["tensor"]
         )
     print("REPORT " + json.dumps(report))
 

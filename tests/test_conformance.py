@@ -8,7 +8,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxcompress.compress.distill import objective as objectives
@@ -56,14 +55,13 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     new_config, new_params = case.strong(config, params)
     model = Bert(new_config)
     loss_fn = objectives.finetune_loss(model)
-    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), None)[0])(new_params)
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
-    assert float(optax.tree.norm(grads)) > 0
     tx = train.make_optimizer(finetune_defaults().train, 10)
     state = train.TrainState(jnp.array(0), new_params, tx.init(new_params), train.new_rng(0))
     before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), new_params)
     step = train.make_train_step(loss_fn, tx)
-    state, _ = step(state, batch)  # warmup starts at learning rate 0
+    state, metrics = step(state, batch)  # warmup starts at learning rate 0
+    # The global norm is finite only if every gradient is (jit: one compile, not one per op).
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
     state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, state.params)

@@ -216,11 +216,10 @@ def test_sharded_training_equals_one_device(tmp_path, minilm_dir, glue_dir):
     assert reference["devices"] == 1 and meshes["devices"] == 8
     expected_runs = {
         "finetune/fsdp": "fsdp",
-        "finetune/tensor": "tensor",
         "qat/mixed": "qat",
         "prune/mixed": "prune",
         "distill/mixed": "distill",
-        "finetune/data-then-mixed": "resumed",
+        "finetune/data-then-tensor": "resumed",
     }
     fresh = meshes.pop("init_sharded")  # initialised directly split over an 8-way FSDP mesh
     assert fresh["max_abs_diff"] < 1e-6 and fresh["split"] > 0.5 * fresh["leaves"]

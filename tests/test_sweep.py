@@ -39,10 +39,10 @@ def get_config(teacher):
     def rank(fraction):
         return {"student": {"transforms": (f"low_rank(fraction={fraction})",)}}
     return {
-        "name": "two_by_two",
+        "name": "two_ranks",
         "recipe": {"task": "sst2", "stages": (stage,)},
         "variants": {"low_rank": {"r50": rank(0.5), "r25": rank(0.25)}},
-        "seeds": (0, 1),
+        "seeds": (0,),
         "measure": "student",
         "reference": teacher,
     }
@@ -57,7 +57,7 @@ def tiny_teacher(tmp_path_factory, minilm_dir):
 
 @pytest.fixture
 def sweep_file(tmp_path):
-    path = tmp_path / "two_by_two.py"
+    path = tmp_path / "two_ranks.py"
     path.write_text(SWEEP_FILE)
     return path
 
@@ -93,12 +93,12 @@ def test_killed_sweep_resumes_to_the_same_report(
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
-    assert len(list(killed.glob("runs/*/summary.json"))) < 4
+    assert len(list(killed.glob("runs/*/summary.json"))) < 2
 
     config = sweep.load_sweep(spec)
     resumed = sweep.run_sweep(config, killed)
     fresh = sweep.run_sweep(config, tmp_path / "fresh")
-    assert len(resumed) == len(fresh) == 4
+    assert len(resumed) == len(fresh) == 2
     runs = sweep.expand(config)
     assert sorted(p.name for p in (killed / "runs").iterdir()) == sorted(r.dir_name for r in runs)
     for a, b in zip(resumed, fresh, strict=True):
@@ -120,13 +120,14 @@ def test_shared_stage_runs_once_and_latency_is_paired(
 ):
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
     small = {"batch_size": 16, "steps": 2, "examples": 32}
+    short = {"max_length": 64, "buckets": (64,), "eval": {"examples": 128}}
     recipe = {
         "task": "sst2",
         "stages": (
             {
                 "name": "teacher",
                 "kind": "finetune",
-                "config": {"model": tiny_teacher, "train": small, "buckets": (128,)},
+                "config": {"model": tiny_teacher, "train": small, **short},
             },
             {
                 "name": "student",
@@ -135,7 +136,7 @@ def test_shared_stage_runs_once_and_latency_is_paired(
                     "model": "@teacher",
                     "distill": {"teacher": "@teacher"},
                     "train": small,
-                    "buckets": (128,),
+                    **short,
                 },
             },
         ),

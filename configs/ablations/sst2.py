@@ -26,7 +26,8 @@ random 12,800-example subset of the train set (a fifth of it), on seeds 0, 1, 2;
 measured on the full dev set with paired CPU latency.
 
 Flags after the family: `quick` (runlocal: 2 steps on 64 examples, one seed, small
-strengths, one padded length, no latency: what the tests run), `teacher=PATH` (another
+strengths, one padded length of 64, the first 256 dev sentences, no latency: what the tests
+run), `teacher=PATH` (another
 teacher; the tests pass a tiny random model).
 """
 
@@ -182,6 +183,14 @@ def families(quick: bool) -> dict[str, dict]:
     }
 
 
+QUICK = {
+    "max_length": 64,
+    "buckets": (64,),
+    "eval": {"examples": 256},
+    "quantize": {"calibration_batches": 2},
+}
+
+
 def get_config(arg: str = "main") -> dict:
     family, *flags = arg.split(",")
     options = dict(flag.partition("=")[::2] for flag in flags)
@@ -204,7 +213,8 @@ def get_config(arg: str = "main") -> dict:
             "distill": {"teacher": teacher, "alpha": 0.5, "temperature": 2.0, "cache_logits": True},
             "train": train,
             "checkpoint_every": 1 if quick else 100,
-            **({"buckets": (128,)} if quick else {}),  # one compiled shape
+            # quick: one compiled shape, a 256-sentence slice of the dev set, 2 calibration batches
+            **(QUICK if quick else {}),
         },
     }
     sweep = {

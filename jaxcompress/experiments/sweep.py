@@ -358,15 +358,24 @@ def _measure(sweep: dict, run: Run, dirs: dict[str, Path], workdir: Path) -> dic
     return row
 
 
+def _eval_settings(recipe: dict, measured: dict) -> dict:
+    """The measured stage's evaluation settings when it is a finetune stage (else none: the
+    defaults): its length, padding buckets, eval batch size and dev slice."""
+    if measured["kind"] != "finetune":
+        return {}
+    stage = recipes.merged_stage_config(recipe, measured)
+    return {
+        "max_length": stage.max_length,
+        "buckets": tuple(stage.buckets),
+        "eval": {"batch_size": stage.eval.batch_size, "examples": stage.eval.examples},
+    }
+
+
 def _evaluate(recipe: dict, measured: dict, path: str) -> dict:
-    """Dev metrics and size of the model at `path`, evaluated with the padding buckets and
-    batch size of the measured stage when it is a finetune stage (else the defaults)."""
+    """Dev metrics and size of the model at `path`, evaluated as the measured stage is."""
     config = recipes.task_config(recipe["task"], path)
-    if measured["kind"] == "finetune":
-        stage = recipes.merged_stage_config(recipe, measured)
-        with config.unlocked():
-            config.max_length, config.buckets = stage.max_length, stage.buckets
-            config.eval.batch_size = stage.eval.batch_size
+    with config.unlocked():
+        config.update(_eval_settings(recipe, measured))
     dev = train.load_eval_splits(config, train.load_tokenizer(config))
     return measure_model(config, *train.load_any(path), dev)
 
@@ -375,7 +384,8 @@ def _reference(name: str, path: str, run: Run, measured: dict, workdir: Path) ->
     """The reference model's metrics and size, measured once per sweep and task."""
     task = run.recipe["task"]
     source = f"@{run.stage_keys[name[1:]]}" if name.startswith("@") else name
-    cache = workdir / "references" / f"{task}-{config_hash([task, source])}.json"
+    settings = _eval_settings(run.recipe, measured)
+    cache = workdir / "references" / f"{task}-{config_hash([task, source, settings])}.json"
     with locked(cache.with_suffix(".lock")):
         if cache.exists():
             return json.loads(cache.read_text())

@@ -236,14 +236,15 @@ def load_task_splits(
 def load_eval_splits(
     config: ml_collections.ConfigDict, tokenizer
 ) -> dict[str, data.TokenizedSplit]:
-    """Every eval split of the task, tokenized (always the full split)."""
+    """Every eval split of the task, tokenized (its first `eval.examples` rows if set)."""
     where = glue_dir(config)
-    return {
-        s: data.tokenize_split(
-            data.load_split(config.task, s, where), config.task, tokenizer, config.max_length
-        )
-        for s in data.get_task(config.task).eval_splits
-    }
+    splits = {}
+    for name in data.get_task(config.task).eval_splits:
+        rows = data.load_split(config.task, name, where)
+        if config.eval.examples > 0:
+            rows = rows.select(range(min(config.eval.examples, len(rows))))
+        splits[name] = data.tokenize_split(rows, config.task, tokenizer, config.max_length)
+    return splits
 
 
 def evaluate_model(

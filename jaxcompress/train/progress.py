@@ -42,13 +42,18 @@ class Progress:
 
     def __init__(self, log: logging.Logger, what: str, total: int, unit: str, enabled: bool = True):
         self.log, self.what, self.total = log, what, total
-        self.units = unit + ("es" if unit.endswith(("s", "ch")) else "s")
+        self.unit = unit
         self.bar = tqdm(total=total, desc=what, unit=unit, leave=False, disable=None)
         self.logging = enabled and self.bar.disable
         self.done = 0
         self.start = self.last = time.perf_counter()
         if self.logging:
-            log.info("%s: %d %s", what, total, self.units)
+            log.info("%s: %d %s", what, total, self._units(total))
+
+    def _units(self, count: int) -> str:
+        if count == 1:
+            return self.unit
+        return self.unit + ("es" if self.unit.endswith(("s", "ch")) else "s")
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -62,7 +67,7 @@ class Progress:
             left = (now - self.start) / self.done * (self.total - self.done)
             done, total = self.done, self.total
             self.log.info(
-                "%s: %d/%d %s, %s left", self.what, done, total, self.units, duration(left)
+                "%s: %d/%d %s, %s left", self.what, done, total, self._units(total), duration(left)
             )
 
     def close(self) -> float:
@@ -71,7 +76,11 @@ class Progress:
         seconds = time.perf_counter() - self.start
         if self.logging:
             self.log.info(
-                "%s: done, %d %s in %s", self.what, self.done, self.units, duration(seconds)
+                "%s: done, %d %s in %s",
+                self.what,
+                self.done,
+                self._units(self.done),
+                duration(seconds),
             )
         return seconds
 
