@@ -20,6 +20,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
 
 
+# The suite compiles hundreds of small programs and runs each for a few steps: XLA's backend
+# optimisation level 1 compiles them about 20% faster than the default 3 and runs them
+# nearly as fast (level 0 runs them slower); subprocesses inherit it. Numbers are unchanged
+# within the suite's tolerances, which already allow for other CPUs' summation orders.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
+    ).strip()
+
+
 def _asset_root(env: str, default: Path) -> Path:
     root = Path(os.environ.get(env, default))
     if not root.exists():

@@ -66,6 +66,9 @@ def test_export_of_a_run_with_distillation_projections(tmp_path, minilm_dir, glu
         "train.batch_size=16",
         "train.steps=2",
         "checkpoint_every=1",
+        "max_length=64",
+        "buckets=(64,)",  # one compiled shape
+        "eval.examples=128",
     ]
     args = ["finetune", "--config", f"{REPO}/configs/finetune.py:sst2", "--workdir", str(workdir)]
     assert main(args + [x for o in overrides for x in ("--set", o)]) == 0
