@@ -170,6 +170,7 @@ STANDARD = [
 
 
 def fmt(value) -> str:
+    """A table cell: floats to 4 decimals (or 1 from 10 on), ints with thousands commas."""
     if value is None:
         return "–"
     if isinstance(value, float):
