@@ -37,4 +37,4 @@ quick: install
 	jaxcompress recipe --config configs/recipes/sst2.py:distil_l3,quick --workdir runs/quick_recipe
 
 tables:
-	$(PYTHON) benchmarks/tables.py --write README.md
+	$(PYTHON) benchmarks/tables.py --write docs/results.md README.md

@@ -4,7 +4,7 @@ recipe as `make quick` runs it with no terminal attached (total time and the lon
 python benchmarks/first_hour.py   # JAXCOMPRESS_MODEL_ROOT / _GLUE_DIR or jaxcompress.toml set
 
 Writes benchmarks/results/first_hour.json. Run it on an otherwise idle machine: the suite's
-wall time is the figure the README quotes.
+wall time is the figure README.md and docs/usage.md quote.
 """
 
 from __future__ import annotations

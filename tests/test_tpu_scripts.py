@@ -1,4 +1,4 @@
-"""tpu_scripts/tpu.sh: --dry-run prints the exact commands; shellcheck passes; README is current."""
+"""tpu_scripts/tpu.sh: --dry-run prints the exact commands; shellcheck passes; docs are current."""
 
 import os
 import re
@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tpu_scripts" / "tpu.sh"
 SETTINGS = {"TPU_NAME": "t1", "TPU_ZONE": "z1", "TPU_PROJECT": "p1", "TPU_TYPE": "v4-8"}
-# The README example: a v4-32 slice (4 hosts) writing to a bucket mounted at /mnt/jc.
-README_SETTINGS = {
+# The example in docs/scale.md: a v4-32 slice (4 hosts) writing to a bucket mounted at /mnt/jc.
+EXAMPLE_SETTINGS = {
     "TPU_NAME": "jc-v4-32",
     "TPU_ZONE": "us-central2-b",
     "TPU_TYPE": "v4-32",
@@ -19,7 +19,7 @@ README_SETTINGS = {
     "BUCKET": "my-bucket",
     "WORKDIR": "/mnt/jc/sst2",
 }
-README_COMMANDS = ("create", "setup", "mount", "launch", "logs", "fetch", "delete")
+EXAMPLE_COMMANDS = ("create", "setup", "mount", "launch", "logs", "fetch", "delete")
 
 
 def dry_run(*args: str, **settings: str) -> subprocess.CompletedProcess:
@@ -176,7 +176,7 @@ def test_dry_run_prints_what_a_real_run_executes(tmp_path):
     fake = '#!/usr/bin/env bash\nprintf "%q " "$@" >> "$CALLS"\necho >> "$CALLS"\n'
     (tmp_path / "gcloud").write_text(fake)
     (tmp_path / "gcloud").chmod(0o755)
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", **README_SETTINGS}
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", **EXAMPLE_SETTINGS}
     for command in ("setup", "mount", "launch", "logs", "delete"):
         args = [command, "--set", "name=it's $x"] if command == "launch" else [command]
         real = {**env, "CALLS": str(tmp_path / f"{command}.real")}
@@ -195,19 +195,19 @@ def test_shellcheck_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def readme_block() -> str:
-    """The README's example: the v4-32 settings, then each command and its dry-run output."""
-    settings = " ".join(f"{key}={value}" for key, value in README_SETTINGS.items())
+def example_block() -> str:
+    """docs/scale.md's example: the v4-32 settings, then each command and its dry-run output."""
+    settings = " ".join(f"{key}={value}" for key, value in EXAMPLE_SETTINGS.items())
     lines = [f"$ export {settings}"]
-    for command in README_COMMANDS:
+    for command in EXAMPLE_COMMANDS:
         lines.append(f"$ bash tpu_scripts/tpu.sh --dry-run {command}")
-        lines.extend(dry_run(command, **README_SETTINGS).stdout.splitlines())
+        lines.extend(dry_run(command, **EXAMPLE_SETTINGS).stdout.splitlines())
     return "\n".join(lines)
 
 
-def test_readme_shows_the_current_dry_run_output():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_show_the_current_dry_run_output():
+    docs = (ROOT / "docs" / "scale.md").read_text()
     pattern = r"<!-- tpu-dry-run:begin -->\n```\n(.*?)\n```\n<!-- tpu-dry-run:end -->"
-    match = re.search(pattern, readme, re.DOTALL)
-    assert match, "README.md lacks the tpu-dry-run block"
-    assert match.group(1) == readme_block()
+    match = re.search(pattern, docs, re.DOTALL)
+    assert match, "docs/scale.md lacks the tpu-dry-run block"
+    assert match.group(1) == example_block()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress.compress.dynamic import token_drop
+from jaxcompress.models import token_select
 
 # Logical axis names carried by every parameter; sharding rules map them to mesh axes.
 VOCAB, EMBED, HIDDEN, QKV, MLP, RANK, CLASSES, POSITIONS, TYPES = (
@@ -469,11 +469,11 @@ class LayerStack(nn.Module):
 
         counts = None
         if cfg.token_keep is not None:
-            counts = token_drop.kept_counts(cfg.token_keep, x.shape[1])
+            counts = token_select.kept_counts(cfg.token_keep, x.shape[1])
         for i in range(n):
             y, probs = module(attention_groups[i], i).attend(x, bias)
             if counts is not None:
-                y, bias = token_drop.eliminate(y, bias, probs, counts[i])
+                y, bias = token_select.eliminate(y, bias, probs, counts[i])
             y = module(ffn_groups[i], i).feed_forward(y)
             x, probs = _layerdrop(None if skips_N is None else skips_N[i], x, y, probs)
             hidden_states.append(x)
@@ -507,7 +507,7 @@ class BertBackbone(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
         cfg = self.config
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
-        bias_Bx1x1xL = token_drop.bias_from_mask(attention_mask > 0)
+        bias_Bx1x1xL = token_select.bias_from_mask(attention_mask > 0)
         x, hidden, attn = Encoder(cfg, name="encoder")(x, bias_Bx1x1xL, deterministic)
         return x, Pooler(cfg, name="pooler")(x), hidden, attn
 

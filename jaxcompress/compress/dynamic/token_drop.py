@@ -2,73 +2,36 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-    from jaxcompress.models.bert import BertConfig
+from jaxcompress.models.bert import Bert, BertConfig
+from jaxcompress.models.token_select import (
+    CEIL_SLACK,
+    attention_mass,
+    bias_from_mask,
+    eliminate,
+    keep_tokens,
+    kept_counts,
+    mask_from_bias,
+    significance,
+)
 
-# ceil(fraction * length) forgives this much float noise (0.3 * 10 is 3.0000000000000004).
-_CEIL_SLACK = 1e-6
-
-
-def kept_counts(token_keep: Sequence[float], length: int) -> tuple[int, ...]:
-    """Per layer, how many word vectors it keeps of a padded input of `length`:
-    max(1, ceil(fraction * length)); static, so one compiled shape per input length."""
-    return tuple(max(1, math.ceil(f * length - _CEIL_SLACK)) for f in token_keep)
-
-
-def mask_from_bias(bias_Bx1x1xL: jax.Array) -> jax.Array:
-    """The key mask (True = real token) of the model's additive attention bias."""
-    return bias_Bx1x1xL[:, 0, 0, :] == 0
-
-
-def bias_from_mask(mask_BxL: jax.Array) -> jax.Array:
-    """The model's attention bias: 0 where a key is real, float32 min where it is padding."""
-    neg = jnp.finfo(jnp.float32).min
-    return jnp.where(mask_BxL[:, None, None, :], 0.0, neg).astype(jnp.float32)
-
-
-def attention_mass(probs_BxNxLxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-    """The attention each word vector receives, summed over heads and real query positions
-    (B, L); zero for padding keys, which get no attention."""
-    queries = mask_BxL.astype(jnp.float32)[:, None, :, None]
-    return (probs_BxNxLxL.astype(jnp.float32) * queries).sum((1, 2)) * mask_BxL
-
-
-def significance(probs_BxNxLxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-    """PoWER-BERT's significance score (B, L): the attention mass, with +inf at [CLS]
-    (position 0, always kept) and -inf at padding (never kept before a real token)."""
-    mass = attention_mass(probs_BxNxLxL, mask_BxL)
-    scores = jnp.where(mask_BxL, mass, -jnp.inf)
-    return scores.at[:, 0].set(jnp.inf)
-
-
-def keep_tokens(
-    x_BxLxH: jax.Array, mask_BxL: jax.Array, scores_BxL: jax.Array, count: int
-) -> tuple[jax.Array, jax.Array]:
-    """The `count` highest-scoring word vectors and their mask, in their original order."""
-    _, top_BxK = jax.lax.top_k(scores_BxL, count)
-    index_BxK = jnp.sort(top_BxK, axis=-1)
-    x_BxKxH = jnp.take_along_axis(x_BxLxH, index_BxK[:, :, None], axis=1)
-    return x_BxKxH, jnp.take_along_axis(mask_BxL, index_BxK, axis=1)
-
-
-def eliminate(
-    x_BxLxH: jax.Array, bias_Bx1x1xL: jax.Array, probs_BxNxLxL: jax.Array, count: int
-) -> tuple[jax.Array, jax.Array]:
-    """One extract layer: keep the `count` most significant vectors of `x` by this layer's
-    attention `probs`; returns them and the attention bias of what is kept. The selection
-    passes no gradient (the gathered vectors do)."""
-    mask_BxL = mask_from_bias(bias_Bx1x1xL)
-    scores_BxL = significance(jax.lax.stop_gradient(probs_BxNxLxL), mask_BxL)
-    x_BxKxH, mask_BxK = keep_tokens(x_BxLxH, mask_BxL, scores_BxL, count)
-    return x_BxKxH, bias_from_mask(mask_BxK)
+# The selection itself runs inside BERT's forward pass (models/token_select.py); this module
+# is PoWER-BERT's public face: those functions and the retention configuration from data.
+__all__ = [
+    "attention_mass",
+    "bias_from_mask",
+    "eliminate",
+    "keep_tokens",
+    "kept_counts",
+    "mask_from_bias",
+    "retention_from_attention",
+    "significance",
+]
 
 
 def retention_from_attention(
@@ -85,8 +48,6 @@ def retention_from_attention(
     the batches: a shorter batch counts as padded to it, which changes no real position.
     Rows without a real token (batch padding) are skipped.
     """
-    from jaxcompress.models.bert import Bert  # bert.py imports this module
-
     if not 0.0 < keep_mass <= 1.0:
         raise ValueError(f"keep_mass={keep_mass}; expected 0 < keep_mass <= 1")
     full = config.replace(token_keep=None)
@@ -116,6 +77,6 @@ def retention_from_attention(
         raise ValueError("retention_from_attention needs at least one example with a token")
     padded = [np.pad(c, ((0, 0), (0, 0), (0, length - c.shape[-1]))) for c in curves]
     coverage_NxL = np.cumsum(np.concatenate(padded, axis=1).mean(1), axis=-1)
-    counts = 1 + np.argmax(coverage_NxL >= keep_mass - _CEIL_SLACK, axis=-1)
-    counts = np.where(coverage_NxL[:, -1] >= keep_mass - _CEIL_SLACK, counts, length)
+    counts = 1 + np.argmax(coverage_NxL >= keep_mass - CEIL_SLACK, axis=-1)
+    counts = np.where(coverage_NxL[:, -1] >= keep_mass - CEIL_SLACK, counts, length)
     return tuple(float(f) for f in np.minimum.accumulate(counts / length))
