@@ -55,3 +55,9 @@ def minilm_dir(model_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def teacher_dir(model_root: Path) -> Path:
     return model_root / "minilm-l6-sst2-teacher"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow first (otherwise in file order): with two pytest processes, the
+    long ones start early and the short ones fill the end, so both processes finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -14,6 +14,7 @@ from .helpers import save_tiny_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_finetune_eval_export(tmp_path, minilm_dir, glue_dir, capsys, monkeypatch):
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
     model = save_tiny_model(tmp_path / "tiny", minilm_dir)
@@ -53,6 +54,7 @@ def test_bad_override_fails_before_writing(tmp_path, capsys):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_export_of_a_run_with_distillation_projections(tmp_path, minilm_dir, glue_dir, monkeypatch):
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
     teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_labels=2)

@@ -49,6 +49,7 @@ def test_dtype_is_kept(case):
     assert {x.dtype for x in jax.tree_util.tree_leaves(new_params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     config, params, batch = model_and_batch()

@@ -169,6 +169,7 @@ def early_exit_config(**changes):
     return cfg
 
 
+@pytest.mark.slow
 def test_training_exit_heads_leaves_a_frozen_backbone_unchanged(tmp_path, minilm_dir, glue_dir):
     model_dir = save_tiny_model(tmp_path / "tiny", minilm_dir, num_labels=2)
     config = tiny_run_config(model_dir, glue_dir, steps=3)

@@ -96,6 +96,7 @@ def tiny_bert():
     return params, loss
 
 
+@pytest.mark.slow
 def test_tiny_bert_layer_traces_are_finite_under_jit():
     params, loss = tiny_bert()
     groups = hessian.encoder_layer_group

@@ -46,6 +46,7 @@ def test_bad_recipes_fail_naming_the_stage():
         recipes.check_recipe({"stages": (), "tasks": "sst2"})
 
 
+@pytest.mark.slow
 def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, monkeypatch):
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
     teacher = str(save_tiny_model(tmp_path / "teacher", minilm_dir, num_labels=2))
@@ -100,6 +101,7 @@ def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, mo
     assert (workdir / "results.md").read_text().strip() == table
 
 
+@pytest.mark.slow
 def test_dynamic_inference_stages_on_a_distilled_student(
     tmp_path, minilm_dir, glue_dir, monkeypatch
 ):

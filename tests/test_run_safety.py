@@ -213,6 +213,7 @@ def tiny(tiny_model, glue_dir, **changes):
 
 
 # orbax leaves an asyncio callback behind when a read of the truncated file fails
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_and_logs_each_step_once(
     tmp_path, tiny_model, glue_dir, caplog, monkeypatch

@@ -139,6 +139,7 @@ def test_loss_scaling_matches_flax_dynamic_scale_and_unscales_gradients():
     np.testing.assert_allclose(g, 2 * params, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_float16_step_skips_non_finite_gradients():
     config = tiny_config(num_labels=2, dtype="float16")
     params = init_params(config, jax.random.key(0))
@@ -161,6 +162,7 @@ def test_float16_step_skips_non_finite_gradients():
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     config = tiny_config(num_labels=2, vocab_size=2048)
     params = init_params(config, jax.random.key(0))

@@ -360,6 +360,7 @@ def test_iterative_prune_reaches_target_on_masked_models(params, task_grads):
     assert ffn_config.intermediate_per_layer == (32, 32)
 
 
+@pytest.mark.slow
 def test_structured_transforms_in_a_training_run(tmp_path, minilm_dir, glue_dir):
     """Heads, FFN neurons and layers removed by data-driven transforms before fine-tuning:
     the run keeps the shrunk shapes (native artefact) and still exports to Hugging Face."""

@@ -324,6 +324,7 @@ def test_pareto_front():
         "main",
     ],
 )
+@pytest.mark.slow
 def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monkeypatch):
     """Every variant's transforms (or quantization or pruning settings) apply to a tiny
     model; where a family trains in its own way (QAT, BinaryBERT's two stages, pruning) its

@@ -160,6 +160,7 @@ def test_config_validation_and_coercion():
         tiny_config(token_keep=(1.0, 0.5), layerdrop=0.1)
 
 
+@pytest.mark.slow
 def test_shared_layers_run_unrolled_with_the_scan_parameters():
     config = three_layers(attention_groups=(0, 0, 0), ffn_groups=(0, 0, 0), remat=True)
     params = init_params(config, jax.random.key(3))
@@ -171,6 +172,7 @@ def test_shared_layers_run_unrolled_with_the_scan_parameters():
     assert short.last_hidden_state.shape == (3, 2, 32)
 
 
+@pytest.mark.slow
 def test_jit_and_gradients(model):
     config, params = model
     b = batch()

@@ -20,6 +20,7 @@ def tiny_model(tmp_path_factory, minilm_dir):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", minilm_dir)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir):
     config = tiny_run_config(tiny_model, glue_dir)
     straight = train(config, tmp_path / "straight")
@@ -42,6 +43,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir)
     assert [json.loads(x)["step"] for x in lines if "loss" in x] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_cached_teacher_logits_train_like_the_live_teacher(
     tmp_path, tiny_model, glue_dir, minilm_dir
 ):
@@ -65,6 +67,7 @@ def test_cached_teacher_logits_train_like_the_live_teacher(
         train(config, tmp_path / "layers")
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_other_seed_differs(tmp_path, tiny_model, glue_dir):
     config = tiny_run_config(tiny_model, glue_dir, steps=2)
     first = train(config, tmp_path / "a")
