@@ -8,6 +8,7 @@ import difflib
 import itertools
 import math
 import re
+import string
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -229,21 +230,52 @@ def _linen_low_rank(layer: Layer, call, args, kwargs):
         features = module.features if isinstance(module.features, tuple) else (module.features,)
         x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
         return _two_matmuls(x, a, b, bias, len(axes), features, module.dtype, module.precision)
+    if isinstance(module, nn.Einsum):
+        return _einsum_two_factors(layer.path, module, x, a, b, bias)
     raise ValueError(
         f"low_rank_layers: {type(module).__name__} {layer.path} holds kernel_a/kernel_b, but "
-        "only Dense and DenseGeneral run factors; densify this layer's factors"
+        "only Dense, DenseGeneral and Einsum run factors; densify this layer's factors"
     )
+
+
+def _einsum_two_factors(path: str, module: nn.Einsum, x, a, b, bias):
+    """An `Einsum` whose kernel letters are its contracted letters then its output letters
+    (e.g. 'bld,dc->blc'), run as two einsums through the rank."""
+    equation = module.einsum_str.replace(" ", "")
+    operands, out = equation.split("->")
+    xs, ks = operands.split(",")
+    contracted = "".join(c for c in ks if c in xs and c not in out)
+    kept = "".join(c for c in ks if c in out and c not in xs)
+    if "." in equation or ks != contracted + kept:
+        raise ValueError(
+            f"low_rank_layers: Einsum {path} ({equation}) must list its contracted kernel axes "
+            "before its output axes, without batch axes or '...'; densify its factors"
+        )
+    r = next(c for c in string.ascii_letters if c not in equation)
+    mid = "".join(c for c in xs if c not in contracted) + r
+    shape = tuple(module.shape)
+    dtype = module.dtype or jnp.result_type(x, a, b)
+    a = a.reshape(*shape[: len(contracted)], -1).astype(dtype)
+    b = b.reshape(-1, *shape[len(contracted) :]).astype(dtype)
+    h = jnp.einsum(f"{xs},{contracted}{r}->{mid}", x.astype(dtype), a, precision=module.precision)
+    y = jnp.einsum(f"{mid},{r}{kept}->{out}", h, b, precision=module.precision)
+    if bias is None:
+        return y
+    return y + bias.astype(dtype).reshape([shape[ks.index(c)] if c in ks else 1 for c in out])
 
 
 @contextlib.contextmanager
 def low_rank_layers(rules: Rules = ((".*", True),)) -> Iterator[None]:
-    """Within this context, linen `Dense`/`DenseGeneral` layers whose params hold `kernel_a`
-    and `kernel_b` (`factorize.low_rank_params`) compute `(x @ kernel_a) @ kernel_b + bias`.
+    """Within this context, linen `Dense`, `DenseGeneral` and `Einsum` layers whose params hold
+    `kernel_a` and `kernel_b` (`factorize.low_rank_params`) compute
+    `(x @ kernel_a) @ kernel_b + bias`.
 
     The factors are read as 2-D: `kernel_a` (prod of the contracted input axes, rank) and
     `kernel_b` (rank, prod of the features), in either flat or input/feature-shaped form; so
     a `DenseGeneral` kernel reshaped to 2-D before `low_rank_params` runs too. The FLOPs of
-    a layer drop when rank < in * out / (in + out). Other layers holding factors raise.
+    a layer drop when rank < in * out / (in + out). An `Einsum` runs factors when its kernel
+    letters are its contracted letters then its output letters ('bld,dc->blc'). Other layers
+    holding factors (`Conv`) raise.
 
     Args:
       rules: `(regex on the module path, spec or None)`; a layer is intercepted when a rule
