@@ -92,6 +92,14 @@ def test_linen_mlp_runs_low_rank_factors_with_fewer_flops():
     dense, low = _flops(apply, params, X_MLP), _flops(low_rank_apply, factored, X_MLP)
     # 8 rows x (16x32 + 32x32 + 32x4) MACs dense; the factors cost (16+32)*4 and (32+32)*4.
     assert low < dense - 2 * 8 * (16 * 32 + 32 * 32 - 48 * 4 - 64 * 4) + 1
+
+    def quantized_low_rank_apply(p, x):
+        with quantized_inputs([("Dense_0", 2), (".*", None)]), low_rank_layers():
+            return apply(p, x)
+
+    x0 = fake_quant_input(X_MLP, 2, _absmax(X_MLP))
+    got = jax.jit(quantized_low_rank_apply)(factored, X_MLP)
+    np.testing.assert_allclose(got, reference(densify(factored), x0), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"rule 'Dense_9' .* \['Dense_1', 'Dense_0'\]"):
         with low_rank_layers([("Dense_[01]", True), ("Dense_9", True)]):
             apply(factored, X_MLP)

@@ -275,7 +275,9 @@ def low_rank_layers(rules: Rules = ((".*", True),)) -> Iterator[None]:
     a `DenseGeneral` kernel reshaped to 2-D before `low_rank_params` runs too. The FLOPs of
     a layer drop when rank < in * out / (in + out). An `Einsum` runs factors when its kernel
     letters are its contracted letters then its output letters ('bld,dc->blc'). Other layers
-    holding factors (`Conv`) raise.
+    holding factors (`Conv`) raise. This context runs the layer itself, so enter it inside
+    other interceptions of the same layers (`with quantized_inputs(...): with
+    low_rank_layers(): ...`); one entered inside it would not see the call, and its rules raise.
 
     Args:
       rules: `(regex on the module path, spec or None)`; a layer is intercepted when a rule
