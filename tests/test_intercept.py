@@ -156,7 +156,7 @@ def test_nnx_mlp_runs_low_rank_factors_with_fewer_flops():
     model = NnxMLP(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     dense_flops = _flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X_MLP)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     factored = jax.tree.map(lambda v: v, params)  # low_rank_params' format, built by hand
     dense = jax.tree.map(lambda v: v, params)
     for i, layer in factored["layers"].items():
