@@ -13,11 +13,12 @@ from jaxcompress import core
 from jaxcompress.compress.quant import int8 as int8_exec
 from jaxcompress.compress.quant import pack as quant_pack
 from jaxcompress.compress.quant import qat
-from jaxcompress.compress.quant.activations import QuantizedModel, calibrate, fake_quant_input
+from jaxcompress.compress.quant.activations import QuantizedModel, fake_quant_input
 from jaxcompress.compress.quant.quantizers import QuantSpec
 from jaxcompress.experiments import recipes
-from jaxcompress.models.bert import Bert, init_params
+from jaxcompress.models.bert import Bert, Linear, init_params
 from jaxcompress.train.loop import train
+from jaxcompress.train.quantized import calibrate_bert
 
 from .helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
 
@@ -52,21 +53,23 @@ def test_calibrated_ranges_cover_every_dense_layer(shared):
     params = init_params(config, jax.random.key(0))
     model = Bert(config)
     batches = [_batch(0), _batch(1)]
-    ranges = calibrate(model, params, batches)
+    ranges = calibrate_bert(model, params, batches)
     # q, k, v, attention output, intermediate, output per stored layer; pooler; classifier.
     stored_layers = 1 if shared else 2
     assert len(ranges) == 6 * stored_layers + 2
     assert all(float(v) > 0 for v in ranges.values())
-    assert calibrate(model, params, batches) == ranges  # deterministic
-    first = calibrate(model, params, batches[:1])
+    assert calibrate_bert(model, params, batches) == ranges  # deterministic
+    first = calibrate_bert(model, params, batches[:1])
     assert all(float(first[k]) <= float(ranges[k]) for k in ranges)  # a max over batches
 
     float_logits = _logits(model, params, batches[0])
     for bits, tolerance in ((8, 0.05), (4, 1.0)):
-        q = QuantizedModel(model, core.identity(), activation_bits=bits, ranges=ranges)
+        q = QuantizedModel(
+            model, core.identity(), activation_bits=bits, ranges=ranges, layer_types=(Linear,)
+        )
         error = float(jnp.max(jnp.abs(_logits(q, params, batches[0]) - float_logits)))
         assert 0 < error < tolerance
-    dynamic = QuantizedModel(model, core.identity(), activation_bits=8)
+    dynamic = QuantizedModel(model, core.identity(), activation_bits=8, layer_types=(Linear,))
     assert float(jnp.max(jnp.abs(_logits(dynamic, params, batches[0]) - float_logits))) < 0.05
 
 
@@ -171,7 +174,8 @@ def test_integer_bert_matches_fake_quantized_bert(tmp_path):
     weights = int8_exec.int8_weights(packed)
     assert len(weights) == 6 * 2 + 2  # every dense kernel of the tiny model
     batch = _batch(3)
-    fake = QuantizedModel(Bert(config), qat.qat(rules), activation_bits=8)  # dynamic ranges
+    # dynamic ranges
+    fake = QuantizedModel(Bert(config), qat.qat(rules), activation_bits=8, layer_types=(Linear,))
     expected = _logits(fake, params, batch)
 
     @jax.jit

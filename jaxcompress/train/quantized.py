@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ from jaxcompress.compress.quant import pack as quant_pack
 from jaxcompress.compress.quant.activations import QuantizedModel, calibrate
 from jaxcompress.data import glue as data
 from jaxcompress.models import artefact
-from jaxcompress.models.bert import Bert
+from jaxcompress.models.bert import Bert, Linear
 from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,30 @@ def quantize_model(
         tail = rules if rules is not None else [(".*", None)]
         rules = hessian.mixed_precision_rules(layer_bits, q.mixed_group_size, tail=tail)
     weights = qat.qat(rules) if rules is not None else core.identity()
-    quantized = QuantizedModel(model, weights, rules=rules, layer_bits=layer_bits)
+    quantized = QuantizedModel(
+        model, weights, rules=rules, layer_bits=layer_bits, layer_types=(Linear,)
+    )
     if not q.activation_bits:
         return quantized
     ranges = None
     if q.activation_ranges == "calibrated":
-        ranges = calibrate(quantized, model_params(params), first_batches(q.calibration_batches))
+        batches = first_batches(q.calibration_batches)
+        ranges = calibrate_bert(quantized, model_params(params), batches)
     return dataclasses.replace(quantized, activation_bits=q.activation_bits, ranges=ranges)
+
+
+def calibrate_bert(
+    model: Bert | QuantizedModel, params: dict, batches: Iterable[Batch]
+) -> dict[str, jax.Array]:
+    """The largest input absmax of every BERT `Linear` layer over `batches` (no dropout):
+    `calibrate` with BERT's batches and its own dense layer class."""
+
+    @jax.jit
+    def logits(params, batch):
+        args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return model.apply({"params": params}, *args).logits
+
+    return calibrate(lambda batch: logits(params, batch), batches, layer_types=(Linear,), jit=False)
 
 
 def hessian_bits(

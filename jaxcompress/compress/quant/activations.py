@@ -1,27 +1,20 @@
-"""A model seen through quantization: fake-quantized weights and dense-layer inputs, unedited.
-
-Weights go through a `qat` reparameterization; the inputs of every dense layer (modules
-whose class name is in `layer_types`, so `nn.Dense` of other projects too) are
-fake-quantized by Flax method interception, symmetric per tensor, either with the batch's
-own absmax (`ranges=None`, dynamic) or with fixed ranges per layer path from calibration.
-"""
+"""Fake-quantized layer inputs by module path, their calibration, and the quantized model view."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxcompress import core
+from jaxcompress.compress.intercept import Layer, intercept
 from jaxcompress.compress.quant.quantizers import straight_through
-
-DENSE_TYPES = ("Linear", "Dense")
-RANGE_NAME = "input_absmax"
 
 
 def fake_quant_input(x: jax.Array, bits: int, absmax: jax.Array) -> jax.Array:
@@ -35,85 +28,113 @@ def fake_quant_input(x: jax.Array, bits: int, absmax: jax.Array) -> jax.Array:
     return straight_through(x, xq, inside)
 
 
-def _layer_path(module: nn.Module) -> str:
-    # The scope path: the same path its sown values have in the 'intermediates' collection.
-    return "/".join(str(p) for p in module.scope.path)
+def _absmax(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(jax.lax.stop_gradient(x))).astype(jnp.float32)
 
 
 @contextlib.contextmanager
 def quantized_inputs(
-    bits: int, ranges: dict[str, jax.Array] | None = None, layer_types=DENSE_TYPES
+    rules: core.Rules,
+    ranges: dict[str, jax.Array] | None = None,
+    *,
+    model: nnx.Module | None = None,
+    layer_types: tuple[type, ...] | None = None,
 ) -> Iterator[None]:
-    """Within this context every dense layer's input is fake-quantized to `bits`."""
+    """Within this context the inputs of the layers chosen by `rules` are fake-quantized.
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or type(module).__name__ not in layer_types:
-            return next_fun(*args, **kwargs)
+    Symmetric per tensor, with the batch's own absmax (`ranges=None`, dynamic) or the
+    calibrated absmax of each layer path (`calibrate`). Candidates are linen `Dense`,
+    `DenseGeneral`, `Conv`, `Einsum` (or nnx `Linear`, `LinearGeneral`, `Conv`, `Einsum`
+    when `model` is an nnx model), or `layer_types`.
+
+    Args:
+      rules: `(regex on the module path, bits or None)`, first `re.fullmatch` wins; bits is
+        an int in 2..16.
+      ranges: clip range per layer path, or None for dynamic ranges.
+      model: the nnx model being called in the context; None for linen models.
+      layer_types: the layer classes that are candidates, instead of the defaults.
+
+    Raises:
+      ValueError: for bad bit widths, a selected layer without a calibrated range, or (on
+        leaving the context) a rule that quantized no layer.
+    """
+    for pattern, bits in rules:
+        if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 16):
+            raise ValueError(f"quantized_inputs: rule {pattern!r} needs bits in 2..16, got {bits}")
+
+    def handler(layer: Layer, call, args, kwargs):
         x = args[0]
         if ranges is None:
-            absmax = jnp.max(jnp.abs(jax.lax.stop_gradient(x))).astype(jnp.float32)
+            absmax = _absmax(x)
+        elif layer.path in ranges:
+            absmax = jnp.asarray(ranges[layer.path], jnp.float32)
         else:
-            path = _layer_path(module)
-            if path not in ranges:
-                raise KeyError(f"no calibrated activation range for layer {path}")
-            absmax = ranges[path]
-        return next_fun(fake_quant_input(x, bits, absmax), *args[1:], **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
-
-
-@contextlib.contextmanager
-def recorded_inputs(layer_types=DENSE_TYPES) -> Iterator[None]:
-    """Within this context every dense layer sows its input's absmax into 'intermediates'."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and type(module).__name__ in layer_types:
-            module.sow("intermediates", RANGE_NAME, jnp.max(jnp.abs(args[0])))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
-
-
-def calibrate(model: nn.Module, params: Any, batches: Iterable[dict]) -> dict[str, jax.Array]:
-    """Per dense layer, the largest input absmax over `batches` (float model, no dropout):
-    the static activation ranges of post-training or calibrated quantization-aware training."""
-
-    @jax.jit
-    def ranges_of(params, batch):
-        with recorded_inputs():
-            _, state = model.apply(
-                {"params": params},
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["token_type_ids"],
-                mutable=["intermediates"],
+            raise ValueError(
+                f"quantized_inputs: no calibrated range for layer {layer.path} (calibrate with "
+                "the same rules, or pass ranges=None for dynamic ranges)"
             )
-        flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
-        found = {}
-        for key_path, value in flat:
-            path = core.path_str(key_path)  # '<layer path>/input_absmax/<index>'
-            if f"/{RANGE_NAME}/" not in path:
-                continue  # what the model itself sows (queries, keys, values)
-            layer = path.split(f"/{RANGE_NAME}/")[0]
-            found[layer] = jnp.maximum(found.get(layer, 0.0), jnp.max(value))
-        return found
+        return call(fake_quant_input(x, layer.spec, absmax), *args[1:], **kwargs)
 
-    ranges: dict[str, jax.Array] = {}
-    for batch in batches:
-        for layer, value in ranges_of(params, batch).items():
-            ranges[layer] = jnp.maximum(ranges.get(layer, 0.0), value)
-    if not ranges:
-        raise ValueError("calibration saw no dense layer (or no batch)")
-    return ranges
+    with intercept(rules, handler, model=model, layer_types=layer_types, name="quantized_inputs"):
+        yield
+
+
+def calibrate(
+    apply_fn: Callable[[Any], Any],
+    batches: Iterable[Any],
+    rules: core.Rules = ((".*", True),),
+    *,
+    model: nnx.Module | None = None,
+    layer_types: tuple[type, ...] | None = None,
+    jit: bool = True,
+) -> dict[str, jax.Array]:
+    """The largest input absmax of each layer chosen by `rules` over `batches`.
+
+    Any model, any batch structure: `apply_fn(batch)` runs the float model (linen `apply`
+    or an nnx call), and each selected layer reports its input's absmax from inside the
+    compiled program (a host callback), so scanned and rematerialized layers count too.
+    These are the static ranges of post-training or calibrated quantization-aware training.
+
+    Args:
+      apply_fn: called as `apply_fn(batch)`; its output is ignored.
+      batches: an iterable of batches (any pytree).
+      rules: `(regex on the module path, anything or None)`; None leaves a layer out.
+      model: the nnx model `apply_fn` calls; None for linen models.
+      layer_types: the layer classes that are candidates, instead of the defaults.
+      jit: compile `apply_fn` (a fresh `jax.jit`, traced inside the interception); pass
+        False when `apply_fn` is a function jitted inside it, e.g. to keep large params as
+        arguments instead of constants.
+
+    Returns:
+      The absmax per '/'-joined layer path, as float32 scalars.
+
+    Raises:
+      ValueError: when there is no batch, or a rule selects no layer.
+    """
+    found: dict[str, float] = {}
+
+    def record(path: str, value) -> None:
+        found[path] = max(found.get(path, 0.0), float(value))
+
+    def handler(layer: Layer, call, args, kwargs):
+        jax.debug.callback(lambda v, path=layer.path: record(path, v), _absmax(args[0]))
+        return call(*args, **kwargs)
+
+    run = jax.jit(lambda batch: apply_fn(batch)) if jit else apply_fn
+    n = 0
+    with intercept(rules, handler, model=model, layer_types=layer_types, name="calibrate"):
+        for batch in batches:
+            jax.block_until_ready(run(batch))
+            n += 1
+    if not n:
+        raise ValueError("calibrate: batches is empty")
+    jax.effects_barrier()
+    return {path: jnp.float32(value) for path, value in found.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedModel:
-    """`model` whose `apply` sees `weights.apply(params)` and quantized dense inputs.
+    """`model` whose `apply` sees `weights.apply(params)` and quantized layer inputs.
 
     Stands in for the model wherever only `.config` and `.apply` are used (losses, eval).
     Top-level entries of the params named in `passthrough` (e.g. distillation projections)
@@ -127,6 +148,7 @@ class QuantizedModel:
     passthrough: tuple[str, ...] = ("distill",)
     rules: core.Rules | None = None  # the rules of `weights`, for the packed artefact
     layer_bits: dict[str, int] | None = None  # Q-BERT's bits per layer, when chosen
+    layer_types: tuple[type, ...] | None = None  # whose inputs are quantized; None: flax's
 
     @property
     def config(self):
@@ -141,5 +163,6 @@ class QuantizedModel:
         variables = {**variables, "params": self.quantized_params(variables["params"])}
         if not self.activation_bits:
             return self.model.apply(variables, *args, **kwargs)
-        with quantized_inputs(self.activation_bits, self.ranges):
+        rules = [(".*", self.activation_bits)]
+        with quantized_inputs(rules, self.ranges, layer_types=self.layer_types):
             return self.model.apply(variables, *args, **kwargs)
