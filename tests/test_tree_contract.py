@@ -16,7 +16,7 @@ from jaxcompress.compress.quant import pack as quant_pack
 from jaxcompress.compress.quant.quantizers import QuantSpec, fake_quant
 
 KERNELS = r"(.*/)?kernel(/value)?"  # nnx.State paths end in the Variable's 'value'
-FORMS = ("dict", "frozen", "mixed", "pure", "state")
+FORMS = ("dict", "frozen", "mixed", "pure", "state", "variables")
 
 
 class Net(nnx.Module):
@@ -33,7 +33,8 @@ def state() -> nnx.State:
 
 
 def form(name: str):
-    """The same weights as nested dicts, a FrozenDict, lists and tuples, int keys, nnx.State."""
+    """The same weights as nested dicts, a FrozenDict, lists and tuples, int keys, an
+    nnx.State, and plain dicts of nnx Variables (what flax means to replace State by)."""
     s = state()
     pure = nnx.to_pure_dict(s)  # int keys under 'layers' and 'head'
     layers, head = pure["layers"], pure["head"]
@@ -53,6 +54,7 @@ def form(name: str):
         "mixed": {"layers": [layers[0], layers[1]], "head": (head[0],), "norm": pure["norm"]},
         "pure": pure,
         "state": s,
+        "variables": jax.tree.map(lambda x: x, s.raw_mapping),
     }[name]
 
 
@@ -124,7 +126,7 @@ def test_lsq_steps_and_binary_split_on_any_form():
         assert jax.tree.structure(qat.strip_suffix(split, qat.SPLIT_SUFFIX)[0]) == (
             jax.tree.structure(params)
         )
-        if name == "state":  # the added entries are Params like their weights
+        if name in ("state", "variables"):  # the added entries are Params like their weights
             assert kinds["/layers/0/kernel@lsq_step"] is nnx.Param
             assert type(split["layers"][0]["kernel@binary_split"]) is nnx.Param
         seen_lsq = qat.qat(lsq).apply(with_steps, ())
@@ -182,7 +184,9 @@ def test_pack_round_trips_bit_exactly_with_structure(name, tmp_path):
     expected = qat.qat(rules).apply(params, ())
     path = quant_pack.save(tmp_path / "q.safetensors", params, rules)
     loaded = quant_pack.load(path)
-    want = nnx.to_pure_dict(expected) if name == "state" else expected  # no template: pure form
+    want = expected  # without a template, nnx Variables come back as their arrays
+    if name in ("state", "variables"):
+        want = nnx.to_pure_dict(nnx.State(expected) if name == "variables" else expected)
     assert jax.tree.structure(loaded) == jax.tree.structure(want)
     assert containers(loaded) == containers(want)
     assert_same(flat(loaded), flat(expected))
@@ -264,9 +268,13 @@ def test_tied_gradient_is_the_sum_over_members():
     x = jnp.linspace(-1.0, 1.0, 16).reshape(2, 8)
     grad_tied = jax.jit(jax.grad(lambda t: forward(share.expand(t, shared), x)))(tied)
     grad_full = jax.grad(forward)(share.expand(tied, shared), x)
+    reparam = share.tying(shared)
+    grad_reparam = jax.grad(lambda t: forward(reparam.apply(t, reparam.init(t)), x))(tied)
+    assert jax.tree.structure(grad_reparam) == jax.tree.structure(grad_tied)
     for key in ("kernel", "bias"):
         total = grad_full["layers"][0][key] + grad_full["layers"][1][key]
         np.testing.assert_allclose(grad_tied["layers"][0][key], total, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grad_reparam["layers"][0][key], total, rtol=1e-6, atol=1e-6)
         assert grad_tied["layers"][1][key] is None
     with pytest.raises(ValueError, match="needs two or more members"):
         share.tie(params, [r"head/\d+"])

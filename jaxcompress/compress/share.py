@@ -115,6 +115,23 @@ def expand(tied: core.Params, shared: dict[str, str]) -> core.Params:
     return jax.tree_util.tree_map_with_path(visit, tied, is_leaf=lambda x: x is None)
 
 
+def tying(shared: dict[str, str]) -> core.Reparam:
+    """Tying as a stateless `core.Reparam`: train the tied tree of `tie`; `apply` gives the
+    forward pass the full tree (`expand`), so the shared values' gradients sum over members.
+
+    Args:
+      shared: the mapping `tie` returned.
+
+    Returns:
+      The reparameterization.
+    """
+    return core.Reparam(
+        init=lambda params: (),
+        apply=lambda params, state: expand(params, shared),
+        update=lambda params, state, step: state,
+    )
+
+
 def all_layers(num_layers: int) -> tuple[int, ...]:
     """Every layer in one group."""
     return (0,) * num_layers
