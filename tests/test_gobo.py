@@ -13,6 +13,7 @@ from jaxcompress import core
 from jaxcompress.compress.quant import gobo
 from jaxcompress.compress.quant.gobo import GoboSpec, gobo_dequantize, gobo_quantize
 from jaxcompress.compress.quant.quantizers import QuantSpec, fake_quant
+from jaxcompress.models import bert_rules
 
 
 def gaussian(shape, seed=0, std=0.05) -> np.ndarray:
@@ -133,7 +134,7 @@ def test_rules_select_kernels_only():
         for key in path.split("/"):
             leaf = leaf[key]
         np.testing.assert_array_equal(leaf, gobo_dequantize(t))
-    _, with_embeddings = gobo.gobo(params, gobo.default_rules(embeddings=GoboSpec(bits=4)))
+    _, with_embeddings = gobo.gobo(params, bert_rules.weight_rules(gobo.GOBO3, GoboSpec(bits=4)))
     assert "bert/embeddings/word_embeddings" in with_embeddings
     with pytest.raises(ValueError, match="expected a GoboSpec"):
         gobo.gobo(params, [(".*", QuantSpec(bits=3))])
@@ -147,7 +148,7 @@ def flat(tree) -> dict:
 
 def test_save_load_is_bit_exact(tmp_path):
     params = tiny_params()
-    out, quantized = gobo.gobo(params, gobo.default_rules(embeddings=GoboSpec(bits=5)))
+    out, quantized = gobo.gobo(params, bert_rules.weight_rules(gobo.GOBO3, GoboSpec(bits=5)))
     loaded, loaded_q = gobo.gobo_load(gobo.gobo_save(tmp_path / "m.safetensors", out, quantized))
     a, b = flat(out), flat(loaded)
     assert sorted(a) == sorted(b)
@@ -180,7 +181,7 @@ def test_file_bytes_are_codes_outliers_and_centroids(tmp_path, bits):
 
 def test_packed_bytes_without_embeddings(tmp_path):
     params = tiny_params()
-    out, quantized = gobo.gobo(params, gobo.default_rules(embeddings=GoboSpec(bits=4)))
+    out, quantized = gobo.gobo(params, bert_rules.weight_rules(gobo.GOBO3, GoboSpec(bits=4)))
     sizes = gobo.gobo_packed_bytes(out, quantized)
     table = quantized["bert/embeddings/word_embeddings"]
     table_bytes = 40 * 16 * 4 // 8 + 8 * table.outlier_index.size + 4 * 16

@@ -7,9 +7,10 @@ import pytest
 
 from jaxcompress import core
 from jaxcompress.compress.quant.qat import (
+    INT8,
+    INT8_TENSOR,
     LSQ_SUFFIX,
     add_lsq_steps,
-    default_rules,
     qat,
     split_lsq_steps,
 )
@@ -22,6 +23,7 @@ from jaxcompress.compress.quant.quantizers import (
     quantize,
     ternary_split,
 )
+from jaxcompress.models import bert_rules
 
 
 def spec_id(spec: QuantSpec) -> str:
@@ -318,7 +320,7 @@ def test_qat_lsq_steps_are_trainable_params():
     assert add_lsq_steps(params, rules)["layer"]["dense"]["kernel" + LSQ_SUFFIX] is step
 
 
-def test_default_rules_on_bert():
+def test_bert_preset_rules():
     from jaxcompress.models.bert import abstract_params
 
     from .helpers import tiny_config
@@ -327,7 +329,7 @@ def test_default_rules_on_bert():
     shapes = abstract_params(config)  # BERT's names and shapes, without compiling its init
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
-    out = qat(default_rules()).apply(params, ())
+    out = qat(bert_rules.weight_rules(INT8, INT8_TENSOR)).apply(params, ())
     flat_in = dict(zip(core.leaf_paths(params), jax.tree.leaves(params), strict=True))
     flat_out = dict(zip(core.leaf_paths(out), jax.tree.leaves(out), strict=True))
     for path, w in flat_in.items():
@@ -335,7 +337,7 @@ def test_default_rules_on_bert():
         assert (flat_out[path] is not w) == quantized, path
     word = np.asarray(flat_out["bert/embeddings/word_embeddings"])
     assert len(np.unique(word)) <= 255
-    out_float_embeddings = qat(default_rules(embeddings=None)).apply(params, ())
+    out_float_embeddings = qat(bert_rules.weight_rules(INT8, None)).apply(params, ())
     assert (
         out_float_embeddings["bert"]["embeddings"]["word_embeddings"]
         is flat_in["bert/embeddings/word_embeddings"]

@@ -16,6 +16,7 @@ from jaxcompress.compress.quant import qat
 from jaxcompress.compress.quant.activations import QuantizedModel, fake_quant_input
 from jaxcompress.compress.quant.quantizers import QuantSpec
 from jaxcompress.experiments import recipes
+from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, Linear, init_params
 from jaxcompress.train.loop import train
 from jaxcompress.train.quantized import calibrate_bert
@@ -169,7 +170,7 @@ def test_post_training_quantization_stage(tmp_path, minilm_dir, glue_dir, monkey
 def test_integer_bert_matches_fake_quantized_bert(tmp_path):
     config = tiny_config(num_labels=2)
     params = init_params(config, jax.random.key(0))
-    rules = qat.default_rules(QuantSpec(bits=8), embeddings=None)
+    rules = bert_rules.weight_rules(QuantSpec(bits=8), None)
     packed = quant_pack.save(tmp_path / "w8.safetensors", params, rules)
     weights = int8_exec.int8_weights(packed)
     assert len(weights) == 6 * 2 + 2  # every dense kernel of the tiny model

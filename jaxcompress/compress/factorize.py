@@ -7,13 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxcompress.core import Rules, match_rules
+from jaxcompress import core
+from jaxcompress.compress import tree
+from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import BertConfig
-
-WORD_EMBEDDINGS = "bert/embeddings/word_embeddings"
-PROJECTION = "bert/embeddings/embedding_projection"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,44 +70,82 @@ def weighted_svd_factors(
     return jnp.asarray(table @ b.T, kernel.dtype), jnp.asarray(b, kernel.dtype)
 
 
-def low_rank_params(params: dict, rules: Rules) -> tuple[dict, dict[str, int]]:
-    """Replace each selected 2-D `.../kernel` by `kernel_a`, `kernel_b` (truncated SVD).
+def low_rank_params(params: core.Params, rules: core.Rules) -> tuple[core.Params, dict[str, int]]:
+    """Replace each selected 2-D `kernel` entry by `kernel_a`, `kernel_b` (truncated SVD).
 
-    Works on any nested-dict parameter tree. Returns the new tree and the chosen rank per
-    module path (the kernel's parent path).
+    Args:
+      params: any parameter tree; each selected weight must be the `kernel` entry of a
+        mapping (dict, FrozenDict, nnx.State), so that its factors can take its place.
+      rules: `(regex, LowRank or None)` on the '/'-joined leaf paths.
+
+    Returns:
+      The tree in the input's structure with the factors in place of each selected kernel
+      (`kernel_a @ kernel_b` approximates it), and the chosen rank per module path.
     """
-    selected = match_rules(params, rules, "low_rank")
-    flat = flatten_dict(params, sep="/")
-    ranks: dict[str, int] = {}
+    selected = core.match_rules(params, rules, "low_rank")
     for path, spec in selected.items():
-        kernel = flat[path]
-        if not path.endswith("/kernel") or kernel.ndim != 2:
-            raise ValueError(
-                f"low_rank selects 2-D '.../kernel' parameters; {path} is {kernel.shape}"
-            )
         if not isinstance(spec, LowRank):
             raise TypeError(f"low_rank rule for {path} must give a LowRank, got {spec!r}")
-        s = np.linalg.svd(np.asarray(kernel, np.float64), compute_uv=False)
-        rank = spec.rank_for(s)
-        a, b = svd_factors(kernel, rank)
-        module = path[: -len("/kernel")]
-        del flat[path]
-        flat[module + "/kernel_a"], flat[module + "/kernel_b"] = a, b
-        ranks[module] = rank
-    return unflatten_dict(flat, sep="/"), ranks
+    ranks: dict[str, int] = {}
+    done: set[str] = set()
+
+    def edit(prefix: tree.KeyPath, items: dict) -> dict:
+        out = {}
+        for key, entry in items.items():
+            path = tree.entry_path(prefix, key, entry)
+            if path not in selected:
+                out[key] = entry
+                continue
+            kernel = tree.value(entry)
+            if key != "kernel" or kernel.ndim != 2:
+                raise ValueError(
+                    f"low_rank selects 2-D 'kernel' entries; {path} is {key!r} of shape "
+                    f"{kernel.shape}: narrow the rule"
+                )
+            s = np.linalg.svd(np.asarray(kernel, np.float64), compute_uv=False)
+            rank = selected[path].rank_for(s)
+            a, b = svd_factors(kernel, rank)
+            out["kernel_a"], out["kernel_b"] = tree.like(entry, a), tree.like(entry, b)
+            ranks[core.path_str(prefix)] = rank
+            done.add(path)
+        return out
+
+    result = tree.edit_mappings(params, edit)
+    if missing := sorted(set(selected) - done):
+        raise ValueError(
+            f"low_rank: {missing[0]} sits in a list or tuple, not as the 'kernel' entry of a "
+            "mapping; its factors have no key to go under"
+        )
+    return result, ranks
 
 
-def densify(params: dict) -> dict:
+def densify(params: core.Params) -> core.Params:
     """Multiply every `kernel_a @ kernel_b` pair back into `kernel` (for models that can't run
-    factors; costs the FLOP saving, keeps the storage saving)."""
-    flat = flatten_dict(params, sep="/")
-    for path in [p for p in flat if p.endswith("/kernel_a")]:
-        module = path[: -len("/kernel_a")]
-        flat[module + "/kernel"] = flat.pop(path) @ flat.pop(module + "/kernel_b")
-    return unflatten_dict(flat, sep="/")
+    factors; costs the FLOP saving, keeps the storage saving).
+
+    Args:
+      params: any parameter tree, e.g. the output of `low_rank_params`.
+
+    Returns:
+      The tree in the input's structure with each pair of factors replaced by `kernel`.
+    """
+
+    def edit(prefix: tree.KeyPath, items: dict) -> dict:
+        if "kernel_a" not in items or "kernel_b" not in items:
+            return items
+        a, b = items["kernel_a"], items["kernel_b"]
+        out = {}
+        for key, entry in items.items():
+            if key == "kernel_a":
+                out["kernel"] = tree.like(a, tree.value(a) @ tree.value(b))
+            elif key != "kernel_b":
+                out[key] = entry
+        return out
+
+    return tree.edit_mappings(params, edit)
 
 
-def low_rank(config: BertConfig, params: dict, rules: Rules) -> tuple[BertConfig, dict]:
+def low_rank(config: BertConfig, params: dict, rules: core.Rules) -> tuple[BertConfig, dict]:
     """Low-rank factorize BERT dense kernels chosen by rules; the model then runs both factors,
     so the FLOPs of a factorized layer really drop (when rank < in*out / (in+out))."""
     new_params, ranks = low_rank_params(params, rules)
@@ -139,8 +175,10 @@ def factorize_embeddings(
         raise ValueError("embeddings are already factorized")
     if not 1 <= embedding_size <= config.hidden_size:
         raise ValueError(f"embedding_size must be in 1..{config.hidden_size}, got {embedding_size}")
-    flat = flatten_dict(params, sep="/")
-    table = flat[WORD_EMBEDDINGS]
+    leaves = dict(zip(core.leaf_paths(params), jax.tree_util.tree_leaves(params), strict=True))
+    if bert_rules.WORD_EMBEDDINGS not in leaves:
+        raise ValueError(f"params have no {bert_rules.WORD_EMBEDDINGS}: not our BERT's tree")
+    table = leaves[bert_rules.WORD_EMBEDDINGS]
     if init == "svd":
         words, projection = svd_factors(table, embedding_size)
     elif init == "frequency_svd":
@@ -162,5 +200,14 @@ def factorize_embeddings(
         )
     else:
         raise ValueError(f"init must be 'svd', 'frequency_svd' or 'fresh', got {init!r}")
-    flat[WORD_EMBEDDINGS], flat[PROJECTION] = words, projection
-    return config.replace(embedding_size=embedding_size), unflatten_dict(flat, sep="/")
+    parent, _, word_key = bert_rules.WORD_EMBEDDINGS.rpartition("/")
+    projection_key = bert_rules.EMBEDDING_PROJECTION.rpartition("/")[2]
+
+    def edit(prefix: tree.KeyPath, items: dict) -> dict:
+        if core.path_str(prefix) != parent:
+            return items
+        entry = items[word_key]
+        new = {word_key: tree.like(entry, words), projection_key: tree.like(entry, projection)}
+        return items | new
+
+    return config.replace(embedding_size=embedding_size), tree.edit_mappings(params, edit)

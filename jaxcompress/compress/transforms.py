@@ -17,13 +17,7 @@ from jaxcompress.compress.prune import structured
 from jaxcompress.core import StructureTransform, compose
 from jaxcompress.errors import UserError
 from jaxcompress.models.bert import BertConfig
-
-# Rules for the BERT dense kernels each `target` of low_rank names.
-LOW_RANK_TARGETS = {
-    "ffn": r"bert/encoder/layer/\d+/(intermediate|output)/dense/kernel",
-    "attention": r"bert/encoder/layer/\d+/attention/(self/(query|key|value)|output/dense)/kernel",
-    "all": r"bert/encoder/layer/\d+/.*/kernel",
-}
+from jaxcompress.models.bert_rules import LOW_RANK_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)

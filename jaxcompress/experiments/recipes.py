@@ -52,7 +52,7 @@ from jaxcompress.data import metrics
 from jaxcompress.errors import UserError
 from jaxcompress.experiments.measure import measure_model
 from jaxcompress.experiments.results import markdown_table
-from jaxcompress.models import artefact
+from jaxcompress.models import artefact, bert_rules
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
 from jaxcompress.train import loop as train
@@ -248,7 +248,7 @@ def run_gobo(recipe, stage, dirs, overrides) -> dict:
     def spec(bits: int) -> gobo.GoboSpec | None:
         return gobo.GoboSpec(bits=bits) if bits else None
 
-    rules = gobo.default_rules(spec(stage.get("kernels", 3)), spec(stage.get("embeddings", 0)))
+    rules = bert_rules.weight_rules(spec(stage.get("kernels", 3)), spec(stage.get("embeddings", 0)))
     bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
     dequantized, tensors = gobo.gobo(params, rules)
     out = dirs[stage["name"]]

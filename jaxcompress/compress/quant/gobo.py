@@ -29,11 +29,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import unflatten_dict
 
 from jaxcompress import core
-from jaxcompress.compress.quant.pack import Packed, file_bytes, read_packed, write_packed
-from jaxcompress.compress.quant.qat import EMBEDDINGS, KERNELS
+from jaxcompress.compress.quant.pack import (
+    EMBEDDING_LEAVES,
+    Packed,
+    build_tree,
+    describe_tree,
+    file_bytes,
+    read_packed,
+    write_packed,
+)
+from jaxcompress.compress.quant.qat import KERNELS
 
 META_KEY = "jaxcompress.gobo"  # the JSON description, in the safetensors header metadata
 FORMAT = 1
@@ -97,12 +104,11 @@ class Fit(NamedTuple):
     errors: list[float]  # total absolute error of the initial and of each accepted step
 
 
-def default_rules(
-    kernels: GoboSpec | None = GOBO3, embeddings: GoboSpec | None = None
-) -> list[tuple[str, GoboSpec | None]]:
-    """Rules for our BERT: dense kernels (as in `qat.default_rules`) get `kernels`, the
-    embedding tables `embeddings` (default: left float); LayerNorm and biases stay float."""
-    return [(EMBEDDINGS, embeddings), (KERNELS, kernels), (".*", None)]
+def default_rules(kernels: GoboSpec | None = GOBO3) -> list[tuple[str, GoboSpec | None]]:
+    """Rules for any model: every `kernel` leaf (as in `qat.default_rules`) gets `kernels`;
+    everything else stays float. BERT's preset, which can also quantize its embedding
+    tables, is `models.bert_rules.weight_rules(kernels, embeddings)`."""
+    return [(KERNELS, kernels)]
 
 
 def outlier_mask(w: np.ndarray, outlier_sigma: float) -> np.ndarray:
@@ -254,6 +260,8 @@ def gobo_pack(
         raise ValueError(f"quantized paths {missing} are not leaves of params")
     tensors: dict[str, np.ndarray] = {}
     meta: dict = {"format": FORMAT, "gobo": {}, "float": []}
+    if (tree := describe_tree(params)) is not None:
+        meta["tree"] = tree
     for path, leaf in leaves.items():
         if path not in quantized:
             tensors[path] = np.asarray(leaf)
@@ -272,8 +280,11 @@ def gobo_pack(
     return tensors, meta
 
 
-def gobo_unpack(tensors: dict[str, np.ndarray], meta: dict) -> tuple[dict, dict[str, GoboTensor]]:
-    """The dequantized params (bit-exact with `gobo`) and the GOBO tensors of a packed file."""
+def gobo_unpack(
+    tensors: dict[str, np.ndarray], meta: dict, like: Any = None
+) -> tuple[core.Params, dict[str, GoboTensor]]:
+    """The dequantized params (bit-exact with `gobo`), in the saved structure or `like`'s
+    (see `pack.build_tree`), and the GOBO tensors of a packed file."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown GOBO artefact format {meta.get('format')!r}")
     flat = {path: jnp.asarray(tensors[path]) for path in meta["float"]}
@@ -289,7 +300,7 @@ def gobo_unpack(tensors: dict[str, np.ndarray], meta: dict) -> tuple[dict, dict[
         )
         quantized[path] = t
         flat[path] = gobo_dequantize(t).astype(info["dtype"])
-    return unflatten_dict(flat, sep="/"), quantized
+    return build_tree(flat, meta.get("tree"), like), quantized
 
 
 def gobo_save(
@@ -299,12 +310,19 @@ def gobo_save(
     return write_packed(path, Packed(*gobo_pack(params, quantized)), META_KEY)
 
 
-def gobo_load(path: str | os.PathLike) -> tuple[dict, dict[str, GoboTensor]]:
-    """The dequantized params and GOBO tensors of a file written by `gobo_save`."""
-    return gobo_unpack(*read_packed(path, META_KEY, kind="GOBO"))
+def gobo_load(
+    path: str | os.PathLike, like: Any = None
+) -> tuple[core.Params, dict[str, GoboTensor]]:
+    """The dequantized params (in the saved structure, or `like`'s) and GOBO tensors of a
+    file written by `gobo_save`."""
+    return gobo_unpack(*read_packed(path, META_KEY, kind="GOBO"), like=like)
 
 
-def gobo_packed_bytes(params: core.Params, quantized: dict[str, GoboTensor]) -> dict[str, int]:
-    """Bytes of the GOBO file, with and without the embedding tables, measured by writing
-    the files (the counterpart of `quant_pack.packed_bytes`)."""
-    return file_bytes(*gobo_pack(params, quantized), entries="gobo", meta_key=META_KEY)
+def gobo_packed_bytes(
+    params: core.Params, quantized: dict[str, GoboTensor], embeddings: str = EMBEDDING_LEAVES
+) -> dict[str, int]:
+    """Bytes of the GOBO file, with and without the embedding tables (leaves whose path
+    fullmatches `embeddings`), measured by writing the files (see `pack.packed_bytes`)."""
+    return file_bytes(
+        *gobo_pack(params, quantized), entries="gobo", meta_key=META_KEY, embeddings=embeddings
+    )

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 from jaxcompress import core
 from jaxcompress.compress.quant.qat import KERNEL_LEAF
 from jaxcompress.compress.quant.quantizers import QuantSpec
+from jaxcompress.models.bert_rules import LAYER_PREFIX
 
 GroupFn = Callable[[str], str | None]
-_ENCODER_KERNEL = re.compile(rf"(bert/encoder/layer/[^/]+)/.*/{KERNEL_LEAF}")
+_ENCODER_KERNEL = re.compile(rf"({re.escape(LAYER_PREFIX)}[^/]+)/.*/{KERNEL_LEAF}")
 CHOICES = (2, 3, 4, 8)
 
 
@@ -247,7 +248,8 @@ def mixed_precision_rules(
     one scale per column and per block of `group_size` rows (Q-BERT's group-wise
     quantization). `patterns` maps a group to its regex; by default a group is a path prefix
     (as `encoder_layer_group` names them) and its dense kernels are selected. `tail` follows
-    the group rules, e.g. `qat.default_rules()` to quantize embeddings and other kernels too.
+    the group rules, e.g. `bert_rules.weight_rules(...)` to quantize embeddings and other
+    kernels too.
     """
     if not bits:
         raise ValueError("mixed_precision_rules needs at least one group")

@@ -5,25 +5,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.core import FrozenDict
 from flax.traverse_util import unflatten_dict
+from jax.tree_util import DictKey, SequenceKey
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress import core
 from jaxcompress.compress.quant.qat import SPLIT_SUFFIX, quantize_tree
 from jaxcompress.compress.quant.quantizers import QTensor, QuantSpec, dequantize
-from jaxcompress.models.artefact import is_embedding
+from jaxcompress.compress.tree import is_entry
 
 META_KEY = "jaxcompress.quant"  # the JSON description, in the safetensors header metadata
 FORMAT = 1
 CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
+# What `file_bytes` counts as embeddings by default: `nn.Embed`'s 'embedding', any
+# '*_embeddings' table and an 'embedding_projection' (ALBERT's factorized embedding).
+EMBEDDING_LEAVES = r"(.*/)?([^/]*_)?(embedding|embeddings|embedding_projection)(/value)?"
 
 
 class Packed(NamedTuple):
@@ -77,16 +85,126 @@ def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     return ((packed[:, None] >> shifts) & mask).reshape(-1)[:count].astype(np.uint8)
 
 
+def describe_tree(tree: core.Params) -> Any:
+    """A JSON-able description of `tree`'s containers, or None when it is nested dicts with
+    string keys, which `build_tree` rebuilds from the '/'-joined leaf paths alone.
+
+    Dicts, FrozenDicts, lists, tuples, int keys and None are described; an `nnx.State` is
+    described as its pure dict (`nnx.to_pure_dict`), other nodes as dicts of their children.
+    Leaves are described by their path.
+
+    Args:
+      tree: any parameter tree.
+
+    Returns:
+      Nested `{"dict" | "frozen": [[key, child], ...]}`, `{"list" | "tuple": [child, ...]}`,
+      path strings and None; or None for a plain tree.
+    """
+    paths = core.leaf_paths(tree)
+    plain = unflatten_dict({tuple(p.split("/")): 0 for p in paths})
+    if type(tree) is dict and jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(
+        tree
+    ):
+        return None
+
+    def walk(node: Any, prefix: tuple) -> Any:
+        if node is None:
+            return None
+        if is_entry(node):
+            inner = jax.tree_util.tree_flatten_with_path(node)[0]
+            return core.path_str((*prefix, *(inner[0][0] if inner else ())))
+        if isinstance(node, Mapping):
+            items = node.raw_mapping if isinstance(node, nnx.State) else node
+            kind = "frozen" if isinstance(node, FrozenDict) else "dict"
+            return {
+                kind: [
+                    [k if isinstance(k, str | int) else str(k), walk(v, (*prefix, DictKey(k)))]
+                    for k, v in items.items()
+                ]
+            }
+        if isinstance(node, list | tuple):
+            kind = "list" if isinstance(node, list) else "tuple"
+            return {kind: [walk(v, (*prefix, SequenceKey(i))) for i, v in enumerate(node)]}
+        children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+        return {"dict": [[core.key_str(kp[-1]), walk(c, (*prefix, *kp))] for kp, c in children]}
+
+    return walk(tree, ())
+
+
+def build_tree(flat: Mapping[str, Any], description: Any = None, like: Any = None) -> Any:
+    """The tree whose leaves are `flat` (by '/'-joined path), shaped by `like` or else by a
+    `describe_tree` description (None: nested dicts split at '/').
+
+    Args:
+      flat: the arrays by leaf path.
+      description: what `describe_tree` returned for the saved tree.
+      like: a tree (or `jax.eval_shape` output) of the wanted structure, e.g. the
+        `nnx.State` or FrozenDict that was saved; its leaf paths must be exactly `flat`'s.
+
+    Returns:
+      The tree, in `like`'s structure when given.
+
+    Raises:
+      ValueError: `like` has other leaf paths or shapes than `flat`.
+    """
+    if like is not None:
+        paths = core.leaf_paths(like)
+        if missing := sorted(set(paths) - set(flat)):
+            raise ValueError(
+                f"like: the artefact has no leaf {missing[0]} ({len(missing)} missing)"
+            )
+        if extra := sorted(set(flat) - set(paths)):
+            raise ValueError(f"like: the template has no leaf {extra[0]} ({len(extra)} more)")
+        leaves = jax.tree_util.tree_leaves(like)
+        for path, leaf in zip(paths, leaves, strict=True):
+            if hasattr(leaf, "shape") and tuple(leaf.shape) != tuple(np.shape(flat[path])):
+                raise ValueError(
+                    f"like: {path} is {tuple(leaf.shape)} in the template but "
+                    f"{tuple(np.shape(flat[path]))} in the artefact"
+                )
+        return jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(like), [flat[p] for p in paths]
+        )
+    if description is None:
+        return unflatten_dict(dict(flat), sep="/")
+
+    def build(node: Any) -> Any:
+        if node is None:
+            return None
+        if isinstance(node, str):
+            return flat[node]
+        ((kind, children),) = node.items()
+        if kind in ("dict", "frozen"):
+            out = {k: build(v) for k, v in children}
+            return FrozenDict(out) if kind == "frozen" else out
+        values = [build(v) for v in children]
+        return values if kind == "list" else tuple(values)
+
+    return build(description)
+
+
 def pack(params: core.Params, rules: core.Rules) -> Packed:
     """Codes, scales and zero points of the weights `rules` select; other leaves as they are.
 
     LSQ steps in `params` (see `qat.add_lsq_steps`) become the stored scales; a weight split
     in two binary halves (`qat.add_binary_split`) stores both halves' codes.
+
+    Args:
+      params: any parameter tree; its structure is described in the metadata (`describe_tree`)
+        unless it is plain nested dicts.
+      rules: `(regex, QuantSpec or None)` on the '/'-joined leaf paths.
+
+    Returns:
+      The named arrays (by leaf path, quantized ones as 'path:codes', 'path:scale',
+      'path:zero_point') and the JSON description.
     """
     model, quantized = quantize_tree(params, rules)
+    leaves = _flat(model)
     tensors: dict[str, np.ndarray] = {}
     meta: dict = {"format": FORMAT, "quantized": {}, "float": []}
-    for path, leaf in _flat(model):
+    if (tree := describe_tree(model)) is not None:
+        meta["tree"] = tree
+    for path, leaf in leaves:
         if path not in quantized:
             tensors[path] = np.asarray(leaf)
             meta["float"].append(path)
@@ -112,11 +230,27 @@ def pack(params: core.Params, rules: core.Rules) -> Packed:
 
 
 def _flat(tree: core.Params) -> list[tuple[str, object]]:
-    return [(core.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    flat = [(core.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if len({path for path, _ in flat}) != len(flat):
+        seen: set[str] = set()
+        twice = next(path for path, _ in flat if path in seen or seen.add(path))
+        raise ValueError(f"{twice}: two leaves share this path (e.g. keys 0 and '0'); rename one")
+    return flat
 
 
-def unpack(packed: Packed) -> tuple[dict, dict[str, tuple[QTensor, QuantSpec]]]:
-    """The dequantized float params (bit-exact with `qat(rules).apply`) and the codes."""
+def unpack(
+    packed: Packed, like: Any = None
+) -> tuple[core.Params, dict[str, tuple[QTensor, QuantSpec]]]:
+    """The dequantized float params (bit-exact with `qat(rules).apply`) and the codes.
+
+    Args:
+      packed: what `pack` or `read` returned.
+      like: optional template of the params' structure (see `build_tree`); without it the
+        saved structure comes back, an `nnx.State` as its pure dict.
+
+    Returns:
+      The params, and the codes and spec of every quantized weight by path.
+    """
     tensors, meta = packed
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown quantized artefact format {meta.get('format')!r}")
@@ -138,7 +272,7 @@ def unpack(packed: Packed) -> tuple[dict, dict[str, tuple[QTensor, QuantSpec]]]:
             codes[name] = (qt, spec)
             value = value + dequantize(qt, spec)
         flat[path] = value.astype(info["dtype"])
-    return unflatten_dict(flat, sep="/"), codes
+    return build_tree(flat, meta.get("tree"), like), codes
 
 
 def write_packed(path: str | os.PathLike, packed: Packed, meta_key: str = META_KEY) -> Path:
@@ -171,22 +305,34 @@ def read(path: str | os.PathLike) -> Packed:
     return read_packed(path)
 
 
-def load(path: str | os.PathLike) -> dict:
-    """The dequantized float params of a file written by `save`."""
-    return unpack(read(path))[0]
+def load(path: str | os.PathLike, like: Any = None) -> core.Params:
+    """The dequantized float params of a file written by `save`, in the saved structure
+    (or `like`'s; see `unpack`)."""
+    return unpack(read(path), like)[0]
 
 
-def packed_bytes(params: core.Params, rules: core.Rules) -> dict[str, int]:
-    """Bytes of the packed file, with and without the embedding tables, measured by writing
-    the files (the counterpart of `artefact.saved_bytes`)."""
-    return file_bytes(*pack(params, rules), entries="quantized")
+def packed_bytes(
+    params: core.Params, rules: core.Rules, embeddings: str = EMBEDDING_LEAVES
+) -> dict[str, int]:
+    """Bytes of the packed file, with and without the embedding tables (the leaves whose path
+    fullmatches `embeddings`), measured by writing the files."""
+    return file_bytes(*pack(params, rules), entries="quantized", embeddings=embeddings)
 
 
 def file_bytes(
-    tensors: dict[str, np.ndarray], meta: dict, entries: str, meta_key: str = META_KEY
+    tensors: dict[str, np.ndarray],
+    meta: dict,
+    entries: str,
+    meta_key: str = META_KEY,
+    embeddings: str = EMBEDDING_LEAVES,
 ) -> dict[str, int]:
     """Bytes of a packed safetensors file (`tensors` keyed 'path' or 'path:part', `meta`
-    listing parameters under `entries` and 'float'), with and without the embeddings."""
+    listing parameters under `entries` and 'float'), with and without the embeddings (the
+    parameters whose path fullmatches the regex `embeddings`)."""
+    embedding = re.compile(embeddings)
+
+    def is_embedding(path: str) -> bool:
+        return embedding.fullmatch(path) is not None
 
     def weight(key: str) -> str:
         return key.split(":")[0].removesuffix(SPLIT_SUFFIX)
@@ -196,6 +342,7 @@ def file_bytes(
         "format": meta["format"],
         entries: {k: v for k, v in meta[entries].items() if not is_embedding(k)},
         "float": [k for k in meta["float"] if not is_embedding(k)],
+        **({"tree": meta["tree"]} if "tree" in meta else {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         full, part = Path(tmp) / "all.safetensors", Path(tmp) / "rest.safetensors"

@@ -17,6 +17,8 @@ from jaxcompress.compress.quant.quantizers import (
     quantize,
     ternary_split,
 )
+from jaxcompress.compress.tree import add_beside, strip_suffix
+from jaxcompress.models import bert_rules
 
 # LSQ steps are trainable, so they live in the params tree beside their weight, under the
 # weight's key plus this suffix; `qat(...).apply` consumes them and returns the model's tree.
@@ -25,19 +27,25 @@ LSQ_SUFFIX = "@lsq_step"
 # weight the model sees is binary(weight) + binary(weight@binary_split).
 SPLIT_SUFFIX = "@binary_split"
 
-EMBEDDINGS = r"bert/embeddings/(word|position|token_type)_embeddings"
-KERNEL_LEAF = r"(kernel|kernel_a|kernel_b)"  # dense kernels and low-rank factors
-KERNELS = rf".*/{KERNEL_LEAF}|bert/embeddings/embedding_projection"
+# A dense or conv kernel, or a low-rank factor of one; nnx Variables add a '/value' key.
+KERNEL_LEAF = r"(kernel|kernel_a|kernel_b)"
+KERNELS = rf"(.*/)?{KERNEL_LEAF}(/value)?"
 INT8 = QuantSpec(bits=8)  # per output channel, absmax
 INT8_TENSOR = QuantSpec(bits=8, granularity="tensor")
 
 
-def default_rules(
-    kernels: QuantSpec | None = INT8, embeddings: QuantSpec | None = INT8_TENSOR
-) -> list[tuple[str, QuantSpec | None]]:
-    """Rules for our BERT: every dense kernel (low-rank factors and ALBERT's projection
-    included) and the embedding tables get their own spec; LayerNorm and biases stay float."""
-    return [(EMBEDDINGS, embeddings), (KERNELS, kernels), (".*", None)]
+def default_rules(kernels: QuantSpec | None = INT8) -> list[tuple[str, QuantSpec | None]]:
+    """Rules for any model: every `kernel` leaf (dense and conv kernels, low-rank factors)
+    gets `kernels`; everything else (biases, norms, embeddings) stays float.
+
+    Args:
+      kernels: the spec of every kernel; BERT's preset, which quantizes its embedding tables
+        too, is `models.bert_rules.weight_rules(kernels, embeddings)`.
+
+    Returns:
+      Rules for `qat`, `quantize_tree` and `pack.save`.
+    """
+    return [(KERNELS, kernels)]
 
 
 def _check_rules(rules: core.Rules) -> None:
@@ -46,49 +54,26 @@ def _check_rules(rules: core.Rules) -> None:
             raise ValueError(f"qat rule {pattern!r}: expected a QuantSpec or None, got {spec!r}")
 
 
-def strip_suffix(params: core.Params, suffix: str) -> tuple[core.Params, dict[str, jax.Array]]:
-    """`params` without the leaves whose key ends in `suffix`, and those leaves by the path
-    of the weight they belong to (the key without the suffix)."""
-    side: dict[str, jax.Array] = {}
-
-    def strip(tree: Any, prefix: str) -> Any:
-        if isinstance(tree, dict):
-            out = {}
-            for key, value in tree.items():
-                name = str(key)
-                if name.endswith(suffix):
-                    side[prefix + name.removesuffix(suffix)] = value
-                else:
-                    out[key] = strip(value, f"{prefix}{name}/")
-            return out
-        if isinstance(tree, list | tuple):
-            return type(tree)(strip(v, f"{prefix}{i}/") for i, v in enumerate(tree))
-        return tree
-
-    return strip(params, ""), side
-
-
 def split_lsq_steps(params: core.Params) -> tuple[core.Params, dict[str, jax.Array]]:
     """The model's params without LSQ steps, and the steps by their weight's path."""
     return strip_suffix(params, LSQ_SUFFIX)
 
 
-def _insert_beside(tree: Any, side: dict[str, jax.Array], suffix: str, prefix: str = "") -> Any:
-    """`tree` with `side[path]` added as the sibling `key + suffix` of each leaf at `path`."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out[key] = _insert_beside(value, side, suffix, path + "/")
-        if path in side:
-            out[f"{key}{suffix}"] = side[path]
-    return out
-
-
 def add_lsq_steps(params: core.Params, rules: core.Rules) -> core.Params:
     """`params` plus an LSQ step (LSQ's initialization) beside every weight whose spec has
-    scale_method='lsq'; train the result, and `qat(rules).apply` uses and drops the steps."""
+    scale_method='lsq'; train the result, and `qat(rules).apply` uses and drops the steps.
+
+    Args:
+      params: any parameter tree; steps already present are kept.
+      rules: `(regex, QuantSpec or None)` on the '/'-joined leaf paths.
+
+    Returns:
+      The tree in the input's structure plus, in the mapping holding each LSQ weight `key`,
+      the entry `key@lsq_step` (an `nnx.Variable` of the weight's type in an nnx.State).
+
+    Raises:
+      ValueError: an LSQ weight sits in a list or tuple (its step has no key to go under).
+    """
     _check_rules(rules)
     model, old = split_lsq_steps(params)
     selected = core.match_rules(model, rules, name="qat")
@@ -96,10 +81,7 @@ def add_lsq_steps(params: core.Params, rules: core.Rules) -> core.Params:
     lsq = {path: spec for path, spec in selected.items() if spec.scale_method == "lsq"}
     steps = {p: old[p] if p in old else lsq_init(flat[p], spec) for p, spec in lsq.items()}
 
-    result = _insert_beside(model, steps, LSQ_SUFFIX)
-    if missing := sorted(set(steps) - set(split_lsq_steps(result)[1])):
-        raise ValueError(f"LSQ steps need a dict parent; cannot place them for {missing}")
-    return result
+    return add_beside(model, steps, LSQ_SUFFIX)
 
 
 def add_binary_split(params: core.Params, rules: core.Rules) -> core.Params:
@@ -107,7 +89,19 @@ def add_binary_split(params: core.Params, rules: core.Rules) -> core.Params:
     whose spec is binary becomes two latent halves (`key`, `key@binary_split`) such that
     binary(half_a) + binary(half_b) equals the ternary quantization of the weight at the
     same granularity. Train the result with `qat(rules)`: at step 0 the binary model
-    computes what the ternary model did (exactly so when the input is already ternary)."""
+    computes what the ternary model did (exactly so when the input is already ternary).
+
+    Args:
+      params: any parameter tree, not split yet.
+      rules: `(regex, QuantSpec or None)`; at least one binary spec must select a weight.
+
+    Returns:
+      The tree in the input's structure, each binary weight replaced by its first half and
+      the second half added beside it as `key@binary_split`.
+
+    Raises:
+      ValueError: a binary weight sits in a list or tuple, or params are already split.
+    """
     _check_rules(rules)
     model, old = strip_suffix(params, SPLIT_SUFFIX)
     if old:
@@ -130,7 +124,7 @@ def add_binary_split(params: core.Params, rules: core.Rules) -> core.Params:
         halves[path] = parts.latent_b
         return parts.latent_a
 
-    return _insert_beside(jax.tree_util.tree_map_with_path(split, model), halves, SPLIT_SUFFIX)
+    return add_beside(jax.tree_util.tree_map_with_path(split, model), halves, SPLIT_SUFFIX)
 
 
 def _with_path(path: str, fn, *args):
@@ -143,7 +137,16 @@ def _with_path(path: str, fn, *args):
 def quantize_tree(
     params: core.Params, rules: core.Rules
 ) -> tuple[core.Params, dict[str, tuple[QTensor, QuantSpec]]]:
-    """The model's params (LSQ steps removed) and the codes of every selected weight."""
+    """The model's params and the codes of every selected weight.
+
+    Args:
+      params: any parameter tree, with LSQ steps and binary split halves if trained so.
+      rules: `(regex, QuantSpec or None)` on the '/'-joined leaf paths.
+
+    Returns:
+      The params in the input's structure with LSQ steps and split halves removed, and the
+      `(QTensor, QuantSpec)` of every selected weight (and `path@binary_split` halves) by path.
+    """
     _check_rules(rules)
     model, steps, halves = _side_leaves(params)
     selected = core.match_rules(model, rules, name="qat")
@@ -225,9 +228,10 @@ def parse_spec(text: str) -> QuantSpec | None:
 
 
 def rules_from_config(quantize: Any) -> list[tuple[str, QuantSpec | None]] | None:
-    """The QAT rules of a config's `quantize` section, or None when nothing is quantized."""
+    """The QAT rules of our BERT config's `quantize` section (its `rules`, then BERT's kernel
+    and embedding presets), or None when nothing is quantized."""
     kernels, embeddings = parse_spec(quantize.kernels), parse_spec(quantize.embeddings)
     extra = [(pattern, parse_spec(text)) for pattern, text in quantize.rules]
     if kernels is None and embeddings is None and all(s is None for _, s in extra):
         return None
-    return extra + default_rules(kernels, embeddings)
+    return extra + bert_rules.weight_rules(kernels, embeddings)
