@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import (
     EMBED,
     HIDDEN,
@@ -39,7 +40,7 @@ LAYER_STRATEGIES = (
     "layerdrop",
 )
 
-_LAYER = "bert/encoder/layer/"
+_LAYER = bert_rules.LAYER_PREFIX
 
 
 def _alternate(num_layers: int, keep: int) -> tuple[int, ...]:

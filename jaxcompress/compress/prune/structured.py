@@ -13,6 +13,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxcompress.compress.distill.objective import Batch, forward, task_loss
 from jaxcompress.core import StructureTransform
+from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, BertConfig
 
 # Importance arrays are [layers, max units] float, NaN where a layer has fewer units (already
@@ -22,7 +23,7 @@ GradientFn = Callable[[BertConfig, dict], Iterable[dict]]
 KINDS = ("heads", "ffn")
 SCOPES = ("global", "layer")
 
-_LAYER = "bert/encoder/layer/"
+_LAYER = bert_rules.LAYER_PREFIX
 # Per kind: the modules whose output columns are a unit's, and the one whose input rows are.
 _PRODUCERS = {
     "heads": ("attention/self/query", "attention/self/key", "attention/self/value"),
