@@ -8,7 +8,7 @@ Two kinds of transform:
 - A *reparameterization* is a `Reparam`, optax-style: `init(params) -> state`,
   `apply(params, state) -> params` (what the forward pass sees), and
   `update(params, state, step) -> state` (non-gradient state such as masks, on a schedule).
-  The state lives in the train state pytree. `chain` composes them.
+  `chain` composes them; `with_reparam` keeps their state inside an optax state.
 
 Which parameters a transform touches is chosen by *rules*: an ordered list of
 `(regex, spec or None)` matched with `re.fullmatch` against the '/'-joined parameter path;
@@ -17,16 +17,24 @@ the first match wins and `None` means "leave alone". A rule that selects nothing
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import optax
 
 log = logging.getLogger(__name__)
 
 Params = Any
+# Training-time methods keep their trainable extras (movement scores, LSQ steps) in the params
+# tree beside their weight, under the weight's key plus '@' and a name.
+EXTRA_MARK = "@"
 State = Any
 Rules = Sequence[tuple[str, Any]]
 StructureTransform = Callable[[Any, Params], tuple[Any, Params]]
@@ -41,20 +49,62 @@ def key_str(key: Any) -> str:
 
 
 def path_str(key_path: Sequence[Any]) -> str:
-    """A `jax.tree_util` key path as 'a/b/0/kernel'."""
-    return "/".join(key_str(k) for k in key_path)
+    """A `jax.tree_util` key path as 'a/b/0/kernel'.
+
+    The final `.value` of an `nnx.Variable` is left out, so that an `nnx.State` and a linen
+    tree of the same model share their paths (and their rules).
+    """
+    keys = list(key_path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(key_str(k) for k in keys)
+
+
+def leaves_by_path(params: Params) -> dict[str, Any]:
+    """Every leaf by its '/'-joined path, in tree order."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def leaf_paths(params: Params) -> list[str]:
     """Every leaf's '/'-joined path, in tree order."""
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return list(leaves_by_path(params))
+
+
+def map_with_path(fn: Callable[..., Any], tree: Params, *rest: Params) -> Params:
+    """`jax.tree_util.tree_map_with_path` whose `fn` gets the '/'-joined path string."""
+    return jax.tree_util.tree_map_with_path(lambda p, *x: fn(path_str(p), *x), tree, *rest)
+
+
+def like(params: Params, values: dict[str, Any], fill: Callable[[Any], Any]) -> Params:
+    """A tree shaped like `params`: `values[path]` at each leaf path it names, else
+    `fill(leaf)` (a fresh array per leaf, so that no two leaves share a buffer)."""
+    return map_with_path(lambda path, x: values[path] if path in values else fill(x), params)
+
+
+def _unused_rule_message(pattern: str, regex: re.Pattern, paths: list[str]) -> str:
+    if any(regex.fullmatch(p) for p in paths):
+        return f"{pattern!r} only matches paths that earlier rules already took"
+    nearest = difflib.get_close_matches(pattern, paths, n=3, cutoff=0.0)
+    return (
+        f"{pattern!r} matches no path (nearest: {', '.join(nearest) or 'none, the tree is empty'})"
+    )
 
 
 def match_rules(params: Params, rules: Rules, name: str = "rules") -> dict[str, Any]:
     """The spec of every selected leaf path: first `re.fullmatch` wins, `None` skips.
 
-    Raises if a rule selects no parameter (it matched nothing, or earlier rules took all
-    its matches): a silent no-op rule is almost always a typo.
+    Args:
+      params: any pytree (nested dicts, FrozenDict, lists and tuples, int keys, nnx.State).
+      rules: ordered `(regex, spec)` pairs matched against the '/'-joined leaf paths.
+      name: what the rules are for, in messages.
+
+    Returns:
+      `{path: spec}` for every leaf whose first matching rule has a spec other than None.
+
+    Raises:
+      ValueError: a regex does not compile, or a rule selects no parameter (it matches no
+        path, and the nearest real paths are named; or earlier rules took all its matches):
+        a silent no-op rule is almost always a typo.
     """
     compiled = []
     for pattern, spec in rules:
@@ -72,12 +122,14 @@ def match_rules(params: Params, rules: Rules, name: str = "rules") -> dict[str, 
                 if spec is not None:
                     selected[path] = spec
                 break
-    unused = [rules[i][0] for i, n in enumerate(hits) if n == 0]
+    unused = [i for i, n in enumerate(hits) if n == 0]
     if unused:
-        sample = ", ".join(paths[:4])
+        reasons = "; ".join(
+            _unused_rule_message(rules[i][0], compiled[i][0], paths) for i in unused
+        )
         raise ValueError(
-            f"{name}: rule(s) {unused} selected no parameter (fullmatch on '/'-joined paths "
-            f"such as {sample}, ...)"
+            f"{name}: rule(s) {[rules[i][0] for i in unused]} selected no parameter "
+            f"(re.fullmatch on '/'-joined paths): {reasons}"
         )
     for (pattern, spec), n in zip(rules, hits, strict=True):
         log.info("%s: %r -> %s matched %d parameter(s)", name, pattern, spec, n)
@@ -92,12 +144,89 @@ def map_rules(
 ) -> Params:
     """Replace each selected leaf by `fn(path, leaf, spec)`; other leaves are kept as they are."""
     selected = match_rules(params, rules, name)
+    return map_with_path(lambda p, x: fn(p, x, selected[p]) if p in selected else x, params)
 
-    def visit(key_path, leaf):
-        path = path_str(key_path)
-        return fn(path, leaf, selected[path]) if path in selected else leaf
 
-    return jax.tree_util.tree_map_with_path(visit, params)
+def _items(mapping: Mapping) -> Any:
+    """A mapping's own entries (an `nnx.State` wraps nested dicts on access; not here)."""
+    return getattr(mapping, "raw_mapping", mapping).items()
+
+
+def _rebuild(mapping: Mapping, items: dict) -> Mapping:
+    """A mapping of `mapping`'s type (dict, FrozenDict, nnx.State) holding `items`."""
+    return items if type(mapping) is dict else type(mapping)(items)
+
+
+def _drop_keys(tree: Any, drop: Callable[[str], bool], side: dict[str, Any], prefix: str) -> Any:
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in _items(tree):
+            name = str(key)
+            if drop(name):
+                side[prefix + name] = value
+            else:
+                out[key] = _drop_keys(value, drop, side, f"{prefix}{name}/")
+        return _rebuild(tree, out)
+    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
+        return type(tree)(_drop_keys(v, drop, side, f"{prefix}{i}/") for i, v in enumerate(tree))
+    return tree
+
+
+def split_suffixed(params: Params, suffix: str) -> tuple[Params, dict[str, Any]]:
+    """`params` without the mapping entries whose key ends in `suffix` (extra leaves such as
+    movement scores), and those entries by the path of the weight they belong to (the key
+    without the suffix). The rest keeps its structure and container types."""
+    side: dict[str, Any] = {}
+    rest = _drop_keys(params, lambda name: name.endswith(suffix), side, "")
+    return rest, {path.removesuffix(suffix): value for path, value in side.items()}
+
+
+def add_beside(
+    params: Params,
+    paths: Collection[str],
+    make: Callable[[str, Any], Any],
+    suffix: str,
+    what: str = "extra leaves",
+) -> Params:
+    """`params` with the entry `key + suffix` added beside the mapping entry at each of
+    `paths`, holding `make(path, entry)` (the entry may be an array or an `nnx.Variable`).
+
+    Raises:
+      ValueError: a path's parent is a list or tuple (an extra leaf needs a key), or a path
+        names no mapping entry.
+    """
+    wanted, placed = set(paths), set()
+
+    def insert(tree: Any, prefix: str) -> Any:
+        if isinstance(tree, Mapping):
+            out = {}
+            for key, value in _items(tree):
+                path = f"{prefix}{key}"
+                out[key] = insert(value, path + "/")
+                if path in wanted:
+                    out[f"{key}{suffix}"] = make(path, value)
+                    placed.add(path)
+            return _rebuild(tree, out)
+        if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
+            for i in range(len(tree)):
+                if f"{prefix}{i}" in wanted:
+                    raise ValueError(
+                        f"{what}: {prefix}{i} sits in a list or tuple, so no '{suffix}' entry "
+                        "can sit beside it; hold that weight in a dict, or leave it out by rule"
+                    )
+            return type(tree)(insert(v, f"{prefix}{i}/") for i, v in enumerate(tree))
+        return tree
+
+    result = insert(params, "")
+    if missing := sorted(wanted - placed):
+        raise ValueError(f"{what}: no mapping entry to put '{suffix}' beside at {missing[:3]}")
+    return result
+
+
+def strip_extra_leaves(params: Params) -> Params:
+    """`params` without the extra leaves of training-time methods: mapping entries whose key
+    contains '@' (movement scores, LSQ steps, binary-split halves), at any depth."""
+    return _drop_keys(params, lambda name: EXTRA_MARK in name, {}, "")
 
 
 def compose(*transforms: StructureTransform) -> StructureTransform:
@@ -112,11 +241,28 @@ def compose(*transforms: StructureTransform) -> StructureTransform:
 
 
 class Reparam(NamedTuple):
-    """A training-time reparameterization; all three functions are pure and jit-able."""
+    """A training-time reparameterization, optax-style: a tuple of pure, jit-able functions.
+
+    Attributes:
+      init: `params -> state`.
+      apply: `(params, state) -> params` the forward pass sees; it consumes the method's
+        extra leaves (movement scores, LSQ steps) and returns the model's own tree.
+      update: `(params, state, step) -> state` after optimizer step `step` (1-based):
+        non-gradient state such as masks, on a schedule.
+      finalize: `(params, state) -> params` to export (pruned weights zero, quantized weights
+        as their codes' values); None: `apply`.
+      stored_mask: `(params, state) -> bool tree like params` (scalar True where nothing is
+        masked), or None. The entries it marks False are projected into the stored weights:
+        `with_reparam` holds them at exactly zero with zero updates and zero optimizer
+        moments (pruning masks). None: the stored weights are latent and stay as trained
+        (fake quantization keeps float weights).
+    """
 
     init: Callable[[Params], State]
     apply: Callable[[Params, State], Params]
     update: Callable[[Params, State, jax.Array], State]
+    finalize: Callable[[Params, State], Params] | None = None
+    stored_mask: Callable[[Params, State], Params] | None = None
 
 
 def identity() -> Reparam:
@@ -129,7 +275,8 @@ def identity() -> Reparam:
 
 
 def chain(*reparams: Reparam) -> Reparam:
-    """Reparameterizations applied in order; `update` sees the params as each one receives them."""
+    """Reparameterizations applied in order; `update`, `finalize` and `stored_mask` see the
+    params as each one receives them (after the previous ones' `apply`)."""
 
     def init(params):
         states = []
@@ -150,4 +297,143 @@ def chain(*reparams: Reparam) -> Reparam:
             params = r.apply(params, new[-1])
         return tuple(new)
 
-    return Reparam(init, apply, update)
+    def finalize(params, state):
+        for r, s in zip(reparams, state, strict=True):
+            params = (r.finalize or r.apply)(params, s)
+        return params
+
+    def stored_mask(params, state):
+        masks: dict[str, jax.Array] = {}
+        seen = params
+        for r, s in zip(reparams, state, strict=True):
+            if r.stored_mask is not None:
+                for path, m in leaves_by_path(r.stored_mask(seen, s)).items():
+                    masks[path] = m if path not in masks else jnp.logical_and(masks[path], m)
+            seen = r.apply(seen, s)
+        return like(params, masks, lambda _: jnp.array(True))
+
+    masked = any(r.stored_mask is not None for r in reparams)
+    return Reparam(init, apply, update, finalize, stored_mask if masked else None)
+
+
+def export(reparam: Reparam, params: Params, state: State) -> Params:
+    """What to export of trained `params`: `reparam.finalize` (or `apply`), extra leaves
+    (keys holding '@') removed."""
+    return strip_extra_leaves((reparam.finalize or reparam.apply)(params, state))
+
+
+# ---------------------------------------------------------------------------------------------
+# The optax wrapper: a reparam's state inside the optimizer state
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["inner", "state", "step"],
+    meta_fields=["reparam"],
+)
+@dataclasses.dataclass(frozen=True)
+class ReparamState:
+    """The optimizer state of `with_reparam`; `reparam` rides along as static data, so that
+    `reparam_apply` and `finalize` need nothing but the optimizer state."""
+
+    inner: Any  # the wrapped optimizer's state
+    state: State  # the reparam's state (masks, ...)
+    step: jax.Array  # int32: optimizer steps taken
+    reparam: Reparam
+
+
+def _where(mask: Params, x: Params, other: Callable[[jax.Array], jax.Array]) -> Params:
+    return jax.tree.map(lambda m, v: jnp.where(m, v, other(v)), mask, x)
+
+
+def with_reparam(
+    reparam: Reparam, tx: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+    """`tx` with `reparam`'s state (and a step counter) kept inside its optimizer state.
+
+    Take gradients through `reparam_apply(params, opt_state)`, then call `update` as for
+    any optax transform: it updates `tx`, advances the reparam on its schedule (its
+    `update(new_params, state, step)`) and, where the reparam has a `stored_mask`, returns
+    updates after which the masked weights are exactly zero in the stored params, with
+    zero optimizer moments. `finalize(params, opt_state)` gives what to export.
+
+    Example::
+
+        tx = with_reparam(magnitude_pruning(rules, Schedule(0.5, end_step=100)), optax.adam(1e-3))
+        opt_state = tx.init(params)
+        grads = jax.grad(lambda p: loss(reparam_apply(p, opt_state)))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+
+    Args:
+      reparam: the training-time reparameterization (a `chain` for several).
+      tx: the optimizer.
+
+    Returns:
+      An optax transform whose `update` needs `params` and passes extra arguments to `tx`.
+    """
+    inner = optax.with_extra_args_support(tx)
+
+    def init(params: Params) -> ReparamState:
+        return ReparamState(
+            inner.init(params), reparam.init(params), jnp.zeros((), jnp.int32), reparam
+        )
+
+    def update(updates, state: ReparamState, params=None, **extra):
+        if params is None:
+            raise ValueError("with_reparam: update(updates, opt_state, params) needs params")
+        mask = reparam.stored_mask
+        if mask is not None:
+            old = mask(params, state.state)
+            updates = _where(old, updates, jnp.zeros_like)
+        updates, inner_state = inner.update(updates, state.inner, params, **extra)
+        step = state.step + 1
+        new_state = reparam.update(optax.apply_updates(params, updates), state.state, step)
+        if mask is not None:
+            keep = jax.tree.map(
+                jnp.logical_and, old, mask(optax.apply_updates(params, updates), new_state)
+            )
+            # -p, not 0: the stored weight becomes exactly zero, even where it was not yet.
+            updates = jax.tree.map(
+                lambda m, u, p: jnp.where(m, u, -p.astype(u.dtype)), keep, updates, params
+            )
+            inner_state = optax.tree_utils.tree_map_params(
+                inner,
+                lambda x, m: jnp.where(m, x, jnp.zeros_like(x)),
+                inner_state,
+                keep,
+                transform_non_params=lambda x: x,
+            )
+        return updates, ReparamState(inner_state, new_state, step, reparam)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def reparam_state(opt_state: Any) -> ReparamState:
+    """The one `ReparamState` inside an optimizer state (bare, in a `chain`, under
+    `inject_hyperparams`, ...). Raises ValueError if there is none, or several."""
+    found = [
+        x
+        for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ReparamState))
+        if isinstance(x, ReparamState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one with_reparam state inside the optimizer state, found {len(found)}; "
+            "wrap the optimizer once, with core.chain(...) for several reparams"
+        )
+    return found[0]
+
+
+def reparam_apply(params: Params, opt_state: Any) -> Params:
+    """The params the forward pass sees: the reparam of `with_reparam` (found inside
+    `opt_state`) applied to the stored `params`."""
+    found = reparam_state(opt_state)
+    return found.reparam.apply(params, found.state)
+
+
+def finalize(params: Params, opt_state: Any) -> Params:
+    """What to export of params trained under `with_reparam`: the reparam's `finalize`
+    (pruned weights zero, quantized weights as their codes' values), extra leaves removed."""
+    found = reparam_state(opt_state)
+    return export(found.reparam, params, found.state)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from flax.core import FrozenDict
 
 from jaxcompress import core
 from jaxcompress.compress import factorize
@@ -44,6 +46,45 @@ def test_rules_that_select_nothing_are_errors(mlp_params):
         core.match_rules(mlp_params, [(".*", None), ("up/kernel", 2)])  # shadowed
     with pytest.raises(ValueError, match="bad regex"):
         core.match_rules(mlp_params, [("(", 1)])
+
+
+def test_unmatched_rules_name_the_nearest_paths(mlp_params):
+    with pytest.raises(ValueError, match=r"'up/kernal' matches no path \(nearest: up/kernel, "):
+        core.match_rules(mlp_params, [("up/kernal", 1)])
+    with pytest.raises(ValueError, match="'up/kernel' only matches paths that earlier rules"):
+        core.match_rules(mlp_params, [(".*", None), ("up/kernel", 2)])
+
+
+def test_rules_on_frozen_dicts_int_keys_tuples_and_nnx_state():
+    tree = FrozenDict(
+        {
+            "blocks": {0: {"w": jnp.ones(2)}, 1: {"w": jnp.ones(2)}},
+            "seq": [jnp.ones(1), (jnp.ones(1),)],
+        }
+    )
+    assert core.leaf_paths(tree) == ["blocks/0/w", "blocks/1/w", "seq/0", "seq/1/0"]
+    out = core.map_rules(lambda path, x, spec: x * spec, tree, [("blocks/1/w|seq/1/0", 3.0)])
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    np.testing.assert_array_equal(out["blocks"][1]["w"], [3.0, 3.0])
+    np.testing.assert_array_equal(out["seq"][1][0], [3.0])
+    np.testing.assert_array_equal(out["blocks"][0]["w"], [1.0, 1.0])
+    state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    assert core.leaf_paths(state) == ["bias", "kernel"]  # no trailing '/value'
+    doubled = core.map_rules(lambda path, x, spec: 2 * x, state, [("kernel", True), (".*", None)])
+    assert isinstance(doubled, nnx.State)
+    np.testing.assert_allclose(doubled["kernel"][...], 2 * state["kernel"][...], atol=1e-6)
+
+
+def test_extra_leaves_sit_beside_their_weight_in_any_mapping():
+    tree = FrozenDict({"a": {"kernel": jnp.ones(2)}, "b": [{"kernel": jnp.ones(3)}]})
+    added = core.add_beside(tree, ["b/0/kernel"], lambda path, w: w * 2, "@x")
+    assert isinstance(added, FrozenDict) and sorted(added["b"][0]) == ["kernel", "kernel@x"]
+    rest, side = core.split_suffixed(added, "@x")
+    assert jax.tree.structure(rest) == jax.tree.structure(tree)
+    np.testing.assert_array_equal(side["b/0/kernel"], [2.0, 2.0, 2.0])
+    assert jax.tree.structure(core.strip_extra_leaves(added)) == jax.tree.structure(tree)
+    with pytest.raises(ValueError, match="no mapping entry"):
+        core.add_beside(tree, ["a/bias"], lambda path, w: w, "@x")
 
 
 def test_fullmatch_not_search(mlp_params):

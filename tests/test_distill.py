@@ -81,6 +81,23 @@ def test_padding_does_not_change_token_losses():
     assert np.all(np.isfinite(grad))
 
 
+def test_example_mask_is_optional_and_defaults_to_every_example():
+    s, t = random(0, (B, 3)), random(1, (B, 3))
+    ones = jnp.ones(B)
+    for fn in (distill.logit_mse, distill.soft_cross_entropy):
+        np.testing.assert_allclose(fn(s, t), fn(s, t, ones), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        distill.soft_cross_entropy(s, t, temperature=2.0),
+        distill.soft_cross_entropy(s, t, ones, 2.0),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    cls_s, cls_t = [random(2, (B, H))], [random(3, (B, H))]
+    np.testing.assert_allclose(
+        distill.patient_loss(cls_s, cls_t), distill.patient_loss(cls_s, cls_t, ones), atol=1e-6
+    )
+
+
 def test_projection_and_relation_heads_bridge_different_widths():
     student, teacher = random(0, (B, L, 6)), random(1, (B, L, H))
     projection = jnp.eye(6, H)

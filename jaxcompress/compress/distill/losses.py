@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 # Losses take student first, teacher second; the teacher side is wrapped in stop_gradient.
-# Masks: `example_mask` (B,) marks real examples, `token_mask` (B, L) real tokens of them.
+# Masks: `example_mask` (B,) marks real examples (None: every example counts), `token_mask`
+# (B, L) real tokens of them.
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jnp.mean(values)
     mask = mask.astype(jnp.float32)
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -34,7 +37,7 @@ def _kl_rows(teacher_log_p: jax.Array, student_log_p: jax.Array) -> jax.Array:
 def soft_cross_entropy(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
-    example_mask: jax.Array,
+    example_mask: jax.Array | None = None,
     temperature: float = 1.0,
 ) -> jax.Array:
     """KL(teacher || student) of temperature-softened distributions, times T^2 (Hinton et al.).
@@ -48,7 +51,7 @@ def soft_cross_entropy(
 
 
 def logit_mse(
-    student_logits: jax.Array, teacher_logits: jax.Array, example_mask: jax.Array
+    student_logits: jax.Array, teacher_logits: jax.Array, example_mask: jax.Array | None = None
 ) -> jax.Array:
     """Mean squared error between logits (Tang et al.); also the regression-task KD loss."""
     diff = student_logits.astype(jnp.float32) - _teacher(teacher_logits)
@@ -97,7 +100,7 @@ def hidden_cosine(
 def patient_loss(
     student_cls: Sequence[jax.Array],
     teacher_cls: Sequence[jax.Array],
-    example_mask: jax.Array,
+    example_mask: jax.Array | None = None,
     projection: jax.Array | None = None,
 ) -> jax.Array:
     """BERT-PKD: squared distance of L2-normalised [CLS] states, summed over mapped layers."""

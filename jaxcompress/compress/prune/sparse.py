@@ -41,8 +41,10 @@ def pack(params: core.Params, rules: core.Rules) -> Packed:
     return Packed(tensors, meta)
 
 
-def unpack(packed: Packed) -> dict:
-    """The dense params of a packed tree."""
+def unpack(packed: Packed, like: core.Params | None = None) -> core.Params:
+    """The dense params of a packed tree: nested dicts keyed by the path components, or the
+    structure of `like` (any pytree with the saved leaf paths, e.g. the params that were
+    saved: lists, int keys, FrozenDict and nnx.State come back as they were)."""
     tensors, meta = packed
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown sparse artefact format {meta.get('format')!r}")
@@ -53,7 +55,16 @@ def unpack(packed: Packed) -> dict:
         dense = np.zeros(size, info["dtype"])
         dense[nonzero] = tensors[path + VALUES]
         flat[path] = dense.reshape(info["shape"])
-    return unflatten_dict(flat, sep="/")
+    if like is None:
+        return unflatten_dict(flat, sep="/")
+    paths = core.leaf_paths(like)
+    if set(paths) != set(flat):
+        extra, missing = sorted(set(flat) - set(paths)), sorted(set(paths) - set(flat))
+        raise ValueError(
+            f"sparse artefact does not fit `like`: saved but not in like {extra[:3]}, "
+            f"in like but not saved {missing[:3]}"
+        )
+    return core.map_with_path(lambda path, _: flat[path], like)
 
 
 def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
@@ -61,9 +72,9 @@ def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Pat
     return write_packed(path, pack(params, rules), META_KEY)
 
 
-def load(path: str | os.PathLike) -> dict:
-    """The dense params of a file written by `save`."""
-    return unpack(read_packed(path, META_KEY, kind="sparse"))
+def load(path: str | os.PathLike, like: core.Params | None = None) -> core.Params:
+    """The dense params of a file written by `save` (in the structure of `like`, if given)."""
+    return unpack(read_packed(path, META_KEY, kind="sparse"), like)
 
 
 def sparse_bytes(params: core.Params, rules: core.Rules) -> dict[str, int]:

@@ -22,12 +22,13 @@ weights with sigmoid(S) above a scheduled threshold, with an L1 penalty on sigmo
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxcompress import core
 
@@ -36,22 +37,43 @@ SCOPES = ("layer", "global")
 MOVEMENT_MODES = ("hard", "soft")
 
 
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Zhu & Gupta's gradual schedule of a target (sparsity, or soft-movement threshold)."""
 
-    final: float  # the target from end_step on
-    initial: float = 0.0  # the target before begin_step
+    final: float  # the target from end_step on, in [0, 1)
+    initial: float = 0.0  # the target before begin_step, in [0, 1)
     begin_step: int = 0
     end_step: int = 0  # == begin_step: one-shot at begin_step
     frequency: int = 1  # steps between mask updates inside [begin_step, end_step]
-    power: float = 3.0
+    power: float = 3.0  # > 0
 
     def __post_init__(self) -> None:
+        for field in ("final", "initial"):
+            value = getattr(self, field)
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"Schedule.{field} must be a sparsity (or threshold) in [0, 1), got {value!r}"
+                )
+        for field in ("begin_step", "end_step", "frequency"):
+            if not _is_int(getattr(self, field)):
+                raise ValueError(
+                    f"Schedule.{field} must be an int, got {getattr(self, field)!r}; round it"
+                )
         if not 0 <= self.begin_step <= self.end_step:
             raise ValueError(f"Schedule: need 0 <= begin_step <= end_step, got {self}")
         if self.frequency < 1:
             raise ValueError(f"Schedule.frequency must be >= 1, got {self.frequency}")
+        if not _is_real(self.power) or not self.power > 0:
+            raise ValueError(f"Schedule.power must be a number > 0, got {self.power!r}")
 
     def value(self, step: jax.Array) -> jax.Array:
         """The target in force after `step` (the last update step at or before it)."""
@@ -69,35 +91,59 @@ class Schedule:
         inside = (step >= self.begin_step) & (step <= self.end_step)
         return inside & (((step - self.begin_step) % self.frequency == 0) | (step == self.end_step))
 
+    def scaled_to(self, final: float) -> Schedule:
+        """The same schedule ending at `final` (a rule's own sparsity)."""
+        return dataclasses.replace(self, final=final, initial=min(self.initial, final))
+
 
 class PruneState(NamedTuple):
     masks: Any  # bool, shaped like the trainable tree; scalar True where nothing is pruned
-    target: jax.Array  # sparsity (or soft threshold) of the current masks
+    target: jax.Array  # the schedule's sparsity (or soft threshold) of the current masks
 
 
-def _flat(tree: Any) -> dict[tuple, Any]:
-    return flatten_dict(tree, keep_empty_nodes=True)
+def prune_rules(rules: core.Rules) -> list[tuple[str, bool | float | None]]:
+    """Pruning rules checked and normalised: a rule's value is True (the schedule's
+    sparsity), a float in [0, 1) (that rule's own final sparsity, reached along the same
+    schedule) or False/None (leave alone; returned as None).
+
+    Raises:
+      ValueError: any other value.
+    """
+    out: list[tuple[str, bool | float | None]] = []
+    for pattern, value in rules:
+        if value is None or (isinstance(value, bool | np.bool_) and not value):
+            out.append((pattern, None))
+        elif isinstance(value, bool | np.bool_):
+            out.append((pattern, True))
+        elif _is_real(value) and 0.0 <= value < 1.0:
+            out.append((pattern, float(value)))
+        else:
+            raise ValueError(
+                f"prune rule {pattern!r}: value must be True (the schedule's sparsity), a "
+                f"sparsity in [0, 1) or False/None (leave alone), got {value!r}"
+            )
+    return out
 
 
-def _path(key: tuple) -> str:
-    return "/".join(map(str, key))
+def _schedule_of(spec: bool | float, schedule: Schedule) -> Schedule:
+    return schedule if spec is True else schedule.scaled_to(spec)
+
+
+def _leaf(entry: Any) -> jax.Array:
+    """The array of a score entry (a bare array, or the one leaf of an `nnx.Variable`)."""
+    return jax.tree_util.tree_leaves(entry)[0]
 
 
 def split_scores(params: core.Params) -> tuple[core.Params, dict[str, jax.Array]]:
-    """The params without movement scores, and the scores by their weight's path."""
-    flat = _flat(params)
-    scores = {
-        _path(k[:-1] + (k[-1].removesuffix(SCORE_SUFFIX),)): v
-        for k, v in flat.items()
-        if str(k[-1]).endswith(SCORE_SUFFIX)
-    }
-    rest = {k: v for k, v in flat.items() if not str(k[-1]).endswith(SCORE_SUFFIX)}
-    return unflatten_dict(rest), scores
+    """The params without movement scores (same structure otherwise), and the scores by
+    their weight's path."""
+    model, scores = core.split_suffixed(params, SCORE_SUFFIX)
+    return model, {path: _leaf(s) for path, s in scores.items()}
 
 
-def _selected(params: core.Params, rules: core.Rules, name: str) -> dict[str, Any]:
+def _selected(params: core.Params, rules: core.Rules, name: str = "prune") -> dict[str, Any]:
     model, _ = split_scores(params)
-    return core.match_rules(model, rules, name=name)
+    return core.match_rules(model, prune_rules(rules), name=name)
 
 
 def keep_top(values: dict[str, jax.Array], sparsity: jax.Array, scope: str) -> dict[str, jax.Array]:
@@ -125,14 +171,31 @@ def keep_top(values: dict[str, jax.Array], sparsity: jax.Array, scope: str) -> d
     return out
 
 
+def _keep_top_by_rule(
+    values: dict[str, jax.Array],
+    selected: dict[str, Any],
+    schedule: Schedule,
+    step: jax.Array,
+    scope: str,
+) -> dict[str, jax.Array]:
+    """`keep_top` at each rule's own target; 'global' ranks the weights of one target
+    together."""
+    groups: dict[Any, dict[str, jax.Array]] = {}
+    for path, v in values.items():
+        groups.setdefault(selected[path], {})[path] = v
+    out: dict[str, jax.Array] = {}
+    for spec, group in groups.items():
+        out.update(keep_top(group, _schedule_of(spec, schedule).value(step), scope))
+    return out
+
+
 def _with_masks(params: core.Params, masks: dict[str, jax.Array]) -> core.Params:
     """A mask tree shaped like `params`: the given masks, scalar True elsewhere."""
-    flat = _flat(params)
-    return unflatten_dict({k: masks.get(_path(k), jnp.array(True)) for k in flat})
+    return core.like(params, masks, lambda _: jnp.array(True))
 
 
 def _masks_by_path(state: PruneState) -> dict[str, jax.Array]:
-    return {_path(k): v for k, v in _flat(state.masks).items()}
+    return core.leaves_by_path(state.masks)
 
 
 def zero_pruned(params: core.Params, masks: core.Params) -> core.Params:
@@ -140,29 +203,46 @@ def zero_pruned(params: core.Params, masks: core.Params) -> core.Params:
     return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
 
 
-def magnitude_pruning(rules: core.Rules, schedule: Schedule, scope: str = "layer") -> core.Reparam:
-    """Gradual (or one-shot) magnitude pruning of the weights `rules` select (spec: True).
+def _stored_masks(params: core.Params, state: PruneState) -> core.Params:
+    return state.masks
 
-    Pruned weights stay pruned: later masks rank only the weights still kept.
+
+def magnitude_pruning(rules: core.Rules, schedule: Schedule, scope: str = "layer") -> core.Reparam:
+    """Gradual (or one-shot) magnitude pruning of the weights `rules` select.
+
+    Pruned weights stay pruned: later masks rank only the weights still kept. Under
+    `core.with_reparam` they are also zero in the stored params, with zero optimizer moments.
+
+    Args:
+      rules: `(regex, value)` pairs; value True prunes to `schedule`'s sparsity, a float in
+        [0, 1) to that sparsity (along the same schedule), False/None leaves alone.
+      schedule: when and how far to prune.
+      scope: 'layer' (each weight to its target) or 'global' (the weights of one target
+        ranked together).
+
+    Returns:
+      A `core.Reparam` whose state is a `PruneState`.
     """
+    rules = prune_rules(rules)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
-    def masks_for(params, state, target):
-        selected = _selected(params, rules, "prune")
+    def masks_for(params, state, step):
+        selected = _selected(params, rules)
         old = _masks_by_path(state)
-        flat = {_path(k): v for k, v in _flat(params).items()}
+        flat = core.leaves_by_path(params)
         magnitude = {p: jnp.where(old[p], jnp.abs(flat[p]), -1.0) for p in selected}
-        return _with_masks(params, keep_top(magnitude, target, scope))
+        return _with_masks(params, _keep_top_by_rule(magnitude, selected, schedule, step, scope))
 
     def init(params):
-        selected = _selected(params, rules, "prune")
-        ones = {p: jnp.ones(jnp.shape(w), bool) for p, w in _by_path(params, selected).items()}
+        selected = _selected(params, rules)
+        flat = core.leaves_by_path(params)
+        ones = {p: jnp.ones(jnp.shape(flat[p]), bool) for p in selected}
         state = PruneState(_with_masks(params, ones), jnp.zeros((), jnp.float32))
-        target = schedule.value(0)
+        target = jnp.asarray(schedule.value(0), jnp.float32)
         return jax.lax.cond(
             schedule.is_update(0),
-            lambda: PruneState(masks_for(params, state, target), target),
+            lambda: PruneState(masks_for(params, state, 0), target),
             lambda: state,
         )
 
@@ -170,41 +250,39 @@ def magnitude_pruning(rules: core.Rules, schedule: Schedule, scope: str = "layer
         return zero_pruned(params, state.masks)
 
     def update(params, state, step):
-        target = schedule.value(step)
+        target = jnp.asarray(schedule.value(step), jnp.float32)
         return jax.lax.cond(
             schedule.is_update(step),
-            lambda: PruneState(masks_for(params, state, target), jnp.asarray(target, jnp.float32)),
+            lambda: PruneState(masks_for(params, state, step), target),
             lambda: state,
         )
 
-    return core.Reparam(init, apply, update)
-
-
-def _by_path(params: core.Params, paths) -> dict[str, jax.Array]:
-    flat = {_path(k): v for k, v in _flat(params).items()}
-    return {p: flat[p] for p in paths}
+    return core.Reparam(init, apply, update, stored_mask=_stored_masks)
 
 
 def fixed_masks(masks: dict[str, jax.Array]) -> core.Reparam:
     """Masks that never change (a lottery ticket's, `masks_from_zeros` of a pruned run)."""
 
     def init(params):
-        flat = {_path(k) for k in _flat(params)}
-        if missing := sorted(set(masks) - flat):
+        if missing := sorted(set(masks) - set(core.leaf_paths(params))):
             raise ValueError(f"fixed masks name parameters the model lacks: {missing[:3]}")
         chosen = {p: jnp.asarray(m, bool) for p, m in masks.items()}
         sparsity = _sparsity(chosen)
         return PruneState(_with_masks(params, chosen), jnp.asarray(sparsity, jnp.float32))
 
     return core.Reparam(
-        init, lambda params, state: zero_pruned(params, state.masks), lambda p, state, s: state
+        init,
+        lambda params, state: zero_pruned(params, state.masks),
+        lambda p, state, s: state,
+        stored_mask=_stored_masks,
     )
 
 
 def masks_from_zeros(params: core.Params, rules: core.Rules) -> dict[str, jax.Array]:
     """The masks a pruned model's zeros imply, for the weights `rules` select."""
-    selected = _selected(params, rules, "prune")
-    return {p: w != 0 for p, w in _by_path(params, selected).items()}
+    selected = _selected(params, rules)
+    flat = core.leaves_by_path(params)
+    return {p: flat[p] != 0 for p in selected}
 
 
 def rewind(pruned: core.Params, initial: core.Params, rules: core.Rules) -> core.Params:
@@ -234,16 +312,24 @@ def pruning_stats(params: core.Params, rules: core.Rules) -> dict[str, float | i
 
 
 def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.0) -> core.Params:
-    """`params` with a trainable movement score (constant `init`) beside each selected weight."""
+    """`params` with a trainable movement score (constant `init`) beside each selected weight.
+
+    In a mapping the score is the entry `<name>@movement_score` (an `nnx.Variable` of the
+    weight's type in an `nnx.State`); the rest of the tree keeps its structure.
+
+    Raises:
+      ValueError: the params already hold scores, or a selected weight sits in a list or
+        tuple (a score needs a key beside it).
+    """
     model, old = split_scores(params)
     if old:
         raise ValueError(f"params already hold movement scores (e.g. {min(old)})")
-    selected = core.match_rules(model, rules, name="prune")
-    flat = _flat(model)
-    for key in list(flat):
-        if _path(key) in selected:
-            flat[key[:-1] + (f"{key[-1]}{SCORE_SUFFIX}",)] = jnp.full_like(flat[key], init)
-    return unflatten_dict(flat)
+    selected = _selected(model, rules)
+
+    def score(path: str, entry: Any) -> Any:
+        return jax.tree.map(lambda w: jnp.full_like(w, init), entry)
+
+    return core.add_beside(model, selected, score, SCORE_SUFFIX, "movement scores")
 
 
 def _straight_through(w: jax.Array, mask: jax.Array, score: jax.Array) -> jax.Array:
@@ -255,49 +341,70 @@ def movement_pruning(
     rules: core.Rules, schedule: Schedule, mode: str = "hard", scope: str = "layer"
 ) -> core.Reparam:
     """Movement pruning of the weights `rules` select; train params from
-    `add_movement_scores`. `schedule` is the sparsity ('hard') or the sigmoid(score)
-    threshold ('soft'). `apply` returns the model's tree, scores dropped."""
+    `add_movement_scores`.
+
+    Args:
+      rules: as for `magnitude_pruning`; a float value is that rule's own final sparsity
+        ('hard') or sigmoid(score) threshold ('soft').
+      schedule: the sparsity ('hard') or the sigmoid(score) threshold ('soft').
+      mode: 'hard' (top scores kept) or 'soft' (scores above the threshold kept).
+      scope: 'layer' or 'global', as for `magnitude_pruning` ('hard' only).
+
+    Returns:
+      A `core.Reparam`: `apply` returns the model's tree (scores dropped) with pruned weights
+      masked by the straight-through estimator; `finalize` the model's tree with pruned
+      weights zero. Stored weights are not projected (a pruned weight may come back).
+    """
+    rules = prune_rules(rules)
     if mode not in MOVEMENT_MODES:
         raise ValueError(f"movement mode must be one of {MOVEMENT_MODES}, got {mode!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
-    def masks_for(params, target):
+    def masks_for(params, step):
+        selected = _selected(params, rules)
         _, scores = split_scores(params)
         if not scores:
             raise ValueError("movement pruning needs scores: call add_movement_scores first")
+        scores = {p: s for p, s in scores.items() if p in selected}
         if mode == "hard":
-            chosen = keep_top(scores, target, scope)
+            chosen = _keep_top_by_rule(scores, selected, schedule, step, scope)
         else:
-            chosen = {p: jax.nn.sigmoid(s) > target for p, s in scores.items()}
+            chosen = {
+                p: jax.nn.sigmoid(s) > _schedule_of(selected[p], schedule).value(step)
+                for p, s in scores.items()
+            }
         return _with_masks(params, chosen)
 
     def init(params):
-        _selected(params, rules, "prune")  # a rule that selects nothing fails here
         target = jnp.asarray(schedule.value(0), jnp.float32)
-        return PruneState(masks_for(params, target), target)
+        return PruneState(masks_for(params, 0), target)
 
     def apply(params, state):
-        _, scores = split_scores(params)
+        model, scores = split_scores(params)
         masks = _masks_by_path(state)
-        flat = _flat(params)
-        out = {}
-        for key, w in flat.items():
-            path = _path(key)
-            if str(key[-1]).endswith(SCORE_SUFFIX):
-                continue
-            out[key] = _straight_through(w, masks[path], scores[path]) if path in scores else w
-        return unflatten_dict(out)
+
+        def visit(path, w):
+            return _straight_through(w, masks[path], scores[path]) if path in scores else w
+
+        return core.map_with_path(visit, model)
+
+    def finalize(params, state):
+        model, _ = split_scores(params)
+        masks = _masks_by_path(state)
+        return core.map_with_path(
+            lambda path, w: jnp.where(masks[path], w, jnp.zeros_like(w)), model
+        )
 
     def update(params, state, step):
         target = jnp.asarray(schedule.value(step), jnp.float32)
         return jax.lax.cond(
             schedule.is_update(step),
-            lambda: PruneState(masks_for(params, target), target),
+            lambda: PruneState(masks_for(params, step), target),
             lambda: state,
         )
 
-    return core.Reparam(init, apply, update)
+    return core.Reparam(init, apply, update, finalize)
 
 
 def movement_penalty(params: core.Params) -> jax.Array:

@@ -184,7 +184,9 @@ def qat(rules: core.Rules) -> core.Reparam:
     """Fake quantization of the parameters `rules` select, with straight-through gradients.
 
     Stateless: scales follow the weights at every step (absmax, percentile, MSE search), or
-    are trained (LSQ steps, which `add_lsq_steps` puts in the params tree).
+    are trained (LSQ steps, which `add_lsq_steps` puts in the params tree). The stored
+    weights are latent and stay float (no `stored_mask`); `finalize` exports the model's
+    tree with every selected weight as its codes' values (`fake_quant`), extras dropped.
     """
     _check_rules(rules)
 
@@ -207,7 +209,7 @@ def qat(rules: core.Rules) -> core.Reparam:
     def update(params: core.Params, state: tuple, step: jax.Array) -> tuple:
         return state
 
-    return core.Reparam(init, apply, update)
+    return core.Reparam(init, apply, update, finalize=apply)
 
 
 def parse_spec(text: str) -> QuantSpec | None:
