@@ -32,12 +32,12 @@ import optax
 log = logging.getLogger(__name__)
 
 Params = Any
-# Training-time methods keep their trainable extras (movement scores, LSQ steps) in the params
-# tree beside their weight, under the weight's key plus '@' and a name.
-EXTRA_MARK = "@"
 State = Any
 Rules = Sequence[tuple[str, Any]]
 StructureTransform = Callable[[Any, Params], tuple[Any, Params]]
+# Training-time methods keep their trainable extras (movement scores, LSQ steps) in the params
+# tree beside their weight, under the weight's key plus '@' and a name.
+EXTRA_MARK = "@"
 
 
 def key_str(key: Any) -> str:
@@ -302,17 +302,18 @@ def chain(*reparams: Reparam) -> Reparam:
             params = (r.finalize or r.apply)(params, s)
         return params
 
+    masked = [i for i, r in enumerate(reparams) if r.stored_mask is not None]
+
     def stored_mask(params, state):
         masks: dict[str, jax.Array] = {}
         seen = params
-        for r, s in zip(reparams, state, strict=True):
+        for r, s in zip(reparams[: masked[-1] + 1], state, strict=False):
             if r.stored_mask is not None:
                 for path, m in leaves_by_path(r.stored_mask(seen, s)).items():
                     masks[path] = m if path not in masks else jnp.logical_and(masks[path], m)
             seen = r.apply(seen, s)
         return like(params, masks, lambda _: jnp.array(True))
 
-    masked = any(r.stored_mask is not None for r in reparams)
     return Reparam(init, apply, update, finalize, stored_mask if masked else None)
 
 
