@@ -13,7 +13,7 @@ from flax import nnx
 from jaxcompress import core
 from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
-from jaxcompress.compress.quant.qat import qat
+from jaxcompress.compress.quant.qat import add_lsq_steps, qat
 from jaxcompress.compress.quant.quantizers import QuantSpec, fake_quant
 
 KERNELS = [(".*/kernel", True), (".*", None)]
@@ -145,6 +145,22 @@ def test_qat_finalize_is_fake_quant_of_latent_float_weights():
         assert not np.allclose(latent, exported[name]["kernel"], atol=1e-3)  # not projected
         assert len(np.unique(np.asarray(exported[name]["kernel"][:, 0]))) <= 2**4
         np.testing.assert_array_equal(exported[name]["bias"], params[name]["bias"])
+
+
+def test_lsq_steps_train_inside_params_and_leave_the_export():
+    lsq = QuantSpec(bits=4, scale_method="lsq")
+    rules = [("dense/kernel", lsq), (".*", None)]
+    tree = {"dense": {"kernel": jax.random.normal(jax.random.key(5), (4, 4)), "bias": jnp.ones(4)}}
+    params = add_lsq_steps(tree, rules)
+    tx = core.with_reparam(qat(rules), optax.sgd(0.1))
+    *_, (_, trained, opt_state) = run(tx, params, 2, loss=sin_loss)
+    step = trained["dense"]["kernel@lsq_step"]
+    assert not np.array_equal(step, params["dense"]["kernel@lsq_step"])  # the step trained
+    exported = core.finalize(trained, opt_state)
+    assert jax.tree.structure(exported) == jax.tree.structure(tree)
+    np.testing.assert_allclose(
+        exported["dense"]["kernel"], fake_quant(trained["dense"]["kernel"], lsq, step), atol=1e-6
+    )
 
 
 def prune_then_qat(end_step: int) -> core.Reparam:

@@ -3,8 +3,14 @@
 State is a `PruneState`: a boolean mask for every leaf of the trainable tree (a scalar
 `True` for leaves no rule selects) and the sparsity (or, for soft movement pruning, the
 score threshold) in force. `apply` zeroes pruned weights in the forward pass; `update`
-recomputes masks at the schedule's steps (it runs inside the jitted train step). Pair it with
-`keep_pruned_zero(optimizer)` so pruned weights get no updates and their moments stay zero.
+recomputes masks at the schedule's steps (it runs inside the jitted train step). Under
+`core.with_reparam(reparam, optimizer)` the state lives in the optimizer state and magnitude
+pruning's zeros are kept in the stored weights, with zero updates and moments (a loop that
+threads the state itself pairs it with `keep_pruned_zero(optimizer)` instead). Any pytree
+works (dicts, FrozenDict, lists, tuples, int keys, nnx.State) and keeps its structure.
+
+A rule's value is True (the schedule's sparsity), a float in [0, 1) (that rule's own final
+sparsity, reached along the same schedule) or False/None (leave alone).
 
 Schedules follow Zhu & Gupta (2017): the target goes from `initial` to `final` between
 `begin_step` and `end_step` along 1 - (1 - t)^power (power 3), recomputed every `frequency`
