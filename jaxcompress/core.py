@@ -51,8 +51,9 @@ def key_str(key: Any) -> str:
 def path_str(key_path: Sequence[Any]) -> str:
     """A `jax.tree_util` key path as 'a/b/0/kernel'.
 
-    The final `.value` of an `nnx.Variable` is left out, so that an `nnx.State` and a linen
-    tree of the same model share their paths (and their rules).
+    The final `.value` of an `nnx.Variable` (or of a linen `nn.Partitioned` box) is left
+    out, so that an `nnx.State`, a boxed and a plain linen tree of the same model share their
+    paths (and their rules).
     """
     keys = list(key_path)
     if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":

@@ -70,6 +70,9 @@ def test_rules_on_frozen_dicts_int_keys_tuples_and_nnx_state():
     np.testing.assert_array_equal(out["blocks"][0]["w"], [1.0, 1.0])
     state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
     assert core.leaf_paths(state) == ["bias", "kernel"]  # no trailing '/value'
+    assert core.leaf_paths({"up": {"kernel": nn.Partitioned(jnp.ones(2), names=("a",))}}) == [
+        "up/kernel"
+    ]
     doubled = core.map_rules(lambda path, x, spec: 2 * x, state, [("kernel", True), (".*", None)])
     assert isinstance(doubled, nnx.State)
     np.testing.assert_allclose(doubled["kernel"][...], 2 * state["kernel"][...], atol=1e-6)
