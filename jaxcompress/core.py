@@ -22,7 +22,7 @@ import difflib
 import functools
 import logging
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -171,57 +171,6 @@ def _drop_keys(tree: Any, drop: Callable[[str], bool], side: dict[str, Any], pre
     if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
         return type(tree)(_drop_keys(v, drop, side, f"{prefix}{i}/") for i, v in enumerate(tree))
     return tree
-
-
-def split_suffixed(params: Params, suffix: str) -> tuple[Params, dict[str, Any]]:
-    """`params` without the mapping entries whose key ends in `suffix` (extra leaves such as
-    movement scores), and those entries by the path of the weight they belong to (the key
-    without the suffix). The rest keeps its structure and container types."""
-    side: dict[str, Any] = {}
-    rest = _drop_keys(params, lambda name: name.endswith(suffix), side, "")
-    return rest, {path.removesuffix(suffix): value for path, value in side.items()}
-
-
-def add_beside(
-    params: Params,
-    paths: Collection[str],
-    make: Callable[[str, Any], Any],
-    suffix: str,
-    what: str = "extra leaves",
-) -> Params:
-    """`params` with the entry `key + suffix` added beside the mapping entry at each of
-    `paths`, holding `make(path, entry)` (the entry may be an array or an `nnx.Variable`).
-
-    Raises:
-      ValueError: a path's parent is a list or tuple (an extra leaf needs a key), or a path
-        names no mapping entry.
-    """
-    wanted, placed = set(paths), set()
-
-    def insert(tree: Any, prefix: str) -> Any:
-        if isinstance(tree, Mapping):
-            out = {}
-            for key, value in _items(tree):
-                path = f"{prefix}{key}"
-                out[key] = insert(value, path + "/")
-                if path in wanted:
-                    out[f"{key}{suffix}"] = make(path, value)
-                    placed.add(path)
-            return _rebuild(tree, out)
-        if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
-            for i in range(len(tree)):
-                if f"{prefix}{i}" in wanted:
-                    raise ValueError(
-                        f"{what}: {prefix}{i} sits in a list or tuple, so no '{suffix}' entry "
-                        "can sit beside it; hold that weight in a dict, or leave it out by rule"
-                    )
-            return type(tree)(insert(v, f"{prefix}{i}/") for i, v in enumerate(tree))
-        return tree
-
-    result = insert(params, "")
-    if missing := sorted(wanted - placed):
-        raise ValueError(f"{what}: no mapping entry to put '{suffix}' beside at {missing[:3]}")
-    return result
 
 
 def strip_extra_leaves(params: Params) -> Params:

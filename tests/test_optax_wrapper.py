@@ -256,7 +256,7 @@ def test_pruning_on_lists_int_keys_and_tuples(tmp_path):
     model, scores = prune.split_scores(scored)
     assert jax.tree.structure(model) == jax.tree.structure(tree)
     assert sorted(scores) == ["heads/0/kernel", "layers/0/kernel", "layers/1/kernel"]
-    with pytest.raises(ValueError, match="pair/0 sits in a list or tuple"):
+    with pytest.raises(ValueError, match="pair/0: cannot add '@movement_score' beside it"):
         prune.add_movement_scores(tree, [("pair/0", True), (".*", None)])
     path = sparse.save(tmp_path / "s.safetensors", params, rules)
     loaded = sparse.load(path, like=tree)

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from jaxcompress import core
+from jaxcompress.compress import tree
 
 SCORE_SUFFIX = "@movement_score"
 SCOPES = ("layer", "global")
@@ -135,16 +136,10 @@ def _schedule_of(spec: bool | float, schedule: Schedule) -> Schedule:
     return schedule if spec is True else schedule.scaled_to(spec)
 
 
-def _leaf(entry: Any) -> jax.Array:
-    """The array of a score entry (a bare array, or the one leaf of an `nnx.Variable`)."""
-    return jax.tree_util.tree_leaves(entry)[0]
-
-
 def split_scores(params: core.Params) -> tuple[core.Params, dict[str, jax.Array]]:
     """The params without movement scores (same structure otherwise), and the scores by
     their weight's path."""
-    model, scores = core.split_suffixed(params, SCORE_SUFFIX)
-    return model, {path: _leaf(s) for path, s in scores.items()}
+    return tree.strip_suffix(params, SCORE_SUFFIX)
 
 
 def _selected(params: core.Params, rules: core.Rules, name: str = "prune") -> dict[str, Any]:
@@ -330,12 +325,9 @@ def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.
     model, old = split_scores(params)
     if old:
         raise ValueError(f"params already hold movement scores (e.g. {min(old)})")
-    selected = _selected(model, rules)
-
-    def score(path: str, entry: Any) -> Any:
-        return jax.tree.map(lambda w: jnp.full_like(w, init), entry)
-
-    return core.add_beside(model, selected, score, SCORE_SUFFIX, "movement scores")
+    flat = core.leaves_by_path(model)
+    scores = {path: jnp.full_like(flat[path], init) for path in _selected(model, rules)}
+    return tree.add_beside(model, scores, SCORE_SUFFIX)
 
 
 def _straight_through(w: jax.Array, mask: jax.Array, score: jax.Array) -> jax.Array:
