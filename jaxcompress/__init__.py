@@ -9,7 +9,8 @@ subpackage (`models`, `data`, `compress`, `train`, `experiments`), so that
 """
 
 from jaxcompress.compress.distill.losses import attention_kl, hidden_mse, soft_cross_entropy
-from jaxcompress.compress.factorize import LowRank, low_rank_params, svd_factors
+from jaxcompress.compress.factorize import LowRank, densify, low_rank_params, svd_factors
+from jaxcompress.compress.intercept import low_rank_layers, use_low_rank
 from jaxcompress.compress.prune.structured import head_importance, prune_ffn, prune_heads, shrink
 from jaxcompress.compress.prune.unstructured import (
     Schedule,
@@ -19,18 +20,23 @@ from jaxcompress.compress.prune.unstructured import (
     movement_pruning,
     rewind,
 )
+from jaxcompress.compress.quant.activations import calibrate, quantized_inputs
 from jaxcompress.compress.quant.gobo import GoboSpec, gobo_dequantize, gobo_quantize
 from jaxcompress.compress.quant.hessian import assign_bits, hutchinson_trace
 from jaxcompress.compress.quant.qat import add_binary_split, add_lsq_steps
 from jaxcompress.compress.quant.quantizers import QuantSpec, dequantize, fake_quant, ternary_split
+from jaxcompress.compress.share import expand, tie, tying
 from jaxcompress.core import (
     Reparam,
     chain,
     compose,
+    finalize,
     identity,
     leaf_paths,
     map_rules,
     match_rules,
+    reparam_apply,
+    with_reparam,
 )
 from jaxcompress.models.bert import Bert, BertConfig
 from jaxcompress.models.hf import load_pretrained, save_pretrained
@@ -48,10 +54,14 @@ __all__ = [
     "add_movement_scores",
     "assign_bits",
     "attention_kl",
+    "calibrate",
     "chain",
     "compose",
+    "densify",
     "dequantize",
+    "expand",
     "fake_quant",
+    "finalize",
     "gobo_dequantize",
     "gobo_quantize",
     "head_importance",
@@ -61,6 +71,7 @@ __all__ = [
     "keep_pruned_zero",
     "leaf_paths",
     "load_pretrained",
+    "low_rank_layers",
     "low_rank_params",
     "magnitude_pruning",
     "map_rules",
@@ -68,10 +79,16 @@ __all__ = [
     "movement_pruning",
     "prune_ffn",
     "prune_heads",
+    "quantized_inputs",
+    "reparam_apply",
     "rewind",
     "save_pretrained",
     "shrink",
     "soft_cross_entropy",
     "svd_factors",
     "ternary_split",
+    "tie",
+    "tying",
+    "use_low_rank",
+    "with_reparam",
 ]

@@ -164,6 +164,7 @@ def test_student_equal_to_teacher_has_zero_distillation_terms():
         assert "relation_loss" in terms
 
 
+@pytest.mark.slow
 def test_narrower_shallower_student_trains_its_projections():
     teacher_config = tiny_config(num_labels=2, num_hidden_layers=4)
     student_config = tiny_config(num_labels=2, num_hidden_layers=2, hidden_size=16)

@@ -195,6 +195,7 @@ def test_bad_prune_configs_fail_clearly():
         prune.from_config(cfg, 10)
 
 
+@pytest.mark.slow
 def test_magnitude_pruning_run_resumes_exactly_and_saves_sparse(tmp_path, minilm_dir, glue_dir):
     config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=4)
     with config.unlocked():
@@ -239,6 +240,7 @@ def test_weight_decay_spares_movement_scores_and_lsq_steps():
     np.testing.assert_array_equal(tree["dense"]["kernel@lsq_step"], 1.0)
 
 
+@pytest.mark.slow
 def test_movement_pruning_run_exports_the_pruned_model_without_scores(
     tmp_path, minilm_dir, glue_dir
 ):

@@ -47,6 +47,7 @@ def test_fake_quant_input_grid_and_straight_through():
     np.testing.assert_array_equal(grad, [0, 1, 1, 1, 1, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [False, True])
 def test_calibrated_ranges_cover_every_dense_layer(shared):
     changes = {"attention_groups": (0, 0), "ffn_groups": (0, 0)} if shared else {}
@@ -123,6 +124,7 @@ def test_w8a8_training_writes_a_packed_artefact(tmp_path, minilm_dir, glue_dir):
     assert ranges["activations"]["bits"] == 8 and len(ranges["activations"]["ranges"]) == 14
 
 
+@pytest.mark.slow
 def test_binarybert_training_from_a_ternary_split(tmp_path, minilm_dir, glue_dir):
     config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=2)
     with config.unlocked():
