@@ -129,6 +129,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse reports anything else, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def cmd_eval(args) -> int:
     outputs = train.get_num_outputs(args.task)  # an unknown task fails before any loading
     config, params = load_pretrained(args.model)
@@ -145,6 +156,8 @@ def cmd_eval(args) -> int:
     results = {}
     for split_name in data.get_task(args.task).eval_splits:
         ds = data.load_split(args.task, split_name, glue)
+        if args.examples:
+            ds = ds.select(range(min(args.examples, len(ds))))
         split = data.tokenize_split(ds, args.task, tokenizer, args.max_length)
         results[split_name] = train.evaluate(
             step, params, split, args.task, args.batch_size, buckets
@@ -272,9 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"${assets.GLUE_DIR_ENV}, else the hub)",
     )
     p.add_argument(
-        "--max-length", type=int, default=128, help="truncate inputs to this many tokens"
+        "--max-length", type=_positive_int, default=128, help="truncate inputs to this many tokens"
     )
-    p.add_argument("--batch-size", type=int, default=64, help="examples per eval batch")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="examples per eval batch")
+    p.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=0,
+        help="evaluate at most this many examples (the first) of each split, as a run's "
+        "eval.examples does (default: all)",
+    )
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model")
     p.add_argument("--workdir", required=True, help="a finetune run directory")

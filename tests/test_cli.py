@@ -26,6 +26,7 @@ def test_finetune_eval_export(tmp_path, minilm_dir, glue_dir, capsys, monkeypatc
         "train.steps=3",
         "checkpoint_every=2",
         "eval.batch_size=128",
+        "eval.examples=128",
     ]
     args = ["finetune", "--config", f"{REPO}/configs/finetune.py:sst2", "--workdir", str(workdir)]
     assert main(args + [x for o in overrides for x in ("--set", o)]) == 0
@@ -33,7 +34,8 @@ def test_finetune_eval_export(tmp_path, minilm_dir, glue_dir, capsys, monkeypatc
     summary = json.loads((workdir / "summary.json").read_text())
     assert f"| validation | accuracy | {summary['value']:.4f} |" in table
 
-    assert main(["eval", "--model", str(workdir / "model"), "--task", "sst2"]) == 0
+    evaluate = ["eval", "--model", str(workdir / "model"), "--task", "sst2", "--examples", "128"]
+    assert main(evaluate) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated == summary["eval"]
 

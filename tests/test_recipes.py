@@ -119,6 +119,8 @@ def test_dynamic_inference_stages_on_a_distilled_student(
             power,
         ),
     }
+    for stage in recipe["stages"]:
+        stage["config"]["eval"] = {"batch_size": 128, "examples": 128}  # one eval batch
     summaries = recipes.run_recipe(recipe, tmp_path / "recipe")
     assert [s["stage"] for s in summaries] == ["student", "exits", "power"]
     config, _, exits, _ = early_exit.load_exit_model(tmp_path / "recipe" / "exits" / "exits")

@@ -218,8 +218,7 @@ def test_sharded_training_equals_one_device(tmp_path, minilm_dir, glue_dir):
     assert reference["devices"] == 1 and meshes["devices"] == 8
     expected_runs = {
         "finetune/fsdp": "fsdp",
-        "qat/mixed": "qat",
-        "prune/mixed": "prune",
+        "qat_prune/mixed": "qat_prune",
         "distill/mixed": "distill",
         "finetune/data-then-tensor": "resumed",
     }

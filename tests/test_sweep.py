@@ -34,6 +34,7 @@ def get_config(teacher):
             "checkpoint_every": 2,
             "max_length": 64,
             "buckets": (64,),
+            "eval": {"examples": 128},
         },
     }
     def rank(fraction):
