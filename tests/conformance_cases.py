@@ -1,6 +1,7 @@
 """Every transform, at zero strength and at a real strength: the conformance suite's registry.
 
-Later transforms add a `Case` here; tests/test_conformance.py runs every check on every case.
+Later transforms add a `Case` here; tests/compress/test_conformance.py runs every check on
+every case.
 """
 
 import dataclasses
@@ -11,8 +12,7 @@ import jax.numpy as jnp
 
 from jaxcompress.compress import transforms
 from jaxcompress.models.bert import Bert, init_params
-
-from .helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 @dataclasses.dataclass(frozen=True)

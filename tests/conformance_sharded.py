@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .conformance_cases import CASES, logits, model_and_batch
+from tests.conformance_cases import CASES, logits, model_and_batch
 
 
 def shard(params, mesh):

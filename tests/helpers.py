@@ -12,6 +12,9 @@ from jaxcompress.config import finetune_defaults, merge
 from jaxcompress.models.bert import BertConfig, init_params
 from jaxcompress.models.hf import save_pretrained
 
+# The repository root, whatever the depth of the test file that imports it.
+REPO = Path(__file__).resolve().parents[1]
+
 
 def tiny_config(**changes) -> BertConfig:
     base = dict(
@@ -61,6 +64,11 @@ def save_tiny_model(path: Path, tokenizer_dir: Path, seed: int = 0, **changes) -
     config = tiny_config(**changes)
     params = init_params(config, jax.random.key(seed))
     return save_pretrained(config, params, path, tokenizer_dir=tokenizer_dir)
+
+
+def param_count(params) -> int:
+    """The number of scalars in a parameter tree."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
 LAYER = "bert/encoder/layer/"

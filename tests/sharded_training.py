@@ -17,8 +17,7 @@ import numpy as np
 from jaxcompress.models.bert import init_params
 from jaxcompress.train import sharding
 from jaxcompress.train.loop import train
-
-from .helpers import tiny_config, tiny_run_config
+from tests.helpers import tiny_config, tiny_run_config
 
 CASES = {
     "finetune": {},

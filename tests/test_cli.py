@@ -1,17 +1,13 @@
 """The `jaxcompress` command end to end on a tiny model: finetune, eval, export."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from jaxcompress.cli import main
-
-from .helpers import save_tiny_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, save_tiny_model
 
 
 @pytest.mark.slow

@@ -15,10 +15,8 @@ from jaxcompress.cli import main
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import init_params
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
+from tests.helpers import REPO, save_tiny_model, tiny_config
 
-from .helpers import save_tiny_model, tiny_config
-
-REPO = Path(__file__).resolve().parents[1]
 FINETUNE = f"{REPO}/configs/finetune.py"
 
 

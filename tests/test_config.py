@@ -1,7 +1,5 @@
 """Configs: strict keys, typed overrides, quick variants."""
 
-from pathlib import Path
-
 import ml_collections
 import pytest
 
@@ -12,8 +10,7 @@ from jaxcompress.config import (
     load_config,
     merge,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_finetune_config_loads_with_overrides():

@@ -1,11 +1,10 @@
 """The scripts in examples/ run and show what they claim."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def load_example(name: str):

@@ -4,9 +4,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 README = REPO / "README.md"
 # Relative Markdown links and images: [text](target) or ![alt](target), minus any #anchor.
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")

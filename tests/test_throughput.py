@@ -3,7 +3,6 @@
 import importlib
 import math
 import sys
-from pathlib import Path
 
 import jax
 import jax.extend.core as jex
@@ -13,10 +12,9 @@ from flax.traverse_util import flatten_dict
 
 from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.models.bert import Bert, init_params
+from tests.helpers import REPO, tiny_config
 
-from .helpers import tiny_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 throughput = importlib.import_module("throughput")
 
 CONFIG = tiny_config(num_labels=3)

@@ -4,10 +4,10 @@ import os
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tpu_scripts" / "tpu.sh"
+from tests.helpers import REPO
+
+SCRIPT = REPO / "tpu_scripts" / "tpu.sh"
 SETTINGS = {"TPU_NAME": "t1", "TPU_ZONE": "z1", "TPU_PROJECT": "p1", "TPU_TYPE": "v4-8"}
 # The example in docs/scale.md: a v4-32 slice (4 hosts) writing to a bucket mounted at /mnt/jc.
 EXAMPLE_SETTINGS = {
@@ -190,7 +190,7 @@ def test_dry_run_prints_what_a_real_run_executes(tmp_path):
 
 
 def test_shellcheck_passes():
-    scripts = sorted(str(path) for path in (ROOT / "tpu_scripts").glob("*.sh"))
+    scripts = sorted(str(path) for path in (REPO / "tpu_scripts").glob("*.sh"))
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -206,7 +206,7 @@ def example_block() -> str:
 
 
 def test_docs_show_the_current_dry_run_output():
-    docs = (ROOT / "docs" / "scale.md").read_text()
+    docs = (REPO / "docs" / "scale.md").read_text()
     pattern = r"<!-- tpu-dry-run:begin -->\n```\n(.*?)\n```\n<!-- tpu-dry-run:end -->"
     match = re.search(pattern, docs, re.DOTALL)
     assert match, "docs/scale.md lacks the tpu-dry-run block"

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +13,8 @@ from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert
 from jaxcompress.train import loop as train
-
-from .conformance_cases import CASES, logits, model_and_batch
-from .helpers import simulated_devices_env
+from tests.conformance_cases import CASES, logits, model_and_batch
+from tests.helpers import REPO, simulated_devices_env
 
 IDS = [c.name for c in CASES]
 
@@ -73,10 +71,9 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
 @pytest.mark.devices8
 def test_every_case_on_8_sharded_cpu_devices():
     env = simulated_devices_env(8)
-    repo = Path(__file__).resolve().parents[1]
     script = "from tests.conformance_sharded import main; main()"
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

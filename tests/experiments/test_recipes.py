@@ -9,8 +9,7 @@ from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.experiments import recipes
 from jaxcompress.models import artefact
 from jaxcompress.train import loop as train
-
-from .helpers import save_tiny_model
+from tests.helpers import save_tiny_model
 
 SMALL_RUN = {"examples": 64, "batch_size": 16, "steps": 2}
 

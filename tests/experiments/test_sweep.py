@@ -17,10 +17,7 @@ from jaxcompress.compress.quant import qat
 from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.models import artefact
 from jaxcompress.train import loop as train
-
-from .helpers import save_tiny_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, save_tiny_model
 
 SWEEP_FILE = """
 def get_config(teacher):

@@ -8,8 +8,7 @@ from flax.traverse_util import flatten_dict
 
 from jaxcompress.models.bert import Bert, BertConfig, init_params, param_logical_axes
 from jaxcompress.models.hf import load_pretrained
-
-from .helpers import compressed_tiny_config, tiny_config
+from tests.helpers import compressed_tiny_config, tiny_config
 
 SENTENCES = [
     "hide new secretions from the parental units",

@@ -11,8 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
-
-from .helpers import compressed_tiny_config, save_tiny_model, tiny_config
+from tests.helpers import compressed_tiny_config, save_tiny_model, tiny_config
 
 
 def _logits(config, params, ids):

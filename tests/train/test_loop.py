@@ -11,8 +11,7 @@ from jaxcompress.config import finetune_defaults
 from jaxcompress.train import checkpoint
 from jaxcompress.train.loop import make_optimizer, train
 from jaxcompress.train.run_dir import RunDir
-
-from .helpers import save_tiny_model, tiny_run_config
+from tests.helpers import save_tiny_model, tiny_run_config
 
 
 @pytest.fixture(scope="module")

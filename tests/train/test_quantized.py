@@ -20,8 +20,7 @@ from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, Linear, init_params
 from jaxcompress.train.loop import train
 from jaxcompress.train.quantized import calibrate_bert
-
-from .helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
+from tests.helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
 
 
 def _batch(seed=0, batch=4, length=12):

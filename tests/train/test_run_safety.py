@@ -19,8 +19,7 @@ from jaxcompress.experiments.latency import inference_latency
 from jaxcompress.train import checkpoint, progress
 from jaxcompress.train import loop as train
 from jaxcompress.train.run_dir import RunDir
-
-from .helpers import save_tiny_model, tiny_config, tiny_run_config
+from tests.helpers import save_tiny_model, tiny_config, tiny_run_config
 
 BAD_VALUES = [
     ("train.batch_size", -8),

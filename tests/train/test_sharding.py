@@ -4,7 +4,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +20,8 @@ from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.train import grads, sharding
 from jaxcompress.train import loop as train
-
-from .helpers import save_tiny_model, simulated_devices_env, tiny_config, tiny_run_config
-from .sharded_training import CASES, STEPS
+from tests.helpers import REPO, save_tiny_model, simulated_devices_env, tiny_config, tiny_run_config
+from tests.sharded_training import CASES, STEPS
 
 P = PartitionSpec
 MIXED = AbstractMesh((2, 2, 2), sharding.AXES)
@@ -200,9 +198,8 @@ def test_bad_mesh_and_batch_splits_fail_before_training(tmp_path, minilm_dir, gl
 
 def _subprocess(devices: int, *args: str) -> dict:
     env = simulated_devices_env(devices)
-    repo = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "tests.sharded_training", *args]
-    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT "))
     return json.loads(line.removeprefix("REPORT "))

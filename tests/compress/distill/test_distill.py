@@ -9,8 +9,7 @@ from jaxcompress.compress import share
 from jaxcompress.compress.distill import losses as distill
 from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.models.bert import Bert, init_params, layer_projections, unshare_layers
-
-from .helpers import tiny_config
+from tests.helpers import tiny_config
 
 B, L, H = 3, 6, 8
 

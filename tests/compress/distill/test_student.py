@@ -11,13 +11,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxcompress.compress import factorize, share, transforms
 from jaxcompress.compress.distill import student
 from jaxcompress.models.bert import Bert, Layer, abstract_params, init_params
-
-from .conformance_cases import logits, model_and_batch
-from .helpers import LAYER, assert_layers_taken, tiny_config
-
-
-def count(params) -> int:
-    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+from tests.conformance_cases import logits, model_and_batch
+from tests.helpers import LAYER, assert_layers_taken, param_count, tiny_config
 
 
 def hidden_states(config, params, batch):
@@ -210,7 +205,7 @@ def bert_count(config, heads_width: int) -> int:
 )
 def test_shrink_width_shapes_and_count(widths, head_size):
     config, params, _ = model_and_batch()
-    assert count(params) == bert_count(config, 32)
+    assert param_count(params) == bert_count(config, 32)
     new_config, new_params = student.shrink_width(config, params, **widths)
     assert new_config.head_size == head_size
     assert new_config.attention_head_size == config.attention_head_size
@@ -219,7 +214,7 @@ def test_shrink_width_shapes_and_count(widths, head_size):
     assert new_config.intermediate_size == widths.get("intermediate_size", 64)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, new_params)
     assert shapes == jax.tree_util.tree_map(lambda x: x.shape, abstract_params(new_config))
-    assert count(new_params) == bert_count(new_config, new_config.num_attention_heads * 8)
+    assert param_count(new_params) == bert_count(new_config, new_config.num_attention_heads * 8)
 
 
 def test_slice_keeps_the_leading_block_of_every_parameter():
@@ -351,7 +346,7 @@ def test_student_transforms_by_name():
     composed = transforms.from_specs(["keep_layers(keep=3)", spec, "reinitialize(seed=2)"])
     small_config, small = composed(config, params)
     assert small_config.num_hidden_layers == 3
-    assert count(small) == bert_count(small_config, 16)
+    assert param_count(small) == bert_count(small_config, 16)
     with pytest.raises(ValueError, match="exactly one of keep or layers"):
         transforms.parse("keep_layers(keep=2, layers=[0, 1])")
     with pytest.raises(ValueError, match="exactly one of keep or layers"):

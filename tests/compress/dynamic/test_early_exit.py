@@ -19,8 +19,13 @@ from jaxcompress.compress.dynamic.early_exit import (
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.train.loop import train
-
-from .helpers import compressed_tiny_config, save_tiny_model, tiny_config, tiny_run_config
+from tests.helpers import (
+    REPO,
+    compressed_tiny_config,
+    save_tiny_model,
+    tiny_config,
+    tiny_run_config,
+)
 
 
 def batch_of(rows: int = 6, length: int = 10, padding_rows: int = 1, seed: int = 0) -> dict:
@@ -196,11 +201,10 @@ def test_training_exit_heads_leaves_a_frozen_backbone_unchanged(tmp_path, minilm
 
 
 def test_dynamic_configs_load_under_the_strict_defaults():
-    from pathlib import Path
 
     from jaxcompress.config import load_config
 
-    spec = str(Path(__file__).resolve().parents[1] / "configs" / "dynamic.py")
+    spec = str(REPO / "configs" / "dynamic.py")
     labels = load_config(f"{spec}:exits_labels")
     assert labels.early_exit.layers == (1, 2, 3, 4, 5) and labels.early_exit.freeze_backbone
     assert load_config(f"{spec}:exits_final").early_exit.targets == "final"

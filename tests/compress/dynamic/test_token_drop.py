@@ -9,8 +9,7 @@ from jaxcompress.compress.dynamic import token_drop
 from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig, init_params
 from jaxcompress.models.hf import hf_config_dict
-
-from .helpers import peaked_config, tiny_config
+from tests.helpers import peaked_config, tiny_config
 
 L = 8
 

@@ -15,8 +15,7 @@ from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, abstract_params
 from jaxcompress.models.hf import save_pretrained
 from jaxcompress.train.loop import train
-
-from .helpers import tiny_config, tiny_model_run_config
+from tests.helpers import tiny_config, tiny_model_run_config
 
 LAYER = "bert/encoder/layer/"
 CONFIG = tiny_config(num_labels=2)  # 2 layers, 4 heads of 8, FFN 64

@@ -12,8 +12,7 @@ from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.config import finetune_defaults
 from jaxcompress.train.loop import make_optimizer, train
-
-from .helpers import tiny_model_run_config
+from tests.helpers import tiny_model_run_config
 
 RULES = [(r".*/kernel", True), (".*", None)]
 

@@ -14,8 +14,7 @@ from jaxcompress.compress.distill.objective import task_loss
 from jaxcompress.compress.quant import hessian
 from jaxcompress.compress.quant.qat import quantize_tree
 from jaxcompress.models.bert import Bert, init_params
-
-from .helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 def quadratic(a: np.ndarray):

@@ -13,9 +13,8 @@ from jaxcompress.compress.distill import student
 from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig, Layer, init_params
 from jaxcompress.models.hf import hf_config_dict
-
-from .conformance_cases import model_and_batch
-from .helpers import LAYER, assert_layers_taken, peaked_config, tiny_config
+from tests.conformance_cases import model_and_batch
+from tests.helpers import LAYER, assert_layers_taken, peaked_config, tiny_config
 
 
 def batch():
