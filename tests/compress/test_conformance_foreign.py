@@ -27,7 +27,7 @@ from jaxcompress.compress.quant import pack
 from jaxcompress.compress.quant.qat import add_lsq_steps, default_rules, qat
 from jaxcompress.compress.quant.quantizers import QuantSpec
 
-from .foreign_models import MODELS, Foreign, foreign
+from tests.foreign_models import MODELS, Foreign, foreign
 
 KERNELS = [(".*kernel", True), (".*", None)]
 NOTHING = [(".*", None)]
