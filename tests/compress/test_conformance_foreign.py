@@ -26,7 +26,6 @@ from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.compress.quant import pack
 from jaxcompress.compress.quant.qat import add_lsq_steps, default_rules, qat
 from jaxcompress.compress.quant.quantizers import QuantSpec
-
 from tests.foreign_models import MODELS, Foreign, foreign
 
 KERNELS = [(".*kernel", True), (".*", None)]
