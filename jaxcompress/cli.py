@@ -41,8 +41,7 @@ def check_workdir(workdir: str) -> None:
     path = Path(workdir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path, prefix=".jaxcompress-write-check-"):
-            pass
+        tempfile.TemporaryFile(dir=path, prefix=".jaxcompress-write-check-").close()
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise UserError(

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+from flax.core import FrozenDict
 
 log = logging.getLogger(__name__)
 
@@ -148,35 +150,57 @@ def map_rules(
     return map_with_path(lambda p, x: fn(p, x, selected[p]) if p in selected else x, params)
 
 
-def _items(mapping: Mapping) -> Any:
-    """A mapping's own entries (an `nnx.State` wraps nested dicts on access; not here)."""
-    return getattr(mapping, "raw_mapping", mapping).items()
+KeyPath = tuple[Any, ...]
+# edit(key path of the mapping, its entries with their subtrees already edited) -> new entries
+Edit = Callable[[KeyPath, dict[Any, Any]], dict[Any, Any]]
 
 
-def _rebuild(mapping: Mapping, items: dict) -> Mapping:
-    """A mapping of `mapping`'s type (dict, FrozenDict, nnx.State) holding `items`."""
-    return items if type(mapping) is dict else type(mapping)(items)
+def is_entry(x: Any) -> bool:
+    """Whether `x` holds one weight: an array leaf, or an `nnx.Variable` wrapping one."""
+    if isinstance(x, nnx.Variable):
+        return True
+    return x is not None and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
 
 
-def _drop_keys(tree: Any, drop: Callable[[str], bool], side: dict[str, Any], prefix: str) -> Any:
-    if isinstance(tree, Mapping):
-        out = {}
-        for key, value in _items(tree):
-            name = str(key)
-            if drop(name):
-                side[prefix + name] = value
-            else:
-                out[key] = _drop_keys(value, drop, side, f"{prefix}{name}/")
-        return _rebuild(tree, out)
-    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
-        return type(tree)(_drop_keys(v, drop, side, f"{prefix}{i}/") for i, v in enumerate(tree))
-    return tree
+def _items(node: Mapping) -> dict[Any, Any]:
+    # nnx.State keeps its nested levels as plain dicts; walking those rebuilds it exactly.
+    return dict(node.raw_mapping if isinstance(node, nnx.State) else node)
+
+
+def _mapping_like(node: Mapping, items: dict[Any, Any]) -> Mapping:
+    if isinstance(node, nnx.State):
+        return type(node)(items)
+    if isinstance(node, FrozenDict):
+        return FrozenDict(items)
+    return items if type(node) is dict else type(node)(items)
+
+
+def edit_mappings(tree: Params, edit: Edit) -> Params:
+    """`tree` with the entries of every mapping (dict, FrozenDict, nnx.State) replaced by
+    `edit(key_path, entries)`, innermost mappings first; other nodes keep their type."""
+
+    def walk(node: Any, prefix: KeyPath) -> Any:
+        if node is None or is_entry(node):
+            return node
+        if isinstance(node, Mapping):
+            items = {
+                k: walk(v, (*prefix, jax.tree_util.DictKey(k))) for k, v in _items(node).items()
+            }
+            return _mapping_like(node, edit(prefix, items))
+        children, treedef = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x: x is not node
+        )
+        return treedef.unflatten([walk(child, (*prefix, *kp)) for kp, child in children])
+
+    return walk(tree, ())
 
 
 def strip_extra_leaves(params: Params) -> Params:
     """`params` without the extra leaves of training-time methods: mapping entries whose key
     contains '@' (movement scores, LSQ steps, binary-split halves), at any depth."""
-    return _drop_keys(params, lambda name: EXTRA_MARK in name, {}, "")
+    return edit_mappings(
+        params, lambda _, items: {k: v for k, v in items.items() if EXTRA_MARK not in str(k)}
+    )
 
 
 def compose(*transforms: StructureTransform) -> StructureTransform:

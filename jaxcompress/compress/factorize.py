@@ -110,7 +110,7 @@ def low_rank_params(params: core.Params, rules: core.Rules) -> tuple[core.Params
             done.add(path)
         return out
 
-    result = tree.edit_mappings(params, edit)
+    result = core.edit_mappings(params, edit)
     if missing := sorted(set(selected) - done):
         raise ValueError(
             f"low_rank: {missing[0]} sits in a list or tuple, not as the 'kernel' entry of a "
@@ -142,7 +142,7 @@ def densify(params: core.Params) -> core.Params:
                 out[key] = entry
         return out
 
-    return tree.edit_mappings(params, edit)
+    return core.edit_mappings(params, edit)
 
 
 def low_rank(config: BertConfig, params: dict, rules: core.Rules) -> tuple[BertConfig, dict]:
@@ -210,4 +210,4 @@ def factorize_embeddings(
         new = {word_key: tree.like(entry, words), projection_key: tree.like(entry, projection)}
         return items | new
 
-    return config.replace(embedding_size=embedding_size), tree.edit_mappings(params, edit)
+    return config.replace(embedding_size=embedding_size), core.edit_mappings(params, edit)

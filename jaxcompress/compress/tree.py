@@ -2,58 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 from flax import nnx
-from flax.core import FrozenDict
 
 from jaxcompress import core
-
-KeyPath = tuple[Any, ...]
-# edit(key path of the mapping, its entries with their subtrees already edited) -> new entries
-Edit = Callable[[KeyPath, dict[Any, Any]], dict[Any, Any]]
-
-
-def is_entry(x: Any) -> bool:
-    """Whether `x` holds one weight: an array leaf, or an `nnx.Variable` wrapping one."""
-    if isinstance(x, nnx.Variable):
-        return True
-    return x is not None and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
-
-
-def _items(node: Mapping) -> dict[Any, Any]:
-    # nnx.State keeps its nested levels as plain dicts; walking those rebuilds it exactly.
-    return dict(node.raw_mapping if isinstance(node, nnx.State) else node)
-
-
-def _mapping_like(node: Mapping, items: dict[Any, Any]) -> Mapping:
-    if isinstance(node, nnx.State):
-        return type(node)(items)
-    if isinstance(node, FrozenDict):
-        return FrozenDict(items)
-    return items if type(node) is dict else type(node)(items)
-
-
-def edit_mappings(tree: core.Params, edit: Edit) -> core.Params:
-    """`tree` with the entries of every mapping (dict, FrozenDict, nnx.State) replaced by
-    `edit(key_path, entries)`, innermost mappings first; other nodes keep their type."""
-
-    def walk(node: Any, prefix: KeyPath) -> Any:
-        if node is None or is_entry(node):
-            return node
-        if isinstance(node, Mapping):
-            items = {
-                k: walk(v, (*prefix, jax.tree_util.DictKey(k))) for k, v in _items(node).items()
-            }
-            return _mapping_like(node, edit(prefix, items))
-        children, treedef = jax.tree_util.tree_flatten_with_path(
-            node, is_leaf=lambda x: x is not node
-        )
-        return treedef.unflatten([walk(child, (*prefix, *kp)) for kp, child in children])
-
-    return walk(tree, ())
+from jaxcompress.core import KeyPath, edit_mappings, is_entry
 
 
 def entry_path(prefix: KeyPath, key: Any, entry: Any) -> str | None:

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from jaxcompress import core
 from jaxcompress.compress.quant.qat import SPLIT_SUFFIX, quantize_tree
 from jaxcompress.compress.quant.quantizers import QTensor, QuantSpec, dequantize
-from jaxcompress.compress.tree import is_entry
+from jaxcompress.core import is_entry
 
 META_KEY = "jaxcompress.quant"  # the JSON description, in the safetensors header metadata
 FORMAT = 1
