@@ -1,17 +1,19 @@
 """jaxcompress: compression of BERT-style Transformers as pure transforms over parameter trees.
 
-The names below are the public API for other JAX projects: transforms that take any
-parameter tree addressed by path rules (`core`), and the model, training and recipe entry
-points of this package. Submodules hold the rest; names that are also submodules are not
-re-exported (`jaxcompress.compress.quant.qat.qat`), and no public name is called like a
-subpackage (`models`, `data`, `compress`, `train`, `experiments`), so that
-`from jaxcompress import train` keeps meaning the subpackage.
+The names below are the model-agnostic public API for other JAX projects, transforms that
+take any parameter tree addressed by path rules (`core`): rules and reparams with the optax
+wrapper, quantizers and QAT, pruning, low rank, sharing and distillation losses. BERT's
+names (the model and its config, Hugging Face loading and saving, head and FFN pruning, its
+rule presets and structure transforms) are in `jaxcompress.bert`. Submodules hold the rest;
+names that are also submodules are not re-exported (`jaxcompress.compress.quant.qat.qat`),
+and no public name is called like a subpackage or module (`models`, `data`, `compress`,
+`train`, `experiments`, `bert`), so that `from jaxcompress import train` keeps meaning the
+subpackage.
 """
 
 from jaxcompress.compress.distill.losses import attention_kl, hidden_mse, soft_cross_entropy
 from jaxcompress.compress.factorize import LowRank, densify, low_rank_params, svd_factors
 from jaxcompress.compress.intercept import low_rank_layers, use_low_rank
-from jaxcompress.compress.prune.structured import head_importance, prune_ffn, prune_heads, shrink
 from jaxcompress.compress.prune.unstructured import (
     Schedule,
     add_movement_scores,
@@ -38,12 +40,8 @@ from jaxcompress.core import (
     reparam_apply,
     with_reparam,
 )
-from jaxcompress.models.bert import Bert, BertConfig
-from jaxcompress.models.hf import load_pretrained, save_pretrained
 
 __all__ = [
-    "Bert",
-    "BertConfig",
     "GoboSpec",
     "LowRank",
     "QuantSpec",
@@ -64,26 +62,20 @@ __all__ = [
     "finalize",
     "gobo_dequantize",
     "gobo_quantize",
-    "head_importance",
     "hidden_mse",
     "hutchinson_trace",
     "identity",
     "keep_pruned_zero",
     "leaf_paths",
-    "load_pretrained",
     "low_rank_layers",
     "low_rank_params",
     "magnitude_pruning",
     "map_rules",
     "match_rules",
     "movement_pruning",
-    "prune_ffn",
-    "prune_heads",
     "quantized_inputs",
     "reparam_apply",
     "rewind",
-    "save_pretrained",
-    "shrink",
     "soft_cross_entropy",
     "svd_factors",
     "ternary_split",

@@ -47,7 +47,17 @@ def _group_map(groups: str | tuple | list, num_layers: int) -> tuple[int, ...]:
 
 
 def share_layers(groups="all", scope: str = "layer", init="mean") -> StructureTransform:
-    """Cross-layer sharing of whole layers, attention only, or FFN only."""
+    """Cross-layer sharing (ALBERT) of whole layers, attention only, or FFN only.
+
+    Args:
+      groups: 'all' (one shared layer), 'every:K' (K consecutive layers per group) or a
+        layer -> group list, e.g. (0, 0, 1, 1).
+      scope: 'layer', 'attention' or 'ffn': which part of each layer is shared.
+      init: each shared group's value: 'mean', 'first' or 'last' member, or a layer index.
+
+    Returns:
+      A `(config, params) -> (config, params)` structure transform to the shared model.
+    """
     if scope not in ("layer", "attention", "ffn"):
         raise ValueError(f"scope must be 'layer', 'attention' or 'ffn', got {scope!r}")
 
@@ -69,7 +79,18 @@ def factorize_embeddings(
     *,
     context: TransformContext | None = None,
 ) -> StructureTransform:
-    """ALBERT's V x E, E x H embedding factorization; `frequency_svd` counts training tokens."""
+    """ALBERT's V x E, E x H embedding factorization of the word-embedding table.
+
+    Args:
+      embedding_size: E, in 1..hidden_size.
+      init: 'svd' (truncated SVD of the trained table), 'frequency_svd' (the SVD weighted by
+        training-token counts) or 'fresh' (random factors).
+      seed: the random key's seed for init='fresh'.
+      context: supplies `token_counts` for init='frequency_svd'.
+
+    Returns:
+      A `(config, params) -> (config, params)` structure transform to the factorized model.
+    """
     if init == "frequency_svd" and (context is None or context.token_counts is None):
         raise ValueError("init='frequency_svd' needs training token counts from the caller")
 
@@ -89,7 +110,19 @@ def low_rank(
     energy: float | None = None,
     pattern: str | None = None,
 ) -> StructureTransform:
-    """Truncated-SVD factorization of the dense kernels of `target` (or a regex `pattern`)."""
+    """Truncated-SVD factorization of BERT's dense kernels: each becomes kernel_a @ kernel_b.
+
+    Args:
+      target: 'ffn', 'attention' or 'all' (`bert_rules.LOW_RANK_TARGETS`); ignored when
+        `pattern` is given.
+      fraction: kept rank as a share of full rank (give exactly one of fraction, rank, energy).
+      rank: kept rank.
+      energy: the smallest rank keeping this share of the squared singular values.
+      pattern: a regex on parameter paths choosing the kernels instead of `target`.
+
+    Returns:
+      A `(config, params) -> (config, params)` structure transform to the factorized model.
+    """
     if pattern is None:
         if target not in LOW_RANK_TARGETS:
             raise ValueError(f"target must be one of {sorted(LOW_RANK_TARGETS)}, got {target!r}")
@@ -105,8 +138,18 @@ def keep_layers(
     *,
     context: TransformContext | None = None,
 ) -> StructureTransform:
-    """A shallower student: `keep` teacher layers chosen by `strategy`, or the given `layers`;
-    `contribution` measures each layer on the context's hidden states of training batches."""
+    """A shallower student: `keep` teacher layers chosen by `strategy`, or the given `layers`.
+
+    Args:
+      keep: how many layers to keep (give exactly one of keep and layers).
+      strategy: how to choose them (`student.LAYER_STRATEGIES`, e.g. 'every_other');
+        'contribution' measures each layer on the context's hidden states of training batches.
+      layers: the teacher layers to keep, in order.
+      context: supplies `hidden_states` for strategy='contribution'.
+
+    Returns:
+      A `(config, params) -> (config, params)` structure transform to the student.
+    """
     if (keep is None) == (layers is None):
         raise ValueError("keep_layers needs exactly one of keep or layers")
     if strategy not in student.LAYER_STRATEGIES:
@@ -140,7 +183,19 @@ def shrink_width(
     init: str = "slice",
     seed: int = 0,
 ) -> StructureTransform:
-    """A narrower student: sliced from the teacher, its heaviest dimensions kept, or fresh."""
+    """A narrower student: sliced from the teacher, its heaviest dimensions kept, or fresh.
+
+    Args:
+      hidden_size: the student's hidden width; None keeps the teacher's.
+      num_heads: the student's heads per layer (head size unchanged); None keeps them.
+      intermediate_size: the student's FFN width; None keeps the teacher's.
+      init: 'slice' (the first dimensions), 'magnitude' (the heaviest) or 'fresh'.
+      seed: the random seed for init='fresh'.
+
+    Returns:
+      A `(config, params) -> (config, params)` structure transform from an uncompressed
+      model to the student.
+    """
     if init not in student.WIDTH_INITS:
         raise ValueError(f"init must be one of {student.WIDTH_INITS}, got {init!r}")
     return functools.partial(

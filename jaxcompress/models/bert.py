@@ -517,6 +517,21 @@ class Bert(nn.Module):
 
     `model.apply({'params': params}, input_ids, ..., rngs={'dropout': key})` for training;
     `deterministic=True` (default) for evaluation.
+
+    Args:
+      config: the model's `BertConfig` (the module's one field).
+
+    Call args:
+      input_ids: int [B, L] token ids.
+      attention_mask: [B, L], 1 for real tokens; None attends to every position.
+      token_type_ids: [B, L] segment ids; None means all zeros.
+      deterministic: no dropout when True.
+      output_hidden_states: also return the embeddings output and every layer's output.
+      output_attentions: also return every layer's attention probabilities.
+
+    Returns:
+      A `BertOutput`: last_hidden_state, pooled_output, logits (None without a task head),
+      and hidden_states / attentions when asked for.
     """
 
     config: BertConfig
@@ -575,7 +590,16 @@ def layer_projections(config: BertConfig, intermediates: dict) -> tuple[dict[str
 
 
 def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict:
-    """Fresh parameters (plain arrays, logical-axis boxes removed)."""
+    """Fresh parameters of `Bert(config)` (plain arrays, logical-axis boxes removed).
+
+    Args:
+      config: the model's `BertConfig`.
+      rng: the random key of the initialisation.
+      seq_len: the sequence length of the dummy input used to trace the model.
+
+    Returns:
+      The parameter tree (the `params` collection).
+    """
     ids = jnp.zeros((1, seq_len), jnp.int32)
     variables = Bert(config).init(rng, ids)
     return nn.meta.unbox(variables["params"])

@@ -219,10 +219,21 @@ def load_pretrained(
 ) -> tuple[BertConfig, dict]:
     """Load a Hugging Face BERT directory (or hub id) as `(config, params)`.
 
-    Works with or without the `bert.` prefix and with or without a classifier. `num_labels`
-    None keeps the checkpoint's head (or none); a number asks for that head, freshly
-    initialised (seeded by `head_seed`) when the checkpoint has none. `overrides` replace
-    config fields (e.g. `dtype="bfloat16"`, `hidden_dropout_prob=0.0`).
+    Works with or without the `bert.` prefix and with or without a classifier.
+
+    Args:
+      name_or_path: a model directory, or a hub id looked up under `model_root` or
+        downloaded (`resolve_model_dir`).
+      num_labels: None keeps the checkpoint's head (or none); a number asks for that head,
+        freshly initialised when the checkpoint has none.
+      head_seed: the seed of a freshly initialised head.
+      allow_pickle: read a pickled `pytorch_model.bin` when there are no safetensors
+        (pickles can execute code when loaded).
+      **overrides: config fields to replace, e.g. `dtype="bfloat16"`,
+        `hidden_dropout_prob=0.0`.
+
+    Returns:
+      `(config, params)`: the `BertConfig` and the parameter tree of `Bert(config)`.
     """
     directory = resolve_model_dir(name_or_path)
     config_file = directory / "config.json"
@@ -360,7 +371,16 @@ def save_pretrained(
     """Write a Hugging Face directory (config.json + model.safetensors), atomically.
 
     Compressed shapes are exported as their dense equivalent (see `dense_equivalent`).
-    `label_names` (one per output) become config.json's id2label / label2id.
+
+    Args:
+      config: the model's `BertConfig`; needs head_size * num_attention_heads == hidden_size.
+      params: the model's parameters.
+      path: the directory to write; an existing one is replaced.
+      tokenizer_dir: a directory whose tokenizer files are copied alongside, if given.
+      label_names: one name per output, written as config.json's id2label / label2id.
+
+    Returns:
+      The written directory's path.
     """
     if config.attention_head_size * config.num_attention_heads != config.hidden_size:
         raise ValueError(

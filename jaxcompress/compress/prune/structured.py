@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 
@@ -135,7 +134,17 @@ def accumulate_importance(
 def head_importance(
     config: BertConfig, params: dict, grads: dict, normalize: bool = True
 ) -> np.ndarray:
-    """|dL/dxi_h| of every head from one gradient tree: [layers, max heads]."""
+    """Michel et al.'s importance |dL/dxi_h| of every attention head, from one gradient tree.
+
+    Args:
+      config: the model's `BertConfig` (pruned and shared layers included).
+      params: the model's parameters.
+      grads: the gradient of the task loss w.r.t. `params` (same tree), e.g. one batch's.
+      normalize: divide each layer by its L2 norm over existing heads.
+
+    Returns:
+      A float array [layers, max heads per layer], NaN where a layer has fewer heads.
+    """
     return accumulate_importance(config, params, [grads], "heads", normalize)
 
 
@@ -287,8 +296,18 @@ def shrink(
 ) -> tuple[BertConfig, dict]:
     """Physically remove pruned heads and FFN neurons; computes what the masked parent does.
 
-    Sets `heads_per_layer` / `intermediate_per_layer` (back to `None` when every layer has
-    the uniform size). Kept units stay in their order, so masks index the input model.
+    Kept units stay in their order, so masks index the input model.
+
+    Args:
+      config: the model's `BertConfig`.
+      params: the model's parameters.
+      head_keep: bool [layers, max heads], True = keep; None keeps every head.
+      ffn_keep: bool [layers, max intermediate], True = keep; None keeps every FFN neuron.
+
+    Returns:
+      `(config, params)` of the smaller model: `heads_per_layer` / `intermediate_per_layer`
+      set (back to `None` when every layer has the uniform size), the pruned rows and
+      columns sliced out of the kernels and biases.
     """
     flat = flatten_dict(params, sep="/")
     changes = {}
@@ -405,5 +424,71 @@ def prune_units(
     return transform
 
 
-prune_heads = functools.partial(prune_units, "heads")
-prune_ffn = functools.partial(prune_units, "ffn")
+def prune_heads(
+    fraction: float,
+    scope: str = "global",
+    steps: int = 1,
+    *,
+    gradient_fn: GradientFn,
+    min_per_layer: int = 0,
+    normalize: bool = True,
+) -> StructureTransform:
+    """Structure transform removing the least important attention heads (Michel et al.).
+
+    Args:
+      fraction: the share of all heads to remove, rounded to whole heads.
+      scope: 'global' ranks heads across layers; 'layer' removes `fraction` of each layer.
+      steps: rounds of scoring and removal (iterative pruning); 1 is one-shot.
+      gradient_fn: (config, params) -> gradient trees of the task loss, one per batch, e.g.
+        `task_gradient_fn(batches)`.
+      min_per_layer: heads every layer keeps at least.
+      normalize: L2-normalise importance per layer before ranking.
+
+    Returns:
+      A `(config, params) -> (config, params)` transform whose model has the heads removed
+      (`shrink`).
+    """
+    return prune_units(
+        "heads",
+        fraction,
+        scope,
+        steps,
+        gradient_fn=gradient_fn,
+        min_per_layer=min_per_layer,
+        normalize=normalize,
+    )
+
+
+def prune_ffn(
+    fraction: float,
+    scope: str = "global",
+    steps: int = 1,
+    *,
+    gradient_fn: GradientFn,
+    min_per_layer: int = 0,
+    normalize: bool = True,
+) -> StructureTransform:
+    """Structure transform removing the least important FFN neurons (gate-gradient importance).
+
+    Args:
+      fraction: the share of all FFN neurons to remove, rounded to whole neurons.
+      scope: 'global' ranks neurons across layers; 'layer' removes `fraction` of each layer.
+      steps: rounds of scoring and removal (iterative pruning); 1 is one-shot.
+      gradient_fn: (config, params) -> gradient trees of the task loss, one per batch, e.g.
+        `task_gradient_fn(batches)`.
+      min_per_layer: neurons every layer keeps at least.
+      normalize: L2-normalise importance per layer before ranking.
+
+    Returns:
+      A `(config, params) -> (config, params)` transform whose model has the neurons removed
+      (`shrink`).
+    """
+    return prune_units(
+        "ffn",
+        fraction,
+        scope,
+        steps,
+        gradient_fn=gradient_fn,
+        min_per_layer=min_per_layer,
+        normalize=normalize,
+    )
