@@ -288,13 +288,16 @@ def shrink(
     """Physically remove pruned heads and FFN neurons; computes what the masked parent does.
 
     Sets `heads_per_layer` / `intermediate_per_layer` (back to `None` when every layer has
-    the uniform size). Kept units stay in their order, so masks index the input model.
+    the uniform size). Kept units stay in their order, so masks index the input model. A layer
+    that keeps every unit keeps its arrays, so removing nothing returns the input leaves.
     """
     flat = flatten_dict(params, sep="/")
     changes = {}
     for kind, keep in (("heads", head_keep), ("ffn", ffn_keep)):
         units = _units(config, kind, keep)
         for layer, cols in units:
+            if cols.all():
+                continue  # nothing removed: the same arrays (placement kept, no host copy)
             prefix, index = f"{_LAYER}{layer}/", np.flatnonzero(cols)
             for module in _PRODUCERS[kind]:
                 for name, axis in (("kernel", 1), ("bias", 0)):
