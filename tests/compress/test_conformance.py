@@ -9,14 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcompress.compress import transforms
 from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert
 from jaxcompress.train import loop as train
-from tests.conformance_cases import CASES, logits, model_and_batch
+from tests.conformance_cases import CASES, UNCASED, logits, model_and_batch
 from tests.helpers import REPO, simulated_devices_env
 
 IDS = [c.name for c in CASES]
+
+
+def test_every_registered_transform_has_a_case():
+    cased = {case.transform for case in CASES}
+    assert cased <= set(transforms.REGISTRY), cased - set(transforms.REGISTRY)
+    assert not cased & UNCASED, cased & UNCASED
+    assert UNCASED <= set(transforms.REGISTRY), UNCASED - set(transforms.REGISTRY)
+    missing = set(transforms.REGISTRY) - cased - UNCASED
+    assert not missing, f"add a Case to tests/conformance_cases.py for {sorted(missing)}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

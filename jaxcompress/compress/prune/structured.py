@@ -296,7 +296,8 @@ def shrink(
 ) -> tuple[BertConfig, dict]:
     """Physically remove pruned heads and FFN neurons; computes what the masked parent does.
 
-    Kept units stay in their order, so masks index the input model.
+    Kept units stay in their order, so masks index the input model. A layer that keeps every
+    unit keeps its arrays, so removing nothing returns the input leaves.
 
     Args:
       config: the model's `BertConfig`.
@@ -314,6 +315,8 @@ def shrink(
     for kind, keep in (("heads", head_keep), ("ffn", ffn_keep)):
         units = _units(config, kind, keep)
         for layer, cols in units:
+            if cols.all():
+                continue  # nothing removed: the same arrays (placement kept, no host copy)
             prefix, index = f"{_LAYER}{layer}/", np.flatnonzero(cols)
             for module in _PRODUCERS[kind]:
                 for name, axis in (("kernel", 1), ("bias", 0)):

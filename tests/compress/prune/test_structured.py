@@ -267,6 +267,20 @@ def test_bad_fraction_is_an_error(fraction):
         structured.prune_heads(fraction, gradient_fn=lambda c, p: [])
 
 
+@pytest.mark.parametrize("prune", [structured.prune_heads, structured.prune_ffn])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_fraction_zero_is_an_exact_no_op(params, prune, scope):
+    def gradient_fn(config, p):
+        raise AssertionError("nothing to remove: no importance needed")
+
+    same_config, same = prune(0.0, scope, steps=2, gradient_fn=gradient_fn)(CONFIG, params)
+    assert same_config == CONFIG
+    assert jax.tree_util.tree_structure(same) == jax.tree_util.tree_structure(params)
+    # The very same arrays: no host copy, so a sharded model keeps its placement.
+    leaves, original = jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params)
+    assert all(a is b for a, b in zip(leaves, original, strict=True))
+
+
 def test_bad_mask_arguments_are_errors(params):
     with pytest.raises(ValueError, match="scope must be one of"):
         structured.neuron_mask(np.zeros((2, 4)), 0.5, scope="model")
