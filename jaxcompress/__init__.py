@@ -17,7 +17,6 @@ from jaxcompress.compress.intercept import low_rank_layers, use_low_rank
 from jaxcompress.compress.prune.unstructured import (
     Schedule,
     add_movement_scores,
-    keep_pruned_zero,
     magnitude_pruning,
     movement_pruning,
     rewind,
@@ -65,7 +64,6 @@ __all__ = [
     "hidden_mse",
     "hutchinson_trace",
     "identity",
-    "keep_pruned_zero",
     "leaf_paths",
     "low_rank_layers",
     "low_rank_params",

@@ -204,14 +204,14 @@ def cmd_export(args) -> int:
             "command (it saves every checkpoint_every steps and at the end), then export"
         )
     teacher, _ = train.load_teacher(config)  # its width decides the checkpoint's projections
-    bert_config, _, _, state, pruning = train.initial_state(
+    bert_config, _, _, state, _ = train.initial_state(
         config, total_steps=1, teacher_config=None if teacher is None else teacher.config
     )
     restored = checkpoint.restore_latest(checkpoint.manager(run / "checkpoints"), state)
     if restored is None:
         raise UserError(f"run {run} has no readable checkpoint in {run / 'checkpoints'}")
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
-    params = train.pruned_params(restored, pruning)
+    params = train.exported_params(restored)
     labels = data.get_task(config.task).label_names
     out = save_pretrained(
         bert_config, params, args.out, tokenizer_dir=tokenizer_dir, label_names=labels

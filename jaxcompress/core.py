@@ -230,6 +230,9 @@ class Reparam(NamedTuple):
         `with_reparam` holds them at exactly zero with zero updates and zero optimizer
         moments (pruning masks). None: the stored weights are latent and stay as trained
         (fake quantization keeps float weights).
+      frozen_mask: like `stored_mask`, but the entries it marks False only stop moving (zero
+        updates, zero optimizer moments) and keep their stored value: movement pruning,
+        where a pruned weight comes back as it was if its score rises again.
     """
 
     init: Callable[[Params], State]
@@ -237,6 +240,7 @@ class Reparam(NamedTuple):
     update: Callable[[Params, State, jax.Array], State]
     finalize: Callable[[Params, State], Params] | None = None
     stored_mask: Callable[[Params, State], Params] | None = None
+    frozen_mask: Callable[[Params, State], Params] | None = None
 
 
 def identity() -> Reparam:
@@ -276,19 +280,67 @@ def chain(*reparams: Reparam) -> Reparam:
             params = (r.finalize or r.apply)(params, s)
         return params
 
-    masked = [i for i, r in enumerate(reparams) if r.stored_mask is not None]
+    def combined(kind: str) -> Callable[[Params, State], Params] | None:
+        # The AND of the members' masks of one kind, each computed on the params as that
+        # member receives them.
+        masked = [i for i, r in enumerate(reparams) if getattr(r, kind) is not None]
+        if not masked:
+            return None
 
-    def stored_mask(params, state):
-        masks: dict[str, jax.Array] = {}
-        seen = params
-        for r, s in zip(reparams[: masked[-1] + 1], state, strict=False):
-            if r.stored_mask is not None:
-                for path, m in leaves_by_path(r.stored_mask(seen, s)).items():
-                    masks[path] = m if path not in masks else jnp.logical_and(masks[path], m)
-            seen = r.apply(seen, s)
-        return like(params, masks, lambda _: jnp.array(True))
+        def mask(params, state):
+            masks: dict[str, jax.Array] = {}
+            seen = params
+            for r, s in zip(reparams[: masked[-1] + 1], state, strict=False):
+                if getattr(r, kind) is not None:
+                    for path, m in leaves_by_path(getattr(r, kind)(seen, s)).items():
+                        masks[path] = m if path not in masks else jnp.logical_and(masks[path], m)
+                seen = r.apply(seen, s)
+            return like(params, masks, lambda _: jnp.array(True))
 
-    return Reparam(init, apply, update, finalize, stored_mask if masked else None)
+        return mask
+
+    return Reparam(init, apply, update, finalize, combined("stored_mask"), combined("frozen_mask"))
+
+
+def skipping(reparam: Reparam, keys: Sequence[Any]) -> Reparam:
+    """`reparam` on a mapping without its top-level entries `keys` (a distillation
+    objective's projections, exit heads), which pass through every function unchanged.
+
+    Args:
+      reparam: the reparameterization of the rest of the mapping.
+      keys: the top-level keys left alone (absent ones are ignored).
+
+    Returns:
+      A `Reparam` over the whole mapping, with the same state as `reparam`.
+    """
+    keys = tuple(keys)
+
+    def split(params):
+        own = {k: v for k, v in params.items() if k not in keys}
+        return own, {k: v for k, v in params.items() if k in keys}
+
+    def on_own(fn):
+        def run(params, state):
+            own, rest = split(params)
+            return {**fn(own, state), **rest}
+
+        return run
+
+    def mask_of(fn):
+        def run(params, state):
+            own, rest = split(params)
+            return {**fn(own, state), **jax.tree.map(lambda _: jnp.array(True), rest)}
+
+        return None if fn is None else run
+
+    return Reparam(
+        init=lambda params: reparam.init(split(params)[0]),
+        apply=on_own(reparam.apply),
+        update=lambda params, state, step: reparam.update(split(params)[0], state, step),
+        finalize=None if reparam.finalize is None else on_own(reparam.finalize),
+        stored_mask=mask_of(reparam.stored_mask),
+        frozen_mask=mask_of(reparam.frozen_mask),
+    )
 
 
 def export(reparam: Reparam, params: Params, state: State) -> Params:
@@ -330,7 +382,8 @@ def with_reparam(
     any optax transform: it updates `tx`, advances the reparam on its schedule (its
     `update(new_params, state, step)`) and, where the reparam has a `stored_mask`, returns
     updates after which the masked weights are exactly zero in the stored params, with
-    zero optimizer moments. `finalize(params, opt_state)` gives what to export.
+    zero optimizer moments (a `frozen_mask`: they keep their value and do not move).
+    `finalize(params, opt_state)` gives what to export.
 
     Example::
 
@@ -357,12 +410,19 @@ def with_reparam(
     def update(updates, state: ReparamState, params=None, **extra):
         if params is None:
             raise ValueError("with_reparam: update(updates, opt_state, params) needs params")
-        mask = reparam.stored_mask
+        mask, frozen = reparam.stored_mask, reparam.frozen_mask
+        zeros = []  # masks whose False entries get zero updates out and zero moments
         if mask is not None:
             old = mask(params, state.state)
             updates = _where(old, updates, jnp.zeros_like)
+        if frozen is not None:
+            hold = frozen(params, state.state)
+            updates = _where(hold, updates, jnp.zeros_like)
+            zeros.append(hold)
         updates, inner_state = inner.update(updates, state.inner, params, **extra)
         step = state.step + 1
+        for hold in zeros:
+            updates = _where(hold, updates, jnp.zeros_like)
         new_state = reparam.update(optax.apply_updates(params, updates), state.state, step)
         if mask is not None:
             keep = jax.tree.map(
@@ -372,6 +432,8 @@ def with_reparam(
             updates = jax.tree.map(
                 lambda m, u, p: jnp.where(m, u, -p.astype(u.dtype)), keep, updates, params
             )
+            zeros.append(keep)
+        for keep in zeros:
             inner_state = optax.tree_utils.tree_map_params(
                 inner,
                 lambda x, m: jnp.where(m, x, jnp.zeros_like(x)),

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxcompress import core
 from jaxcompress.compress import transforms
 from jaxcompress.compress.quant import gobo
-from jaxcompress.compress.quant.activations import QuantizedModel
+from jaxcompress.compress.quant.method import QUANTIZATION
 from jaxcompress.config import (
     ConfigKeyError,
     ConfigValueError,
@@ -56,7 +57,6 @@ from jaxcompress.models import artefact, bert_rules
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
 from jaxcompress.train import loop as train
-from jaxcompress.train import quantized as quantized_run
 from jaxcompress.train.progress import duration
 from jaxcompress.train.run_dir import write_json
 
@@ -218,14 +218,18 @@ def run_quantize(recipe, stage, dirs, overrides) -> dict:
     tokenizer = train.load_tokenizer(config)
     train_split, dev = train.load_task_splits(config, tokenizer)
     bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
-    model = quantized_run.quantize_model(config, Bert(bert_config), params, train_split)
-    if not isinstance(model, QuantizedModel):
+    spec = QUANTIZATION.parse(config.quantize)
+    if spec is None:
         raise ConfigValueError(f"stage {stage['name']}: its quantize section quantizes nothing")
-    results = train.evaluate_splits(config, train.make_eval_step(model), params, dev)
+    setup = train.run_setup(config, bert_config, total_steps=1, train_split=train_split)
+    plan = QUANTIZATION.plan(spec, params, setup)
+    state = plan.reparam.init(params)
+    seen = core.export(plan.reparam, params, state)  # what the model computes with
+    model = plan.model(Bert(bert_config))
+    results = train.evaluate_splits(config, train.make_eval_step(model), seen, dev)
     out = dirs[stage["name"]]
     tokenizer_dir = resolve_model_dir(source)
-    size = quantized_run.save_quantized(config, model, params, out / "quantized", tokenizer_dir)
-    seen = model.quantized_params(params)
+    size = plan.export(params, state, out)
     labels = data.get_task(config.task).label_names
     save_pretrained(
         bert_config, seen, out / "model", tokenizer_dir=tokenizer_dir, label_names=labels

@@ -33,20 +33,21 @@ from jaxcompress.compress.distill.objective import (
     init_distill_params,
     make_loss,
     model_params,
+    task_loss,
 )
 from jaxcompress.compress.dynamic import early_exit
-from jaxcompress.compress.prune import sparse, structured
-from jaxcompress.compress.prune import unstructured as prune
-from jaxcompress.compress.quant import qat
-from jaxcompress.compress.quant.activations import QuantizedModel
+from jaxcompress.compress.method import Plan, Setup
+from jaxcompress.compress.prune import structured
+from jaxcompress.compress.prune.unstructured import SCORE_SUFFIX
+from jaxcompress.compress.quant.qat import LSQ_SUFFIX
+from jaxcompress.compress.registry import TRAINING_METHODS
 from jaxcompress.config import glue_dir, validate
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
 from jaxcompress.models import artefact
-from jaxcompress.models.bert import Bert, BertConfig
+from jaxcompress.models.bert import Bert, BertConfig, Linear
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
 from jaxcompress.train import checkpoint, grads, progress, sharding
-from jaxcompress.train import quantized as quantized_run
 from jaxcompress.train.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw key data (uint32); the step's dropout key is fold_in(key, step)
-    prune: Any = ()  # a prune.PruneState when the run prunes
     loss_scale: Any = ()  # a DynamicScale when the compute dtype is float16
 
 
@@ -84,7 +84,7 @@ def make_optimizer(
         return jax.tree_util.tree_map_with_path(
             lambda path, _: (
                 path[-1].key not in ("bias", "scale")
-                and not str(path[-1].key).endswith((qat.LSQ_SUFFIX, prune.SCORE_SUFFIX))
+                and not str(path[-1].key).endswith((LSQ_SUFFIX, SCORE_SUFFIX))
             ),
             params,
         )
@@ -106,8 +106,7 @@ def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     rng_impl: str = "rbg",
-    pruning: core.Reparam | None = None,
-    prune_config: ml_collections.ConfigDict | None = None,
+    plans: tuple[Plan, ...] | None = None,
     grad_accum: int = 1,
     out_shardings: Any = None,
 ):
@@ -115,14 +114,14 @@ def make_train_step(
 
     `rng_impl` is the PRNG of `state.rng`: "rbg" (XLA's RngBitGenerator) makes dropout masks
     several times cheaper on CPU than the default threefry; both are deterministic.
-    With `pruning`, the loss sees `pruning.apply(params, state.prune)`, `tx` (wrapped by
-    `prune.keep_pruned_zero`) gets the masks, and masks are updated after the step.
-    `grad_accum` > 1 accumulates gradients over that many micro-batches (`grads`). A state
-    holding a `DynamicScale` (float16) scales the loss and skips steps whose gradients are
-    not finite. `out_shardings` (of `(state, metrics)`) keeps a sharded state's layout.
+    With `plans` (the run's training-time methods, whose chained reparam `tx` holds by
+    `core.with_reparam`), the loss sees `core.reparam_apply(params, opt_state)` plus each
+    plan's penalty, and each plan's metrics are reported. `grad_accum` > 1 accumulates
+    gradients over that many micro-batches (`grads`). A state holding a `DynamicScale`
+    (float16) scales the loss and skips steps whose gradients are not finite.
+    `out_shardings` (of `(state, metrics)`) keeps a sharded state's layout.
     """
-    score_l1 = prune_config.score_l1 if prune_config is not None else 0.0
-    zero_stored = prune_config is not None and prune_config.method != "movement"
+    penalties = [p.penalty for p in plans or () if p.penalty is not None]
 
     def step(state: TrainState, batch: Batch, teacher_params=None):
         key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
@@ -130,26 +129,24 @@ def make_train_step(
         scaling = isinstance(state.loss_scale, DynamicScale)
 
         def objective(params, micro_batch, micro_rng):
-            seen = params if pruning is None else pruning.apply(params, state.prune)
+            seen = params if plans is None else core.reparam_apply(params, state.opt_state)
             loss, aux = loss_fn(seen, micro_batch, micro_rng, teacher_params)
-            if score_l1:
-                aux = {**aux, "score_penalty": prune.movement_penalty(params)}
-                loss = loss + score_l1 * aux["score_penalty"]
+            for penalty in penalties:
+                term, logged = penalty(model_params(params))
+                loss, aux = loss + term, {**aux, **logged}
             return loss, aux
 
         scale = state.loss_scale.scale if scaling else None
         grad_fn = grads.value_and_grad(objective, grad_accum, scale)
         (loss, aux), grad = grad_fn(state.params, batch, rng)
-        extra = {} if pruning is None else {"masks": state.prune.masks}
-        updates, opt_state = tx.update(grad, state.opt_state, state.params, **extra)
+        updates, opt_state = tx.update(grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        if pruning is not None:
-            prune_state = pruning.update(params, state.prune, state.step + 1)
-            if zero_stored:  # magnitude pruning: a pruned weight is zero in storage too
-                params = prune.zero_pruned(params, prune_state.masks)
-            new = new.replace(params=params, prune=prune_state)
-            aux = {**aux, "sparsity": prune_state.target}
+        if plans is not None:
+            states = core.reparam_state(opt_state).state
+            for plan, method_state in zip(plans, states, strict=True):
+                if plan.metrics is not None:
+                    aux = {**aux, **plan.metrics(method_state)}
         if scaling:  # a step with overflowing gradients changes only the step and the scale
             finite = grads.all_finite(grad)
             new = grads.keep_if(finite, new, state).replace(
@@ -343,32 +340,74 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple
     return Bert(teacher_config), teacher_params
 
 
+def run_setup(
+    config: ml_collections.ConfigDict,
+    bert_config: BertConfig,
+    total_steps: int,
+    train_split: data.TokenizedSplit | None = None,
+) -> Setup:
+    """What this run offers its training-time methods (`compress.method.Setup`): the first
+    train batches of epoch 0 (the split loaded on first use if not given), the float BERT's
+    forward and task loss without dropout, BERT's dense layer class, and saved models."""
+    model = Bert(bert_config)
+
+    @functools.cache
+    def split() -> data.TokenizedSplit:
+        return (
+            train_split
+            if train_split is not None
+            else load_train_split(config, load_tokenizer(config))
+        )
+
+    def batches(n: int) -> list[Batch]:
+        order = data.epoch_batches(
+            split().lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
+        )
+        return [data.make_batch(split(), indices, config.buckets) for indices in order[:n]]
+
+    def apply_fn(params, batch):
+        args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return model.apply({"params": params}, *args).logits
+
+    def loss_fn(params, batch):
+        logits = forward(model, params, batch, None).logits
+        return task_loss(logits, batch["labels"], batch["example_mask"])
+
+    return Setup(
+        total_steps=total_steps,
+        seed=config.seed,
+        batches=batches,
+        apply_fn=apply_fn,
+        loss_fn=loss_fn,
+        layer_types=(Linear,),
+        load_params=lambda path: load_any(path)[1],
+    )
+
+
 def initial_state(
     config: ml_collections.ConfigDict,
     total_steps: int,
     teacher_config: BertConfig | None = None,
     mesh: Mesh | None = None,
-) -> tuple[BertConfig, Bert, optax.GradientTransformation, TrainState, core.Reparam | None]:
-    """The model, optimizer, step-0 train state and pruning (or None) of a fine-tuning config.
+    train_split: data.TokenizedSplit | None = None,
+) -> tuple[BertConfig, Any, optax.GradientTransformation, TrainState, tuple[Plan, ...]]:
+    """The model, optimizer, step-0 train state and training-time methods of a config.
 
-    With a teacher, the trainable tree also holds the objective's projections (if any). The
-    state is placed on `mesh` (default: `config.mesh`) by `sharding`'s rules: parameters put
-    there once loaded, optimizer moments created there.
+    Every method of `compress.registry.TRAINING_METHODS` whose config section asks for it
+    adds its trainable extras, then plans its part of the run on the step-0 params (as its
+    reparam receives them); their reparams, chained in registry order on the model's part of
+    the trainable tree, live in the optimizer state (`core.with_reparam`), and the returned
+    model is the one their model hooks wrap. With a teacher, the trainable tree also holds
+    the objective's projections (if any). The state is placed on `mesh` (default:
+    `config.mesh`) by `sharding`'s rules: parameters put there once loaded, optimizer state
+    created there. `train_split` (loaded on first use if None) feeds calibration.
     """
     mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
     bert_config, params = load_model(config)
-    rules = qat.rules_from_config(config.quantize)
-    if rules is not None:  # learned step sizes (LSQ) train beside their weights
-        params = qat.add_lsq_steps(params, rules)
-    if config.quantize.binary_split:
-        if rules is None:
-            raise ValueError("quantize.binary_split needs binary quantize.kernels or rules")
-        params = qat.add_binary_split(params, rules)
-    pruning = pruning_of(config, total_steps)
-    if pruning is not None and config.prune.method == "movement":
-        params = prune.add_movement_scores(
-            params, prune.rules_from_config(config.prune), config.prune.score_init
-        )
+    methods = [(m, m.parse(config[m.section])) for m in TRAINING_METHODS]
+    methods = [(m, spec) for m, spec in methods if spec is not None]
+    for method, spec in methods:
+        params = method.prepare(spec, params)
     if teacher_config is not None:
         objective = Objective.from_config(config.distill)
         projections = init_distill_params(objective, bert_config, teacher_config)
@@ -382,17 +421,16 @@ def initial_state(
         tx = early_exit.frozen_backbone_optimizer(tx)
     params, specs = sharding.place_params(bert_config, params, mesh)
     sharding.check_fsdp(params, mesh)
-    prune_state = ()
-    if pruning is not None:
-        tx = prune.keep_pruned_zero(tx)
-        prune_state = pruning.init(params)
-        masks = sharding.like_params(prune_state.masks, params, specs)
-        prune_state = jax.device_put(
-            prune_state, prune.PruneState(sharding.named(mesh, masks), sharding.replicated(mesh))
-        )
-        if config.prune.method != "movement":
-            params = prune.zero_pruned(params, prune_state.masks)
-    opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, params), specs)
+    setup = run_setup(config, bert_config, total_steps, train_split)
+    plans: list[Plan] = []
+    seen = model_params(params)
+    for method, spec in methods:
+        plans.append(method.plan(spec, seen, setup))
+        reparam = plans[-1].reparam
+        seen = reparam.apply(seen, reparam.init(seen))
+    reparam = core.skipping(core.chain(*(p.reparam for p in plans)), (DISTILL_PARAMS, EXITS))
+    tx = core.with_reparam(reparam, tx)
+    opt_specs = sharding.state_specs(jax.eval_shape(tx.init, params), params, specs)
     opt_state = jax.jit(tx.init, out_shardings=sharding.named(mesh, opt_specs))(params)
     scalars = (
         jnp.array(0, jnp.int32),
@@ -400,23 +438,22 @@ def initial_state(
         DynamicScale() if config.dtype == "float16" else (),
     )
     step, rng, loss_scale = jax.device_put(scalars, sharding.replicated(mesh))
-    state = TrainState(step, params, opt_state, rng, prune_state, loss_scale)
-    return bert_config, Bert(bert_config), tx, state, pruning
+    state = TrainState(step, params, opt_state, rng, loss_scale)
+    model = Bert(bert_config)
+    for plan in plans:
+        model = plan.model(model)
+    return bert_config, model, tx, state, tuple(plans)
 
 
-def pruning_of(config: ml_collections.ConfigDict, total_steps: int) -> core.Reparam | None:
-    """The pruning reparameterization of `config.prune` (fixed masks loaded here)."""
-    masks = None
-    if config.prune.masks_from:
-        _, pruned = load_any(config.prune.masks_from)
-        masks = prune.masks_from_zeros(pruned, prune.rules_from_config(config.prune))
-    return prune.from_config(config.prune, total_steps, masks)
+def seen_params(state: TrainState) -> dict:
+    """The model's parameters as the forward pass sees them (pruned weights zero, quantized
+    weights as their codes' values)."""
+    return model_params(core.reparam_apply(state.params, state.opt_state))
 
 
-def pruned_params(state: TrainState, pruning: core.Reparam | None) -> dict:
-    """The model's parameters as the forward pass sees them (pruned weights zero)."""
-    params = state.params if pruning is None else pruning.apply(state.params, state.prune)
-    return model_params(params)
+def exported_params(state: TrainState) -> dict:
+    """The model's parameters to export: every method's `finalize`, extras removed."""
+    return model_params(core.finalize(state.params, state.opt_state))
 
 
 def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
@@ -492,11 +529,9 @@ def _train(
     teacher, teacher_params = load_teacher(config)
     if teacher is not None:
         teacher_params, _ = sharding.place_params(teacher.config, teacher_params, mesh)
-    bert_config, model, tx, state, pruning = initial_state(
-        config, steps, None if teacher is None else teacher.config, mesh
+    bert_config, model, tx, state, plans = initial_state(
+        config, steps, None if teacher is None else teacher.config, mesh, train_split
     )
-    seen = state.params if pruning is None else pruning.apply(state.params, state.prune)
-    model = quantized_run.quantize_model(config, model, seen, train_split)
     objective = Objective.from_config(config.distill)
     if config.token_keep and objective.uses_layers:
         raise ValueError(
@@ -535,8 +570,7 @@ def _train(
             loss_fn,
             tx,
             config.rng_impl,
-            pruning,
-            config.prune if pruning else None,
+            plans,
             config.train.grad_accum,
             out_shardings=(state_shardings, sharding.replicated(mesh)),
         ),
@@ -618,7 +652,7 @@ def _train(
                 log.info("step %d/%d loss %.4f %s tokens/s", done, steps, loss, shown)
             window, window_t, window_tokens = [], now, 0
         if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < steps:
-            run.log(step=done, eval=evaluate_all(pruned_params(state, pruning)))
+            run.log(step=done, eval=evaluate_all(seen_params(state)))
         if done % config.checkpoint_every == 0 or done == last:
             window += check_finite(unchecked, done, mngr)
             unchecked = []
@@ -633,28 +667,24 @@ def _train(
         )
         return {"stopped_at": int(state.step), "steps": steps}
 
-    params = pruned_params(state, pruning)
-    results = evaluate_all(params)
+    results = evaluate_all(seen_params(state))
     run.log(step=steps, eval=results)
     metric = metrics.main_metric(config.task)
     value = results[data.get_task(config.task).eval_splits[0]][metric]
     if not main:  # process 0 writes the artefacts and the summary
         return {"task": config.task, "metric": metric, "value": value, "eval": results}
-    params = sharding.to_host(params)
+    params = sharding.to_host(exported_params(state))
     tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
-    size = artefact.saved_bytes(params)
-    pruned = {}
-    if pruning is not None:
-        rules = prune.rules_from_config(config.prune)
-        pruned = prune.pruning_stats(params, rules)
-        if not isinstance(model, QuantizedModel):  # a quantized artefact is the smaller one
-            sparse.save(run.path / "sparse" / "params.safetensors", params, rules)
-            size = sparse.sparse_bytes(params, rules)
-    if isinstance(model, QuantizedModel):
-        size = quantized_run.save_quantized(
-            config, model, params, run.path / "quantized", tokenizer_dir
-        )
-        params = model.quantized_params(params)  # what the model computes with, LSQ steps gone
+    figures = artefact.saved_bytes(params)
+    # Each method's artefact from the params its reparam receives; a later method's figures
+    # (a packed quantized file after a sparse one) replace an earlier one's.
+    method_states = core.reparam_state(state.opt_state).state
+    receives = sharding.to_host(model_params(state.params))
+    for plan, method_state in zip(plans, method_states, strict=True):
+        method_state = sharding.to_host(method_state)
+        if plan.export is not None:
+            figures.update(plan.export(receives, method_state, run.path))
+        receives = (plan.reparam.finalize or plan.reparam.apply)(receives, method_state)
     labels = data.get_task(config.task).label_names
     model_dir = save_pretrained(
         bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir, label_names=labels
@@ -685,9 +715,8 @@ def _train(
         "padded_tokens_this_run": padded_tokens,
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "params": artefact.count_params(params),
-        **pruned,
         **exits,
-        **size,
+        **figures,
         "model_dir": str(model_dir),
         "wall_seconds": time.perf_counter() - started,  # this invocation, loading to summary
     }

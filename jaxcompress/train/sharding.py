@@ -22,11 +22,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxcompress import core
 from jaxcompress.models import bert
 
 AXES = ("data", "fsdp", "tensor")
@@ -145,28 +145,29 @@ def init_sharded(config: bert.BertConfig, rng: jax.Array, mesh: Mesh) -> Any:
     return init(rng)
 
 
-def like_params(tree: Any, params: Any, specs: Any) -> Any:
-    """Specs for a params-shaped tree (pruning masks): its parameter's spec where the shapes
-    agree, replicated where not (a scalar mask for an unpruned leaf)."""
-    return jax.tree.map(
-        lambda leaf, p, s: s if np.shape(leaf) == np.shape(p) else PartitionSpec(),
-        tree,
-        params,
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+def state_specs(tree: Any, params: Any, specs: Any) -> Any:
+    """Specs for a tree holding copies of the parameters (optimizer moments, pruning masks,
+    any reparam's state): a leaf whose key path ends with a parameter's path and whose shape
+    is that parameter's gets its spec; every other leaf (counters, schedules, the scalar mask
+    of an unpruned weight) is replicated."""
+    by_path = {
+        core.path_str(path): (np.shape(p), s)
+        for (path, p), s in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+            strict=True,
+        )
+    }
 
+    def spec_of(path, leaf) -> PartitionSpec:
+        keys = [core.key_str(k) for k in path]
+        for start in range(len(keys)):
+            found = by_path.get("/".join(keys[start:]))
+            if found is not None and found[0] == np.shape(leaf):
+                return found[1]
+        return PartitionSpec()
 
-def opt_state_specs(tx: optax.GradientTransformation, opt_state: Any, specs: Any) -> Any:
-    """Specs for an optimizer state: moments like their parameters, counters replicated."""
-    return optax.tree_utils.tree_map_params(
-        tx,
-        lambda _, spec: spec,
-        opt_state,
-        specs,
-        transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    return jax.tree_util.tree_map_with_path(spec_of, tree)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

@@ -12,8 +12,8 @@ import pytest
 
 from jaxcompress import config as config_module
 from jaxcompress.compress import transforms
-from jaxcompress.compress.prune import unstructured as prune
-from jaxcompress.compress.quant import qat
+from jaxcompress.compress.prune.method import PRUNING
+from jaxcompress.compress.quant.method import QUANTIZATION
 from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.models import artefact
 from jaxcompress.train import loop as train
@@ -341,10 +341,10 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
             stage = recipes.merged_stage_config(recipe, recipe["stages"][0])
             context = train.transform_context(stage)
             bert_config, params = transforms.from_specs(stage.transforms, context)(*model)
-            if qat.rules_from_config(stage.quantize):
+            if QUANTIZATION.parse(stage.quantize) is not None:
                 continue
             if stage.prune.method:  # unstructured: same shapes, zeros come in training
-                assert prune.from_config(stage.prune, total_steps=10) is not None
+                assert PRUNING.parse(stage.prune) is not None
             else:
                 assert artefact.count_params(params) < artefact.count_params(model[1])
     if family not in ("quantization", "binarybert", "pruning"):

@@ -13,13 +13,12 @@ from jaxcompress import core
 from jaxcompress.compress.quant import int8 as int8_exec
 from jaxcompress.compress.quant import pack as quant_pack
 from jaxcompress.compress.quant import qat
-from jaxcompress.compress.quant.activations import QuantizedModel, fake_quant_input
+from jaxcompress.compress.quant.activations import QuantizedModel, calibrate, fake_quant_input
 from jaxcompress.compress.quant.quantizers import QuantSpec
 from jaxcompress.experiments import recipes
 from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, Linear, init_params
 from jaxcompress.train.loop import train
-from jaxcompress.train.quantized import calibrate_bert
 from tests.helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
 
 
@@ -36,6 +35,12 @@ def _logits(model, params, batch):
     return model.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
     ).logits
+
+
+def calibrate_bert(model, params, batches):
+    """`calibrate` of BERT's own dense layers, its params kept as jit arguments."""
+    logits = jax.jit(lambda p, batch: _logits(model, p, batch))  # traced in the context
+    return calibrate(lambda b: logits(params, b), batches, layer_types=(Linear,), jit=False)
 
 
 def test_fake_quant_input_grid_and_straight_through():

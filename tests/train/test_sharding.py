@@ -1,6 +1,7 @@
 """Meshes, sharding rules, gradient accumulation, loss scaling, remat; sharded training on
 8 simulated CPU devices equals one device."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import AbstractMesh, PartitionSpec
 from safetensors.numpy import load_file
 
+from jaxcompress import core
 from jaxcompress.compress.distill.objective import finetune_loss
 from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.config import finetune_defaults
@@ -71,7 +73,7 @@ def test_compression_state_inherits_its_weights_sharding():
         (32, 32), bool
     )
     model_specs = sharding.param_specs(config, params, MIXED)
-    mask_specs = sharding.like_params(masks, params, model_specs)
+    mask_specs = sharding.state_specs(masks, params, model_specs)
     assert mask_specs["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"] == (
         P("fsdp", "tensor")
     )
@@ -83,9 +85,19 @@ def test_optimizer_moments_follow_their_parameters():
     params = init_params(config, jax.random.key(0))
     specs = sharding.param_specs(config, params, MIXED)
     tx = train.make_optimizer(finetune_defaults().train, 10)
-    opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, params), specs)
+    opt_specs = sharding.state_specs(jax.eval_shape(tx.init, params), params, specs)
     adam = next(s for s in jax.tree.leaves(opt_specs, is_leaf=lambda x: hasattr(x, "mu")))
     assert adam.mu == specs and adam.nu == specs and adam.count == P()
+    # Inside `with_reparam`: the pruning masks follow their weights too, counters replicate.
+    rules = [(r"bert/encoder/.*/kernel", True), (".*", None)]
+    pruning = prune.magnitude_pruning(rules, prune.Schedule(final=0.5))
+    wrapped = core.with_reparam(pruning, tx)
+    opt_specs = sharding.state_specs(jax.eval_shape(wrapped.init, params), params, specs)
+    masks = opt_specs.state.masks
+    query = ["bert", "encoder", "layer", "0", "attention", "self", "query"]
+    assert functools.reduce(dict.get, query, masks)["kernel"] == P("fsdp", "tensor")
+    assert masks["bert"]["pooler"]["dense"]["kernel"] == P()  # not pruned: a scalar mask
+    assert opt_specs.step == P() and opt_specs.state.target == P()
 
 
 def _quadratic_objective(params, batch, rng):
@@ -143,7 +155,7 @@ def test_float16_step_skips_non_finite_gradients():
     params = init_params(config, jax.random.key(0))
     tx = train.make_optimizer(finetune_defaults().train, 10)
     state = train.TrainState(
-        jnp.array(0), params, tx.init(params), train.new_rng(0), (), DynamicScale(scale=2.0**40)
+        jnp.array(0), params, tx.init(params), train.new_rng(0), DynamicScale(scale=2.0**40)
     )
     step = train.make_train_step(finetune_loss(Bert(config)), tx)
     batch = {

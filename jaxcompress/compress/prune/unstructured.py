@@ -5,8 +5,7 @@ State is a `PruneState`: a boolean mask for every leaf of the trainable tree (a 
 score threshold) in force. `apply` zeroes pruned weights in the forward pass; `update`
 recomputes masks at the schedule's steps (it runs inside the jitted train step). Under
 `core.with_reparam(reparam, optimizer)` the state lives in the optimizer state and magnitude
-pruning's zeros are kept in the stored weights, with zero updates and moments (a loop that
-threads the state itself pairs it with `keep_pruned_zero(optimizer)` instead). Any pytree
+pruning's zeros are kept in the stored weights, with zero updates and moments. Any pytree
 works (dicts, FrozenDict, lists, tuples, int keys, nnx.State) and keeps its structure.
 
 A rule's value is True (the schedule's sparsity), a float in [0, 1) (that rule's own final
@@ -34,7 +33,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxcompress import core
 from jaxcompress.compress import tree
@@ -351,7 +349,8 @@ def movement_pruning(
     Returns:
       A `core.Reparam`: `apply` returns the model's tree (scores dropped) with pruned weights
       masked by the straight-through estimator; `finalize` the model's tree with pruned
-      weights zero. Stored weights are not projected (a pruned weight may come back).
+      weights zero. Stored weights are not projected: under `core.with_reparam` a pruned
+      weight keeps its value without moving, and comes back as it was if its score rises.
     """
     rules = prune_rules(rules)
     if mode not in MOVEMENT_MODES:
@@ -402,7 +401,7 @@ def movement_pruning(
             lambda: state,
         )
 
-    return core.Reparam(init, apply, update, finalize)
+    return core.Reparam(init, apply, update, finalize, frozen_mask=_stored_masks)
 
 
 def movement_penalty(params: core.Params) -> jax.Array:
@@ -412,71 +411,3 @@ def movement_penalty(params: core.Params) -> jax.Array:
         return jnp.zeros(())
     total = sum(jnp.sum(jax.nn.sigmoid(s)) for s in scores.values())
     return total / sum(s.size for s in scores.values())
-
-
-class KeepPrunedZeroState(NamedTuple):
-    inner: optax.OptState
-
-
-def keep_pruned_zero(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """`inner` whose update takes `masks=` (a `PruneState.masks` tree): pruned entries get
-    zero gradient in, zero update out, and their optimizer moments are reset to zero, so a
-    pruned weight does not move and nothing stale waits for it."""
-
-    def init(params):
-        return KeepPrunedZeroState(inner.init(params))
-
-    def update(updates, state, params=None, *, masks, **extra):
-        def zero(x, m):
-            return jnp.where(m, x, jnp.zeros_like(x))
-
-        updates = jax.tree.map(zero, updates, masks)
-        updates, new_inner = inner.update(updates, state.inner, params)
-        updates = jax.tree.map(zero, updates, masks)
-        new_inner = optax.tree_utils.tree_map_params(
-            inner, zero, new_inner, masks, transform_non_params=lambda x: x
-        )
-        return updates, KeepPrunedZeroState(new_inner)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-METHODS = ("", "magnitude", "movement")
-
-
-def rules_from_config(cfg: Any) -> list[tuple[str, Any]]:
-    """The rules of a config's `prune` section: its `params` regex, nothing else."""
-    return [(cfg.params, True), (".*", None)]
-
-
-def from_config(
-    cfg: Any, total_steps: int, masks: dict[str, jax.Array] | None = None
-) -> core.Reparam | None:
-    """The pruning a config's `prune` section asks for (None for none); `masks` are the
-    fixed masks of `masks_from`, loaded by the caller."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"prune.method must be one of {METHODS}, got {cfg.method!r}")
-    if cfg.masks_from:
-        if cfg.method:
-            raise ValueError("prune.masks_from fixes the masks; leave prune.method empty")
-        return fixed_masks(masks)
-    if not cfg.method:
-        return None
-    if not 0.0 <= cfg.begin <= cfg.end <= 1.0:
-        raise ValueError(f"prune: need 0 <= begin <= end <= 1, got {cfg.begin}, {cfg.end}")
-    final = cfg.threshold if (cfg.method, cfg.movement) == ("movement", "soft") else cfg.sparsity
-    if not 0.0 <= final < 1.0 or not 0.0 <= cfg.initial_sparsity < 1.0:
-        raise ValueError(f"prune: sparsity and threshold must be in [0, 1), got {final}")
-    schedule = Schedule(
-        final=final,
-        initial=0.0
-        if cfg.movement == "soft" and cfg.method == "movement"
-        else cfg.initial_sparsity,
-        begin_step=round(cfg.begin * total_steps),
-        end_step=round(cfg.end * total_steps),
-        frequency=cfg.frequency,
-    )
-    rules = rules_from_config(cfg)
-    if cfg.method == "magnitude":
-        return magnitude_pruning(rules, schedule, cfg.scope)
-    return movement_pruning(rules, schedule, cfg.movement, cfg.scope)

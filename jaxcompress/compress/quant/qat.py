@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-from typing import Any
 
 import jax
 
@@ -18,7 +17,6 @@ from jaxcompress.compress.quant.quantizers import (
     ternary_split,
 )
 from jaxcompress.compress.tree import add_beside, strip_suffix
-from jaxcompress.models import bert_rules
 
 # LSQ steps are trainable, so they live in the params tree beside their weight, under the
 # weight's key plus this suffix; `qat(...).apply` consumes them and returns the model's tree.
@@ -227,13 +225,3 @@ def parse_spec(text: str) -> QuantSpec | None:
         return QuantSpec(**kwargs)
     except TypeError as e:
         raise ValueError(f"quantization spec {text!r}: {e}") from None
-
-
-def rules_from_config(quantize: Any) -> list[tuple[str, QuantSpec | None]] | None:
-    """The QAT rules of our BERT config's `quantize` section (its `rules`, then BERT's kernel
-    and embedding presets), or None when nothing is quantized."""
-    kernels, embeddings = parse_spec(quantize.kernels), parse_spec(quantize.embeddings)
-    extra = [(pattern, parse_spec(text)) for pattern, text in quantize.rules]
-    if kernels is None and embeddings is None and all(s is None for _, s in extra):
-        return None
-    return extra + bert_rules.weight_rules(kernels, embeddings)

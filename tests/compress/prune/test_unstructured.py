@@ -8,8 +8,10 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
+from jaxcompress import core
 from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
+from jaxcompress.compress.prune.method import PRUNING
 from jaxcompress.config import finetune_defaults
 from jaxcompress.train.loop import make_optimizer, train
 from tests.helpers import tiny_model_run_config
@@ -37,23 +39,21 @@ def loss(tree):
     return sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(tree))
 
 
-def run_steps(reparam, tree, steps, zero_stored=True):
-    """Jitted optimizer steps as the train loop takes them; yields (step, params, state, opt)."""
-    state = reparam.init(tree)
-    tx = prune.keep_pruned_zero(make_optimizer(finetune_defaults().train, 100))
+def run_steps(reparam, tree, steps):
+    """Jitted optimizer steps as the train loop takes them, through `core.with_reparam`;
+    yields (step, params, reparam state, optimizer state)."""
+    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 100))
 
     @jax.jit
-    def one(tree, state, opt, step):
-        grads = jax.grad(lambda p: loss(reparam.apply(p, state)))(tree)
-        updates, opt = tx.update(grads, opt, tree, masks=state.masks)
-        tree = optax.apply_updates(tree, updates)
-        state = reparam.update(tree, state, step)
-        return (prune.zero_pruned(tree, state.masks) if zero_stored else tree), state, opt
+    def one(tree, opt):
+        grads = jax.grad(lambda p: loss(core.reparam_apply(p, opt)))(tree)
+        updates, opt = tx.update(grads, opt, tree)
+        return optax.apply_updates(tree, updates), opt
 
     opt = tx.init(tree)
     for step in range(1, steps + 1):
-        tree, state, opt = one(tree, state, opt, step)
-        yield step, tree, state, opt
+        tree, opt = one(tree, opt)
+        yield step, tree, core.reparam_state(opt).state, opt
 
 
 def test_schedule_is_zhu_and_gupta_cubic():
@@ -182,16 +182,16 @@ def test_bad_prune_configs_fail_clearly():
     with cfg.unlocked():
         cfg.method = "random"
     with pytest.raises(ValueError, match="prune.method must be one of"):
-        prune.from_config(cfg, 10)
+        PRUNING.parse(cfg)
     cfg.method, cfg.begin, cfg.end = "magnitude", 0.5, 0.2
     with pytest.raises(ValueError, match="begin <= end"):
-        prune.from_config(cfg, 10)
+        PRUNING.parse(cfg)
     cfg.begin, cfg.end, cfg.sparsity = 0.0, 0.5, 1.0
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):
-        prune.from_config(cfg, 10)
+        PRUNING.parse(cfg)
     cfg.sparsity, cfg.masks_from = 0.5, "somewhere"
     with pytest.raises(ValueError, match="leave prune.method empty"):
-        prune.from_config(cfg, 10)
+        PRUNING.parse(cfg)
 
 
 @pytest.mark.slow

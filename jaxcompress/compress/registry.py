@@ -1,0 +1,16 @@
+"""Every compression method by name: structure transforms and training-time methods."""
+
+from __future__ import annotations
+
+from jaxcompress.compress import transforms
+from jaxcompress.compress.method import TrainingMethod
+from jaxcompress.compress.prune.method import PRUNING
+from jaxcompress.compress.quant.method import QUANTIZATION
+
+# name -> factory of a structure transform `(config, params) -> (config, params)`, as a config's
+# `transforms` list names them ("low_rank(target='ffn', fraction=0.5)").
+TRANSFORMS = transforms.REGISTRY
+
+# The training-time methods a train loop runs, each from its config section. Their reparams
+# are chained in this order (pruning masks the weights that quantization then sees).
+TRAINING_METHODS: tuple[TrainingMethod, ...] = (PRUNING, QUANTIZATION)
