@@ -23,6 +23,8 @@ from jaxcompress.experiments.measure import measure_model
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models import artefact
 from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate_model
+from jaxcompress.train.inputs import load_any, load_eval_splits, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # A variant of configs/albert.py, its flags after '+', seeds after ':': "share_all+long:1".
@@ -47,7 +49,7 @@ def run_name(variant: str, seed: int) -> str:
 
 
 def dev_accuracy(config, bert_config, params, splits) -> float:
-    return train.evaluate_model(config, bert_config, params, splits)["validation"]["accuracy"]
+    return evaluate_model(config, bert_config, params, splits)["validation"]["accuracy"]
 
 
 def main() -> None:
@@ -62,9 +64,9 @@ def main() -> None:
     t_start = time.perf_counter()
 
     base = load_config(str(REPO / "configs/albert.py:e128"), args.overrides)
-    tokenizer = train.load_tokenizer(base)
-    dev = train.load_eval_splits(base, tokenizer)
-    teacher_config, teacher_params = train.load_any(base.distill.teacher)
+    tokenizer = load_tokenizer(base)
+    dev = load_eval_splits(base, tokenizer)
+    teacher_config, teacher_params = load_any(base.distill.teacher)
     teacher = measure_model(base, teacher_config, teacher_params, dev, latency=True)
     teacher_acc = teacher["value"]
     print(f"teacher: accuracy {teacher_acc:.4f}, latency {teacher['latency_s']:.3f}s")
@@ -75,7 +77,7 @@ def main() -> None:
         variant, _, seeds = spec.partition(":")
         config_arg = variant.replace("+", ",")  # "share_all+long" -> "share_all,long"
         config = load_config(str(REPO / f"configs/albert.py:{config_arg}"), args.overrides)
-        bert_config, params = train.load_model(config)
+        bert_config, params = load_model(config)
         before = dev_accuracy(config, bert_config, params, dev)
         summaries, t0 = [], time.perf_counter()
         for seed in range(int(seeds or 1)):

@@ -22,6 +22,7 @@ from jaxcompress.experiments.measure import measure_model
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models import artefact
 from jaxcompress.train import loop as train
+from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # student,objective:seeds; three seeds for the comparison the survey makes (attention
@@ -44,8 +45,8 @@ def main() -> None:
     t_start = time.perf_counter()
 
     base = load_config(str(REPO / "configs/distill.py:l3,logits"), args.overrides)
-    dev = train.load_eval_splits(base, train.load_tokenizer(base))
-    teacher_config, teacher_params = train.load_any(base.distill.teacher)
+    dev = load_eval_splits(base, load_tokenizer(base))
+    teacher_config, teacher_params = load_any(base.distill.teacher)
     teacher = measure_model(base, teacher_config, teacher_params, dev)
     print(f"teacher: {teacher['value']:.4f}")
 

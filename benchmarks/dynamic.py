@@ -35,6 +35,8 @@ from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
 from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import make_eval_step
+from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "dynamic.py"
@@ -99,20 +101,20 @@ def main() -> None:
         config = load_config(f"{CONFIG}:{name}{args.flags}")
         summaries[name] = (config, train.train(config, args.workdir / name))
     config = summaries[EXIT_RUNS[0]][0]
-    split = train.load_eval_splits(config, train.load_tokenizer(config))["validation"]
+    split = load_eval_splits(config, load_tokenizer(config))["validation"]
     batches = []
     for batch in data.eval_batches(split, BATCH, config.buckets):
         index = batch.pop("index")
         batches.append((batch, index))
     labels, size = np.asarray(split.labels), len(split)
 
-    teacher_config, teacher_params = train.load_any(config.model, num_labels=2)
+    teacher_config, teacher_params = load_any(config.model, num_labels=2)
     layers = teacher_config.num_hidden_layers
     teacher = functools.partial(
         over_dev,
         batches,
         size,
-        jitted(train.make_eval_step(Bert(teacher_config)), teacher_params, layers),
+        jitted(make_eval_step(Bert(teacher_config)), teacher_params, layers),
     )
     teacher_accuracy = accuracy(teacher()[0], labels)
     rows = [{"name": "teacher", "value": teacher_accuracy, "relative": 1.0, "mean_layers": layers}]
@@ -150,10 +152,10 @@ def main() -> None:
     for name in POWER_RUNS:
         run_config, summary = summaries[name]
         keep = tuple(run_config.token_keep)
-        power_config, params = train.load_any(
+        power_config, params = load_any(
             str(args.workdir / name / "model"), num_labels=2, token_keep=keep
         )
-        step = train.make_eval_step(Bert(power_config))
+        step = make_eval_step(Bert(power_config))
         candidate = functools.partial(over_dev, batches, size, jitted(step, params, layers))
         speedup, base_s, power_s, (logits, _) = paired_speedup(teacher, candidate, args.rounds)
         value = accuracy(logits, labels)

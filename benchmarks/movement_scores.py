@@ -28,6 +28,7 @@ from jaxcompress.config import config_from_json
 from jaxcompress.experiments.results import write_result
 from jaxcompress.train import checkpoint
 from jaxcompress.train import loop as train
+from jaxcompress.train.inputs import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.5, 0.9)
@@ -40,7 +41,7 @@ def scores_at(config, workdir: Path) -> tuple[dict, dict, int]:
     with config.unlocked():
         config.checkpoint_every = stop
     train.train(config, workdir, stop_after_step=stop)
-    teacher, _ = train.load_teacher(config)
+    teacher, _ = load_teacher(config)
     _, _, _, like, _ = train.initial_state(config, total, teacher.config if teacher else None)
     state = checkpoint.restore_latest(checkpoint.manager(workdir / "checkpoints"), like)
     if int(state.step) != stop:

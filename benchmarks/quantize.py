@@ -31,7 +31,8 @@ from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
-from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate_splits, make_eval_step
+from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "minilm-l6-sst2-teacher"
@@ -65,11 +66,11 @@ QAT_BITS = {
 def integer_row(workdir: Path, teacher: dict) -> dict:
     """The W8 artefact run on integers: its dev accuracy and paired CPU latency."""
     config = recipes.task_config("sst2", TEACHER)
-    bert_config, params = train.load_any(TEACHER)
+    bert_config, params = load_any(TEACHER)
     weights = int8_exec.int8_weights(workdir / "ptq_w8" / "quantized" / "params.safetensors")
     integer = int8_exec.IntegerModel(Bert(bert_config), weights)
-    dev = train.load_eval_splits(config, train.load_tokenizer(config))
-    results = train.evaluate_splits(config, train.make_eval_step(integer), params, dev)
+    dev = load_eval_splits(config, load_tokenizer(config))
+    results = evaluate_splits(config, make_eval_step(integer), params, dev)
     value = results["validation"]["accuracy"]
     latency = {
         f"batch_{b}": paired_latency((bert_config, params), (integer, params), batch_size=b)
@@ -88,7 +89,7 @@ def integer_row(workdir: Path, teacher: dict) -> dict:
 
 def qbert_bits(workdir: Path, runs: list[dict]) -> dict:
     """Q-BERT's chosen bits per encoder layer, per seed, and their parameter-weighted average."""
-    _, params = train.load_any(TEACHER)
+    _, params = load_any(TEACHER)
     sizes = hessian.group_sizes(params, hessian.encoder_layer_group)
     chosen = {}
     for run in runs:

@@ -17,14 +17,16 @@ from jaxcompress.config import load_config
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.hf import load_pretrained
 from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate_model
+from jaxcompress.train.inputs import load_eval_splits, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def evaluate_reference(config, model: str) -> float:
     """Dev accuracy of a saved HF model with our data pipeline and Flax model."""
-    splits = train.load_eval_splits(config, train.load_tokenizer(config))
-    return train.evaluate_model(config, *load_pretrained(model), splits)["validation"]["accuracy"]
+    splits = load_eval_splits(config, load_tokenizer(config))
+    return evaluate_model(config, *load_pretrained(model), splits)["validation"]["accuracy"]
 
 
 def main() -> None:

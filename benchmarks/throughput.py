@@ -8,7 +8,7 @@ Shapes, random init: bert-base (L12 H768 A12 I3072) and minilm-l6-h384 (L6 H384 
 median step time over the timed steps after warm-up (compilation excluded, block_until_ready).
 
 Modes:
-- finetune: our jitted train step (`train.make_train_step` with the task loss: forward, backward,
+- finetune: our jitted train step (`make_train_step` with the task loss: forward, backward,
   AdamW with clipping). Same shape, batch and device, in the same run: Hugging Face
   `BertForSequenceClassification` in PyTorch eager (random init, AdamW, clipping, bf16 autocast
   when the dtype is bfloat16; TF32 matmuls on CUDA for float32, like XLA's default), and
@@ -56,8 +56,8 @@ from jaxcompress.config import finetune_defaults
 from jaxcompress.experiments.results import markdown_table, write_result
 from jaxcompress.models.bert import Bert, BertConfig, init_params
 from jaxcompress.models.hf import hf_config_dict
-from jaxcompress.train import loop as train
 from jaxcompress.train import provenance
+from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks/results/throughput.json"
@@ -179,9 +179,9 @@ def jax_step_seconds(
         model, teacher, teacher_params = student_of(config), config, init(config, jax.random.key(1))
         loss = objectives.make_loss(Bert(model), objectives.Objective(), Bert(teacher))
     params = init(model, jax.random.key(0))
-    tx = train.make_optimizer(finetune_defaults().train, 10_000)
-    state = train.TrainState(jnp.array(0), params, tx.init(params), train.new_rng(0))
-    step = train.make_train_step(loss, tx)
+    tx = make_optimizer(finetune_defaults().train, 10_000)
+    state = TrainState(jnp.array(0), params, tx.init(params), new_rng(0))
+    step = make_train_step(loss, tx)
     batch = jax.device_put(random_batch(batch_size, seq_len, config.num_labels))
 
     def run():

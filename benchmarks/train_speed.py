@@ -34,6 +34,9 @@ from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir
 from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate_model
+from jaxcompress.train.inputs import load_eval_splits, load_task_splits, load_tokenizer
+from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -42,9 +45,9 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 def time_jax_step(config, batch_size: int, length: int, steps: int) -> float:
     """Median seconds of one jitted train step (forward, backward, AdamW) at a fixed shape."""
     bert_config, params = load_pretrained(MODEL, num_labels=2)
-    tx = train.make_optimizer(config.train, 10_000)
-    state = train.TrainState(jnp.array(0), params, tx.init(params), train.new_rng(0))
-    step = train.make_train_step(objectives.finetune_loss(Bert(bert_config)), tx)
+    tx = make_optimizer(config.train, 10_000)
+    state = TrainState(jnp.array(0), params, tx.init(params), new_rng(0))
+    step = make_train_step(objectives.finetune_loss(Bert(bert_config)), tx)
     batch = random_batch(batch_size, length)
 
     def run():
@@ -167,10 +170,8 @@ def trainer_pass(config, split: data.TokenizedSplit, workdir: Path) -> dict:
 
 
 def dev_accuracy(config, model_dir: Path) -> float:
-    splits = train.load_eval_splits(config, train.load_tokenizer(config))
-    return train.evaluate_model(config, *load_pretrained(model_dir), splits)["validation"][
-        "accuracy"
-    ]
+    splits = load_eval_splits(config, load_tokenizer(config))
+    return evaluate_model(config, *load_pretrained(model_dir), splits)["validation"]["accuracy"]
 
 
 def slice_rows(config, examples: int, workdir: Path) -> list[dict]:
@@ -180,8 +181,8 @@ def slice_rows(config, examples: int, workdir: Path) -> list[dict]:
         config.checkpoint_every = 10**9
         config.log_every = 50
         config.compile_cache = str(workdir / "xla_cache")
-    tokenizer = train.load_tokenizer(config)
-    split, _ = train.load_task_splits(config, tokenizer)
+    tokenizer = load_tokenizer(config)
+    split, _ = load_task_splits(config, tokenizer)
     real_tokens = int(split.lengths.sum())
     theirs = trainer_pass(config, split, workdir)
     theirs_acc = dev_accuracy(config, theirs["model_dir"])

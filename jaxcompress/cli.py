@@ -23,6 +23,8 @@ from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
 from jaxcompress.train import checkpoint
 from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate, make_eval_step
+from jaxcompress.train.inputs import get_num_outputs, load_teacher
 from jaxcompress.train.progress import duration
 
 EPILOG = f"""
@@ -140,7 +142,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_eval(args) -> int:
-    outputs = train.get_num_outputs(args.task)  # an unknown task fails before any loading
+    outputs = get_num_outputs(args.task)  # an unknown task fails before any loading
     config, params = load_pretrained(args.model)
     if config.num_labels != outputs:
         head = f"a {config.num_labels}-output head" if config.num_labels else "no classifier head"
@@ -150,7 +152,7 @@ def cmd_eval(args) -> int:
         )
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer or args.model))
     glue = args.glue_dir or assets.glue_dir()
-    step = train.make_eval_step(Bert(config))
+    step = make_eval_step(Bert(config))
     buckets = finetune_defaults().buckets
     results = {}
     for split_name in data.get_task(args.task).eval_splits:
@@ -158,9 +160,7 @@ def cmd_eval(args) -> int:
         if args.examples:
             ds = ds.select(range(min(args.examples, len(ds))))
         split = data.tokenize_split(ds, args.task, tokenizer, args.max_length)
-        results[split_name] = train.evaluate(
-            step, params, split, args.task, args.batch_size, buckets
-        )
+        results[split_name] = evaluate(step, params, split, args.task, args.batch_size, buckets)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -203,7 +203,7 @@ def cmd_export(args) -> int:
             f"run {run} has no checkpoint in {run / 'checkpoints'}; rerun its finetune "
             "command (it saves every checkpoint_every steps and at the end), then export"
         )
-    teacher, _ = train.load_teacher(config)  # its width decides the checkpoint's projections
+    teacher, _ = load_teacher(config)  # its width decides the checkpoint's projections
     bert_config, _, _, state, _ = train.initial_state(
         config, total_steps=1, teacher_config=None if teacher is None else teacher.config
     )

@@ -8,7 +8,7 @@ from jaxcompress.data import metrics
 from jaxcompress.experiments.latency import inference_latency
 from jaxcompress.models import artefact
 from jaxcompress.models.bert import BertConfig
-from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate_model
 
 
 def measure_model(
@@ -19,7 +19,7 @@ def measure_model(
     latency: bool = False,
 ) -> dict:
     """Dev metrics of `config.task` on `splits`, size, and (if asked) CPU/GPU latency."""
-    results = train.evaluate_model(config, bert_config, params, splits)
+    results = evaluate_model(config, bert_config, params, splits)
     metric = metrics.main_metric(config.task)
     first = next(iter(results))
     row = {

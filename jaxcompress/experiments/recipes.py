@@ -57,6 +57,15 @@ from jaxcompress.models import artefact, bert_rules
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
 from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import evaluate_splits, make_eval_step
+from jaxcompress.train.inputs import (
+    get_num_outputs,
+    load_any,
+    load_eval_splits,
+    load_task_splits,
+    load_tokenizer,
+    transform_context,
+)
 from jaxcompress.train.progress import duration
 from jaxcompress.train.run_dir import write_json
 
@@ -174,14 +183,14 @@ def task_config(task: str, model: str) -> ml_collections.ConfigDict:
 def run_transform(recipe, stage, dirs, overrides) -> dict:
     source = resolve(stage["model"], dirs)
     config = task_config(recipe["task"], source)
-    bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(recipe["task"]))
-    context = train.transform_context(config)
+    bert_config, params = load_any(source, num_labels=get_num_outputs(recipe["task"]))
+    context = transform_context(config)
     bert_config, params = transforms.from_specs(stage["transforms"], context)(bert_config, params)
     out = artefact.save(
         bert_config, params, dirs[stage["name"]] / "compressed", resolve_model_dir(source)
     )
-    tokenizer = train.load_tokenizer(config)
-    dev = train.load_eval_splits(config, tokenizer)
+    tokenizer = load_tokenizer(config)
+    dev = load_eval_splits(config, tokenizer)
     row = measure_model(config, bert_config, params, dev)
     return {"source": stage["model"], **row, "saved": str(out)}
 
@@ -191,8 +200,8 @@ def run_evaluate(recipe, stage, dirs, overrides) -> dict:
     for name in stage["models"]:
         path = resolve(name, dirs)
         config = task_config(recipe["task"], path)
-        bert_config, params = train.load_any(path)
-        dev = train.load_eval_splits(config, train.load_tokenizer(config))
+        bert_config, params = load_any(path)
+        dev = load_eval_splits(config, load_tokenizer(config))
         row = measure_model(config, bert_config, params, dev, stage.get("latency", False))
         rows.append({"model": name, **row})
     reference = rows[-1]  # the last listed model (usually the teacher) is the reference
@@ -215,9 +224,9 @@ def run_quantize(recipe, stage, dirs, overrides) -> dict:
         validate(config)
     except UserError as e:
         raise UserError(f"stage {stage['name']}: {e}") from None
-    tokenizer = train.load_tokenizer(config)
-    train_split, dev = train.load_task_splits(config, tokenizer)
-    bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
+    tokenizer = load_tokenizer(config)
+    train_split, dev = load_task_splits(config, tokenizer)
+    bert_config, params = load_any(source, num_labels=get_num_outputs(config.task))
     spec = QUANTIZATION.parse(config.quantize)
     if spec is None:
         raise ConfigValueError(f"stage {stage['name']}: its quantize section quantizes nothing")
@@ -226,7 +235,7 @@ def run_quantize(recipe, stage, dirs, overrides) -> dict:
     state = plan.reparam.init(params)
     seen = core.export(plan.reparam, params, state)  # what the model computes with
     model = plan.model(Bert(bert_config))
-    results = train.evaluate_splits(config, train.make_eval_step(model), seen, dev)
+    results = evaluate_splits(config, make_eval_step(model), seen, dev)
     out = dirs[stage["name"]]
     tokenizer_dir = resolve_model_dir(source)
     size = plan.export(params, state, out)
@@ -253,7 +262,7 @@ def run_gobo(recipe, stage, dirs, overrides) -> dict:
         return gobo.GoboSpec(bits=bits) if bits else None
 
     rules = bert_rules.weight_rules(spec(stage.get("kernels", 3)), spec(stage.get("embeddings", 0)))
-    bert_config, params = train.load_any(source, num_labels=train.get_num_outputs(config.task))
+    bert_config, params = load_any(source, num_labels=get_num_outputs(config.task))
     dequantized, tensors = gobo.gobo(params, rules)
     out = dirs[stage["name"]]
     gobo.gobo_save(out / "gobo.safetensors", params, tensors)
@@ -264,14 +273,14 @@ def run_gobo(recipe, stage, dirs, overrides) -> dict:
         tokenizer_dir=resolve_model_dir(source),
         label_names=data.get_task(config.task).label_names,
     )
-    dev = train.load_eval_splits(config, train.load_tokenizer(config))
+    dev = load_eval_splits(config, load_tokenizer(config))
     row = measure_model(config, bert_config, dequantized, dev)
     return {"source": stage["model"], **row, **gobo.gobo_packed_bytes(params, tensors)}
 
 
 def run_export(recipe, stage, dirs, overrides) -> dict:
     source = resolve(stage["model"], dirs)
-    bert_config, params = train.load_any(source)
+    bert_config, params = load_any(source)
     out = save_pretrained(
         bert_config,
         params,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jaxcompress.errors import UserError
 from jaxcompress.experiments.results import markdown_table
-from jaxcompress.experiments.sweep import read_run_summary
+from jaxcompress.experiments.summary import read_run_summary
 
 TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 READS = "`jaxcompress report` reads the --workdir of a `jaxcompress sweep`"

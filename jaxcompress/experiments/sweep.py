@@ -42,17 +42,16 @@ from jaxcompress.config import (
     finetune_defaults,
     run_config_file,
 )
-from jaxcompress.errors import UserError
 from jaxcompress.experiments import recipes
 from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.measure import measure_model
-from jaxcompress.train import loop as train
+from jaxcompress.experiments.summary import FORMAT, read_run_summary
 from jaxcompress.train import provenance
+from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
 from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of run summaries; bump when their meaning changes
 SWEEP_KEYS = {"name", "recipe", "variants", "seeds", "seeded", "measure", "reference", "latency"}
 REQUIRED = {"name", "recipe", "variants", "measure", "reference"}
 AXES = ("technique", "strength", "seed")
@@ -247,22 +246,6 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class SummaryFormatError(UserError, ValueError):
-    """A run summary written under another summary format."""
-
-
-def read_run_summary(path: Path) -> dict:
-    """A run's summary.json; one written under another summary format is refused."""
-    summary = json.loads(path.read_text())
-    if summary.get("format") != FORMAT:
-        raise SummaryFormatError(
-            f"{path} was written by sweep format {summary.get('format')!r}; this jaxcompress "
-            f"reads format {FORMAT}. Rerun the sweep into a new workdir or use the matching "
-            "jaxcompress version."
-        )
-    return summary
-
-
 def finished_runs(sweep: dict, workdir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     """The summaries of the sweep's runs finished so far in `workdir`; trains nothing."""
     done = [
@@ -353,7 +336,7 @@ def _measure(sweep: dict, run: Run, dirs: dict[str, Path], workdir: Path) -> dic
     row["reference"] = _reference(sweep["reference"], reference_path, run, measured, workdir)
     row["relative"] = row["value"] / row["reference"]["value"]
     if sweep.get("latency", False):
-        model, reference = train.load_any(model_path), train.load_any(reference_path)
+        model, reference = load_any(model_path), load_any(reference_path)
         row.update(paired_latency(reference, model))
     return row
 
@@ -376,8 +359,8 @@ def _evaluate(recipe: dict, measured: dict, path: str) -> dict:
     config = recipes.task_config(recipe["task"], path)
     with config.unlocked():
         config.update(_eval_settings(recipe, measured))
-    dev = train.load_eval_splits(config, train.load_tokenizer(config))
-    return measure_model(config, *train.load_any(path), dev)
+    dev = load_eval_splits(config, load_tokenizer(config))
+    return measure_model(config, *load_any(path), dev)
 
 
 def _reference(name: str, path: str, run: Run, measured: dict, workdir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Fine-tuning: optimizer, jitted train and eval steps, and the one readable train loop."""
+"""The one readable train loop: a config in, a trained, evaluated and exported run out."""
 
 from __future__ import annotations
 
@@ -15,19 +15,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxcompress import core
 from jaxcompress.compress import transforms
-from jaxcompress.compress.distill import student
 from jaxcompress.compress.distill.objective import (
     DISTILL_PARAMS,
     EXITS,
     Batch,
-    LossFn,
     Objective,
     forward,
     init_distill_params,
@@ -37,307 +34,29 @@ from jaxcompress.compress.distill.objective import (
 )
 from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.compress.method import Plan, Setup
-from jaxcompress.compress.prune import structured
-from jaxcompress.compress.prune.unstructured import SCORE_SUFFIX
-from jaxcompress.compress.quant.qat import LSQ_SUFFIX
 from jaxcompress.compress.registry import TRAINING_METHODS
-from jaxcompress.config import glue_dir, validate
+from jaxcompress.config import validate
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
 from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig, Linear
-from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
-from jaxcompress.train import checkpoint, grads, progress, sharding
+from jaxcompress.models.hf import resolve_model_dir, save_pretrained
+from jaxcompress.train import checkpoint, progress, sharding
+from jaxcompress.train.evaluate import evaluate_splits, make_eval_step, predict
+from jaxcompress.train.inputs import (
+    load_any,
+    load_model,
+    load_task_splits,
+    load_teacher,
+    load_tokenizer,
+    load_train_split,
+    total_steps,
+    transform_context,
+)
 from jaxcompress.train.run_dir import RunDir
+from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
 
 log = logging.getLogger(__name__)
-
-
-class TrainState(struct.PyTreeNode):
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # raw key data (uint32); the step's dropout key is fold_in(key, step)
-    loss_scale: Any = ()  # a DynamicScale when the compute dtype is float16
-
-
-def new_rng(seed: int, impl: str = "rbg") -> jax.Array:
-    """Raw key data for `TrainState.rng` (raw, so checkpoints store plain integers)."""
-    return jax.random.key_data(jax.random.key(seed, impl=impl))
-
-
-def make_optimizer(
-    train: ml_collections.ConfigDict, total_steps: int
-) -> optax.GradientTransformation:
-    """AdamW with linear warmup and linear decay, global-norm clipping; no weight decay on
-    biases, LayerNorm, LSQ step sizes or movement scores (they are not weights)."""
-    warmup = int(round(train.warmup_ratio * total_steps))
-    schedule = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, train.lr, max(warmup, 1)),
-            optax.linear_schedule(train.lr, 0.0, max(total_steps - warmup, 1)),
-        ],
-        [warmup],
-    )
-
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: (
-                path[-1].key not in ("bias", "scale")
-                and not str(path[-1].key).endswith((LSQ_SUFFIX, SCORE_SUFFIX))
-            ),
-            params,
-        )
-
-    return optax.chain(
-        optax.clip_by_global_norm(train.clip_norm),
-        optax.adamw(
-            schedule,
-            b1=train.b1,
-            b2=train.b2,
-            eps=train.eps,
-            weight_decay=train.weight_decay,
-            mask=decay_mask,
-        ),
-    )
-
-
-def make_train_step(
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    rng_impl: str = "rbg",
-    plans: tuple[Plan, ...] | None = None,
-    grad_accum: int = 1,
-    out_shardings: Any = None,
-):
-    """A jitted `(state, batch, teacher_params) -> (state, metrics)` that donates the state.
-
-    `rng_impl` is the PRNG of `state.rng`: "rbg" (XLA's RngBitGenerator) makes dropout masks
-    several times cheaper on CPU than the default threefry; both are deterministic.
-    With `plans` (the run's training-time methods, whose chained reparam `tx` holds by
-    `core.with_reparam`), the loss sees `core.reparam_apply(params, opt_state)` plus each
-    plan's penalty, and each plan's metrics are reported. `grad_accum` > 1 accumulates
-    gradients over that many micro-batches (`grads`). A state holding a `DynamicScale`
-    (float16) scales the loss and skips steps whose gradients are not finite.
-    `out_shardings` (of `(state, metrics)`) keeps a sharded state's layout.
-    """
-    penalties = [p.penalty for p in plans or () if p.penalty is not None]
-
-    def step(state: TrainState, batch: Batch, teacher_params=None):
-        key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
-        rng = jax.random.fold_in(key, state.step)
-        scaling = isinstance(state.loss_scale, DynamicScale)
-
-        def objective(params, micro_batch, micro_rng):
-            seen = params if plans is None else core.reparam_apply(params, state.opt_state)
-            loss, aux = loss_fn(seen, micro_batch, micro_rng, teacher_params)
-            for penalty in penalties:
-                term, logged = penalty(model_params(params))
-                loss, aux = loss + term, {**aux, **logged}
-            return loss, aux
-
-        scale = state.loss_scale.scale if scaling else None
-        grad_fn = grads.value_and_grad(objective, grad_accum, scale)
-        (loss, aux), grad = grad_fn(state.params, batch, rng)
-        updates, opt_state = tx.update(grad, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        if plans is not None:
-            states = core.reparam_state(opt_state).state
-            for plan, method_state in zip(plans, states, strict=True):
-                if plan.metrics is not None:
-                    aux = {**aux, **plan.metrics(method_state)}
-        if scaling:  # a step with overflowing gradients changes only the step and the scale
-            finite = grads.all_finite(grad)
-            new = grads.keep_if(finite, new, state).replace(
-                step=new.step, loss_scale=grads.next_loss_scale(state.loss_scale, finite)
-            )
-            aux = {**aux, "loss_scale": state.loss_scale.scale, "finite": finite}
-        norms = {"grad_norm": optax.tree.norm(grad), "param_norm": optax.tree.norm(new.params)}
-        return new, {"loss": loss, **norms, **aux}
-
-    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
-
-
-def make_eval_step(model: Bert, mesh: Mesh | None = None):
-    """A jitted `(params, batch) -> logits` that announces each new batch shape's compilation.
-    With a mesh of several devices, the batch (the same on every process) is split over its
-    data axes and the logits come back whole."""
-    if mesh is None or mesh.size == 1:
-        compiled = jax.jit(lambda params, batch: forward(model, params, batch, None).logits)
-    else:
-
-        @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-        def logits(params, batch):
-            return forward(model, params, batch, None).logits
-
-        def compiled(params, batch):
-            return logits(params, sharding.full_batch_to_global(batch, mesh))
-
-    announce = progress.CompileAnnouncer(log, "eval step")
-
-    def step(params, batch):
-        return announce(batch["input_ids"].shape, compiled, params, batch)
-
-    return step if mesh is None or mesh.size == 1 else sharding.within(mesh, step)
-
-
-def predict(eval_step, params, split: data.TokenizedSplit, batch_size: int, buckets) -> np.ndarray:
-    """The model's outputs for every example of a split, in the split's order (progress on a
-    bar or, without a terminal, in the log)."""
-    outputs = None
-    bar = progress.Progress(
-        log, f"predict {len(split)} examples", -(-len(split) // batch_size), "batch"
-    )
-    for batch in data.eval_batches(split, batch_size, buckets):
-        index = batch.pop("index")
-        logits = np.asarray(eval_step(params, batch))
-        if outputs is None:
-            outputs = np.zeros((len(split), logits.shape[-1]), np.float32)
-        keep = index >= 0
-        outputs[index[keep]] = logits[keep]
-        bar.update()
-    bar.close()
-    return outputs
-
-
-def evaluate(eval_step, params, split: data.TokenizedSplit, task: str, batch_size: int, buckets):
-    """GLUE metrics of `params` on a whole tokenized split."""
-    outputs = predict(eval_step, params, split, batch_size, buckets)
-    return metrics.task_metrics(task, outputs, split.labels)
-
-
-def get_num_outputs(task: str) -> int:
-    spec = data.get_task(task)
-    return 1 if spec.is_regression else spec.num_labels
-
-
-def load_train_split(config: ml_collections.ConfigDict, tokenizer) -> data.TokenizedSplit:
-    """The tokenized train split of the task (the `train.examples` subset if asked)."""
-    train_ds = data.load_split(config.task, "train", glue_dir(config))
-    if config.train.examples > 0:
-        if config.train.examples > len(train_ds):
-            raise ValueError(f"train.examples={config.train.examples} > {len(train_ds)} rows")
-        rng = np.random.default_rng(config.train.subset_seed)
-        train_ds = train_ds.select(np.sort(rng.permutation(len(train_ds))[: config.train.examples]))
-    return data.tokenize_split(train_ds, config.task, tokenizer, config.max_length)
-
-
-def load_task_splits(
-    config: ml_collections.ConfigDict, tokenizer
-) -> tuple[data.TokenizedSplit, dict]:
-    """The tokenized train split (subset if asked) and every eval split of the task."""
-    return load_train_split(config, tokenizer), load_eval_splits(config, tokenizer)
-
-
-def load_eval_splits(
-    config: ml_collections.ConfigDict, tokenizer
-) -> dict[str, data.TokenizedSplit]:
-    """Every eval split of the task, tokenized (its first `eval.examples` rows if set)."""
-    where = glue_dir(config)
-    splits = {}
-    for name in data.get_task(config.task).eval_splits:
-        rows = data.load_split(config.task, name, where)
-        if config.eval.examples > 0:
-            rows = rows.select(range(min(config.eval.examples, len(rows))))
-        splits[name] = data.tokenize_split(rows, config.task, tokenizer, config.max_length)
-    return splits
-
-
-def evaluate_model(
-    config: ml_collections.ConfigDict, bert_config: BertConfig, params, splits: dict
-) -> dict[str, dict[str, float]]:
-    """GLUE metrics of a model on tokenized eval splits (name -> split)."""
-    return evaluate_splits(config, make_eval_step(Bert(bert_config)), params, splits)
-
-
-def evaluate_splits(
-    config: ml_collections.ConfigDict, eval_step, params, splits: dict
-) -> dict[str, dict[str, float]]:
-    """GLUE metrics of `params` under a compiled eval step on each split (name -> split)."""
-    return {
-        name: evaluate(
-            eval_step, params, split, config.task, config.eval.batch_size, config.buckets
-        )
-        for name, split in splits.items()
-    }
-
-
-def load_tokenizer(config: ml_collections.ConfigDict):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(config.tokenizer or config.model))
-
-
-def load_any(name_or_path: str, **kwargs) -> tuple[BertConfig, dict]:
-    """A jaxcompress model directory (compressed shapes kept) or a Hugging Face one."""
-    if (Path(name_or_path) / artefact.CONFIG_FILE).exists():
-        bert_config, params = artefact.load(name_or_path)
-        head = kwargs.pop("num_labels", bert_config.num_labels)
-        if head != bert_config.num_labels:
-            raise ValueError(f"{name_or_path} has {bert_config.num_labels} outputs, need {head}")
-        kwargs.pop("head_seed", None)
-        return bert_config.replace(**kwargs), params
-    return load_pretrained(name_or_path, **kwargs)
-
-
-def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
-    """The model to train: `config.model`, then `config.transforms` applied in order."""
-    bert_config, params = load_any(
-        config.model,
-        num_labels=get_num_outputs(config.task),
-        head_seed=config.seed,
-        dtype=config.dtype,
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
-        layerdrop=config.layerdrop,
-        remat=config.remat,
-        token_keep=tuple(config.token_keep) or None,
-    )
-    return transforms.from_specs(config.transforms, transform_context(config))(bert_config, params)
-
-
-def transform_context(config: ml_collections.ConfigDict) -> transforms.TransformContext:
-    """Lazily computed task data a transform may ask for: token counts of the train split;
-    hidden states and task-loss gradients on its first `context_batches` batches."""
-
-    @functools.cache
-    def split() -> data.TokenizedSplit:
-        return load_train_split(config, load_tokenizer(config))
-
-    @functools.cache
-    def batches() -> tuple[Batch, ...]:
-        size, n = config.eval.batch_size, len(split())
-        starts = range(0, min(n, size * config.context_batches), size)
-        return tuple(
-            data.make_batch(split(), np.arange(i, min(i + size, n)), config.buckets) for i in starts
-        )
-
-    def token_counts(vocab_size: int) -> np.ndarray:
-        return data.token_counts(split(), vocab_size)
-
-    def hidden_states(bert_config: BertConfig, params: dict):
-        return student.layer_hidden_states(bert_config, params, batches())
-
-    @functools.cache
-    def gradient_fn() -> structured.GradientFn:  # compiled once per model shape
-        return structured.task_gradient_fn(batches())
-
-    def gradients(bert_config: BertConfig, params: dict):
-        return gradient_fn()(bert_config, params)
-
-    return transforms.TransformContext(
-        token_counts=token_counts, hidden_states=hidden_states, gradients=gradients
-    )
-
-
-def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple[None, None]:
-    if not config.distill.teacher:
-        return None, None
-    teacher_config, teacher_params = load_any(config.distill.teacher, dtype=config.dtype)
-    if teacher_config.num_labels != get_num_outputs(config.task):
-        raise ValueError(f"teacher {config.distill.teacher} has the wrong number of outputs")
-    return Bert(teacher_config), teacher_params
 
 
 def run_setup(
@@ -454,12 +173,6 @@ def seen_params(state: TrainState) -> dict:
 def exported_params(state: TrainState) -> dict:
     """The model's parameters to export: every method's `finalize`, extras removed."""
     return model_params(core.finalize(state.params, state.opt_state))
-
-
-def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
-    if config.train.steps > 0:
-        return config.train.steps
-    return max(1, math.floor(config.train.epochs * (n_train // config.train.batch_size)))
 
 
 def train(

@@ -13,7 +13,8 @@ from jaxcompress.compress import transforms
 from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert
-from jaxcompress.train import loop as train
+from jaxcompress.train.evaluate import make_eval_step
+from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
 from tests.conformance_cases import CASES, UNCASED, logits, model_and_batch
 from tests.helpers import REPO, simulated_devices_env
 
@@ -64,10 +65,10 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     new_config, new_params = case.strong(config, params)
     model = Bert(new_config)
     loss_fn = objectives.finetune_loss(model)
-    tx = train.make_optimizer(finetune_defaults().train, 10)
-    state = train.TrainState(jnp.array(0), new_params, tx.init(new_params), train.new_rng(0))
+    tx = make_optimizer(finetune_defaults().train, 10)
+    state = TrainState(jnp.array(0), new_params, tx.init(new_params), new_rng(0))
     before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), new_params)
-    step = train.make_train_step(loss_fn, tx)
+    step = make_train_step(loss_fn, tx)
     state, metrics = step(state, batch)  # warmup starts at learning rate 0
     # The global norm is finite only if every gradient is (jit: one compile, not one per op).
     assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
@@ -75,7 +76,7 @@ def test_trains_one_step_with_finite_gradients_and_evaluates(case):
     assert np.isfinite(float(metrics["loss"]))
     changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, state.params)
     assert all(jax.tree_util.tree_leaves(changed))
-    assert train.make_eval_step(model)(state.params, batch).shape == (4, 2)
+    assert make_eval_step(model)(state.params, batch).shape == (4, 2)
 
 
 @pytest.mark.devices8

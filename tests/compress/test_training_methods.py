@@ -16,7 +16,7 @@ from jaxcompress.compress.method import Setup
 from jaxcompress.compress.registry import TRAINING_METHODS
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, Linear
-from jaxcompress.train import loop as train
+from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
 from tests.conformance_cases import logits, model_and_batch
 
 # section -> {case: config changes of that section}; each case is a real strength.
@@ -96,8 +96,8 @@ def test_method_trains_through_the_loop_step_and_exports(name, changes, tmp_path
     plan = method.plan(spec, prepared, setup(config, batch))
     # As the loop does: the plans' reparams chained (here one) inside the optimizer state.
     reparam = core.chain(plan.reparam)
-    tx = core.with_reparam(reparam, train.make_optimizer(finetune_defaults().train, 4))
-    state = train.TrainState(jnp.array(0), prepared, tx.init(prepared), train.new_rng(0))
+    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 4))
+    state = TrainState(jnp.array(0), prepared, tx.init(prepared), new_rng(0))
     seen = core.reparam_apply(state.params, state.opt_state)
     assert core.leaf_paths(core.strip_extra_leaves(seen)) == core.leaf_paths(params)
     model = plan.model(Bert(config))
@@ -108,7 +108,7 @@ def test_method_trains_through_the_loop_step_and_exports(name, changes, tmp_path
     jitted = jax.jit(lambda p, o: core.reparam_apply(p, o))(state.params, state.opt_state)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), jitted, seen)
 
-    step = train.make_train_step(objectives.finetune_loss(model), tx, plans=(plan,))
+    step = make_train_step(objectives.finetune_loss(model), tx, plans=(plan,))
     for _ in range(3):  # warmup starts at learning rate 0
         state, metrics = step(state, batch)
         assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0

@@ -9,6 +9,7 @@ from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.experiments import recipes
 from jaxcompress.models import artefact
 from jaxcompress.train import loop as train
+from jaxcompress.train.inputs import load_any
 from tests.helpers import save_tiny_model
 
 SMALL_RUN = {"examples": 64, "batch_size": 16, "steps": 2}
@@ -90,7 +91,7 @@ def test_chained_recipe_resumes_and_tabulates(tmp_path, minilm_dir, glue_dir, mo
     # prediction's own row is left out: the evaluate stage measures @prediction
     assert table.count("\n| ") == 4 and "| evaluate | teacher |" in table
     assert "| prediction |" not in table and "\n\ntotal time: " in table
-    exported, _ = train.load_any(str(workdir / "export" / "model"))
+    exported, _ = load_any(str(workdir / "export" / "model"))
     assert exported.num_hidden_layers == 1  # a Hugging Face directory of the student
 
     # A rerun of a finished recipe trains nothing and gives the same table, via the CLI too.

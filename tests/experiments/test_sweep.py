@@ -16,7 +16,7 @@ from jaxcompress.compress.prune.method import PRUNING
 from jaxcompress.compress.quant.method import QUANTIZATION
 from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.models import artefact
-from jaxcompress.train import loop as train
+from jaxcompress.train.inputs import load_any, transform_context
 from tests.helpers import REPO, save_tiny_model
 
 SWEEP_FILE = """
@@ -332,14 +332,14 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
     teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_hidden_layers=4, num_labels=2)
     config = sweep.load_sweep(f"{REPO}/configs/ablations/sst2.py:{family},quick,teacher={teacher}")
-    model = train.load_any(str(teacher))
+    model = load_any(str(teacher))
     for strengths in config["variants"].values():
         for changes in strengths.values():
             if "student" not in changes:  # binarybert: its stages are fixed in the recipe
                 continue
             recipe = sweep.apply_variant(config["recipe"], changes, seed=0, seeded=())
             stage = recipes.merged_stage_config(recipe, recipe["stages"][0])
-            context = train.transform_context(stage)
+            context = transform_context(stage)
             bert_config, params = transforms.from_specs(stage.transforms, context)(*model)
             if QUANTIZATION.parse(stage.quantize) is not None:
                 continue

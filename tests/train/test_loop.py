@@ -9,8 +9,9 @@ from safetensors.numpy import load_file
 
 from jaxcompress.config import finetune_defaults
 from jaxcompress.train import checkpoint
-from jaxcompress.train.loop import make_optimizer, train
+from jaxcompress.train.loop import train
 from jaxcompress.train.run_dir import RunDir
+from jaxcompress.train.step import make_optimizer
 from tests.helpers import save_tiny_model, tiny_run_config
 
 

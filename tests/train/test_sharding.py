@@ -22,6 +22,7 @@ from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, init_params
 from jaxcompress.train import grads, sharding
 from jaxcompress.train import loop as train
+from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
 from tests.helpers import REPO, save_tiny_model, simulated_devices_env, tiny_config, tiny_run_config
 from tests.sharded_training import CASES, STEPS
 
@@ -84,7 +85,7 @@ def test_optimizer_moments_follow_their_parameters():
     config = tiny_config(num_labels=2)
     params = init_params(config, jax.random.key(0))
     specs = sharding.param_specs(config, params, MIXED)
-    tx = train.make_optimizer(finetune_defaults().train, 10)
+    tx = make_optimizer(finetune_defaults().train, 10)
     opt_specs = sharding.state_specs(jax.eval_shape(tx.init, params), params, specs)
     adam = next(s for s in jax.tree.leaves(opt_specs, is_leaf=lambda x: hasattr(x, "mu")))
     assert adam.mu == specs and adam.nu == specs and adam.count == P()
@@ -153,11 +154,11 @@ def test_loss_scaling_matches_flax_dynamic_scale_and_unscales_gradients():
 def test_float16_step_skips_non_finite_gradients():
     config = tiny_config(num_labels=2, dtype="float16")
     params = init_params(config, jax.random.key(0))
-    tx = train.make_optimizer(finetune_defaults().train, 10)
-    state = train.TrainState(
-        jnp.array(0), params, tx.init(params), train.new_rng(0), DynamicScale(scale=2.0**40)
+    tx = make_optimizer(finetune_defaults().train, 10)
+    state = TrainState(
+        jnp.array(0), params, tx.init(params), new_rng(0), DynamicScale(scale=2.0**40)
     )
-    step = train.make_train_step(finetune_loss(Bert(config)), tx)
+    step = make_train_step(finetune_loss(Bert(config)), tx)
     batch = {
         "input_ids": np.full((2, 8), 1000, np.int32),
         "attention_mask": np.ones((2, 8), np.int32),

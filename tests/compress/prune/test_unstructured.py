@@ -13,7 +13,8 @@ from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.compress.prune.method import PRUNING
 from jaxcompress.config import finetune_defaults
-from jaxcompress.train.loop import make_optimizer, train
+from jaxcompress.train.loop import train
+from jaxcompress.train.step import make_optimizer
 from tests.helpers import tiny_model_run_config
 
 RULES = [(r".*/kernel", True), (".*", None)]
