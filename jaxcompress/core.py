@@ -69,7 +69,15 @@ def leaves_by_path(params: Params) -> dict[str, Any]:
 
 
 def leaf_paths(params: Params) -> list[str]:
-    """Every leaf's '/'-joined path, in tree order."""
+    """Every leaf's '/'-joined path, in tree order: the strings that rules are matched against.
+
+    Args:
+      params: any pytree (nested dicts, FrozenDict, lists and tuples, int keys, nnx.State);
+        the final `.value` of an `nnx.Variable` is not part of a path.
+
+    Returns:
+      The paths, one per leaf, such as 'layers/0/dense/kernel' (keys and list indices).
+    """
     return list(leaves_by_path(params))
 
 
@@ -145,7 +153,20 @@ def map_rules(
     rules: Rules,
     name: str = "rules",
 ) -> Params:
-    """Replace each selected leaf by `fn(path, leaf, spec)`; other leaves are kept as they are."""
+    """Replace each selected leaf by `fn(path, leaf, spec)`; other leaves are kept as they are.
+
+    Args:
+      fn: `(path, leaf, spec) -> new leaf`, called once per selected leaf.
+      params: any pytree, as for `match_rules`.
+      rules: ordered `(regex, spec)` pairs; the first `re.fullmatch` wins, `None` skips.
+      name: what the rules are for, in messages.
+
+    Returns:
+      A tree of the same structure as `params`, with the selected leaves replaced.
+
+    Raises:
+      ValueError: as `match_rules` (a bad regex, or a rule that selects no parameter).
+    """
     selected = match_rules(params, rules, name)
     return map_with_path(lambda p, x: fn(p, x, selected[p]) if p in selected else x, params)
 
@@ -204,7 +225,15 @@ def strip_extra_leaves(params: Params) -> Params:
 
 
 def compose(*transforms: StructureTransform) -> StructureTransform:
-    """Structure transforms applied left to right."""
+    """Structure transforms applied left to right.
+
+    Args:
+      *transforms: `(config, params) -> (config, params)` functions; none: the identity.
+
+    Returns:
+      One structure transform that runs `transforms` in order, each on the previous one's
+      `(config, params)`.
+    """
 
     def composed(config, params):
         for transform in transforms:
@@ -244,7 +273,11 @@ class Reparam(NamedTuple):
 
 
 def identity() -> Reparam:
-    """The reparameterization that changes nothing."""
+    """The reparameterization that changes nothing.
+
+    Returns:
+      A `Reparam` with an empty state, whose `apply` returns the params unchanged.
+    """
     return Reparam(
         init=lambda params: (),
         apply=lambda params, state: params,
@@ -254,7 +287,16 @@ def identity() -> Reparam:
 
 def chain(*reparams: Reparam) -> Reparam:
     """Reparameterizations applied in order; `update`, `finalize` and `stored_mask` see the
-    params as each one receives them (after the previous ones' `apply`)."""
+    params as each one receives them (after the previous ones' `apply`).
+
+    Args:
+      *reparams: the reparameterizations, first applied first.
+
+    Returns:
+      A `Reparam` whose state is the tuple of the members' states; its `stored_mask` and
+      `frozen_mask` are the AND of the members' masks of that kind (None if no member has
+      one).
+    """
 
     def init(params):
         states = []
@@ -464,13 +506,37 @@ def reparam_state(opt_state: Any) -> ReparamState:
 
 def reparam_apply(params: Params, opt_state: Any) -> Params:
     """The params the forward pass sees: the reparam of `with_reparam` (found inside
-    `opt_state`) applied to the stored `params`."""
+    `opt_state`) applied to the stored `params`.
+
+    Args:
+      params: the stored (trained) params, extra leaves included.
+      opt_state: an optimizer state holding exactly one `with_reparam` state (bare, in an
+        `optax.chain`, under `inject_hyperparams`, ...).
+
+    Returns:
+      The reparam's `apply(params, state)`: the model's own tree, as the forward pass sees it.
+
+    Raises:
+      ValueError: `opt_state` holds no `with_reparam` state, or several.
+    """
     found = reparam_state(opt_state)
     return found.reparam.apply(params, found.state)
 
 
 def finalize(params: Params, opt_state: Any) -> Params:
     """What to export of params trained under `with_reparam`: the reparam's `finalize`
-    (pruned weights zero, quantized weights as their codes' values), extra leaves removed."""
+    (pruned weights zero, quantized weights as their codes' values), extra leaves removed.
+
+    Args:
+      params: the stored (trained) params, extra leaves included.
+      opt_state: an optimizer state holding exactly one `with_reparam` state.
+
+    Returns:
+      The reparam's `finalize(params, state)` (its `apply` if it has none), without the
+      mapping entries whose key contains '@' (movement scores, LSQ steps, ...).
+
+    Raises:
+      ValueError: `opt_state` holds no `with_reparam` state, or several.
+    """
     found = reparam_state(opt_state)
     return export(found.reparam, params, found.state)

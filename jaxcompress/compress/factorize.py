@@ -16,7 +16,17 @@ from jaxcompress.models.bert import BertConfig
 
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-    """How much rank a selected kernel keeps; give exactly one field."""
+    """How much rank a selected kernel keeps; give exactly one field.
+
+    Attributes:
+      rank: the absolute rank, in 1..min(in, out).
+      fraction: the rank as a share of full rank min(in, out), in (0, 1], e.g. 0.5 (rounded,
+        at least 1).
+      energy: the smallest rank keeping this share, in (0, 1], of sum(singular values^2).
+
+    Raises:
+      ValueError: not exactly one field is given, or `fraction` or `energy` is outside (0, 1].
+    """
 
     rank: int | None = None  # absolute rank
     fraction: float | None = None  # of full rank min(in, out), e.g. 0.5
@@ -45,7 +55,18 @@ class LowRank:
 
 
 def svd_factors(kernel: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """`a` (in x rank) and `b` (rank x out) with a @ b the best rank-`rank` approximation."""
+    """`a` (in x rank) and `b` (rank x out) with a @ b the best rank-`rank` approximation.
+
+    The truncated SVD is computed with NumPy in float64 (not traceable under `jax.jit`); the
+    singular values are folded into `a`.
+
+    Args:
+      kernel: a 2-D (in x out) array.
+      rank: how many singular values to keep.
+
+    Returns:
+      `(a, b)` in `kernel`'s dtype.
+    """
     u, s, vt = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=False)
     a = u[:, :rank] * s[:rank]
     b = vt[:rank]
@@ -81,6 +102,11 @@ def low_rank_params(params: core.Params, rules: core.Rules) -> tuple[core.Params
     Returns:
       The tree in the input's structure with the factors in place of each selected kernel
       (`kernel_a @ kernel_b` approximates it), and the chosen rank per module path.
+
+    Raises:
+      TypeError: a rule's spec is not a `LowRank`.
+      ValueError: as `core.match_rules`; or a selected leaf is not a 2-D `kernel` entry of a
+        mapping, or its `LowRank.rank` is larger than its full rank.
     """
     selected = core.match_rules(params, rules, "low_rank")
     for path, spec in selected.items():

@@ -283,6 +283,9 @@ def low_rank_layers(rules: Rules = ((".*", True),)) -> Iterator[None]:
       rules: `(regex on the module path, spec or None)`; a layer is intercepted when a rule
         with a non-None spec selects it and its params hold both factors.
 
+    Yields:
+      None; linen models applied inside the context run the selected layers' factors.
+
     Raises:
       ValueError: on leaving the context, when a rule ran no factorized layer.
     """

@@ -43,6 +43,15 @@ def soft_cross_entropy(
     """KL(teacher || student) of temperature-softened distributions, times T^2 (Hinton et al.).
 
     Zero exactly when the student's logits equal the teacher's (up to a per-example shift).
+
+    Args:
+      student_logits: (B, C) logits of the student.
+      teacher_logits: (B, C) logits of the teacher; no gradient flows into them.
+      example_mask: (B,) marks the real examples; None: every example counts.
+      temperature: T, dividing both sides' logits before the softmax.
+
+    Returns:
+      A float32 scalar: T^2 times the per-example KL, averaged over the real examples.
     """
     t = _teacher(teacher_logits) / temperature
     s = student_logits.astype(jnp.float32) / temperature
@@ -77,6 +86,15 @@ def hidden_mse(
     """TinyBERT's MSE(H_s W, H_t) per real token, averaged over width and tokens.
 
     Used for layer outputs and (with its own projection) the embedding-layer output.
+
+    Args:
+      student_hidden: (B, L, H_s) student states.
+      teacher_hidden: (B, L, H_t) teacher states; no gradient flows into them.
+      token_mask: (B, L) marks the real tokens.
+      projection: the learned (H_s, H_t) matrix W; None: the widths must be equal.
+
+    Returns:
+      A float32 scalar: the squared error averaged over the width, then over real tokens.
     """
     diff = project(student_hidden, projection) - _teacher(teacher_hidden)
     return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), token_mask)
@@ -124,7 +142,19 @@ def attention_kl(
     student_probs: jax.Array, teacher_probs: jax.Array, token_mask: jax.Array
 ) -> jax.Array:
     """KL(teacher || student) of each head's attention rows (B, N, L, L), averaged over heads
-    and real query tokens (TinyBERT/MobileBERT/MiniLM attention transfer). Needs equal heads."""
+    and real query tokens (TinyBERT/MobileBERT/MiniLM attention transfer). Needs equal heads.
+
+    Args:
+      student_probs: (B, N, L, L) student attention probabilities (after the softmax).
+      teacher_probs: the teacher's, of the same shape; no gradient flows into them.
+      token_mask: (B, L) marks the real tokens; padded query rows do not count.
+
+    Returns:
+      A float32 scalar: the KL summed over keys, averaged over heads, then over real queries.
+
+    Raises:
+      ValueError: the student's and the teacher's shapes differ (head count or length).
+    """
     if student_probs.shape != teacher_probs.shape:
         raise ValueError(
             f"attention KL needs equal head counts and lengths: student {student_probs.shape}, "

@@ -52,7 +52,24 @@ def _is_int(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """Zhu & Gupta's gradual schedule of a target (sparsity, or soft-movement threshold)."""
+    """Zhu & Gupta's gradual schedule of a target (sparsity, or soft-movement threshold).
+
+    The target goes from `initial` to `final` between `begin_step` and `end_step` along
+    1 - (1 - t)^power, changing only at the update steps (every `frequency` steps from
+    `begin_step`, and `end_step`).
+
+    Attributes:
+      final: the target from `end_step` on, in [0, 1).
+      initial: the target before `begin_step`, in [0, 1).
+      begin_step: the first update step (an int >= 0).
+      end_step: the last update step (an int >= `begin_step`); equal to `begin_step`:
+        one-shot at `begin_step`.
+      frequency: steps between mask updates inside [begin_step, end_step] (an int >= 1).
+      power: the exponent of the curve, > 0.
+
+    Raises:
+      ValueError: a field is outside the ranges above, or a step field is not an int.
+    """
 
     final: float  # the target from end_step on, in [0, 1)
     initial: float = 0.0  # the target before begin_step, in [0, 1)
@@ -221,6 +238,10 @@ def magnitude_pruning(rules: core.Rules, schedule: Schedule, scope: str = "layer
 
     Returns:
       A `core.Reparam` whose state is a `PruneState`.
+
+    Raises:
+      ValueError: a rule's value is not True, a float in [0, 1), False or None; or `scope`
+        is neither 'layer' nor 'global'.
     """
     rules = prune_rules(rules)
     if scope not in SCOPES:
@@ -286,7 +307,18 @@ def masks_from_zeros(params: core.Params, rules: core.Rules) -> dict[str, jax.Ar
 
 def rewind(pruned: core.Params, initial: core.Params, rules: core.Rules) -> core.Params:
     """Lottery-ticket rewinding (Frankle & Carbin; Chen et al. for BERT): the initial
-    weights with the pruned model's mask, i.e. its zeros, applied."""
+    weights with the pruned model's mask, i.e. its zeros, applied.
+
+    Args:
+      pruned: the pruned model's params; its exact zeros among the selected weights are the
+        mask.
+      initial: the params to rewind to, with the same paths.
+      rules: pruning rules selecting the weights whose zeros carry over (values as for
+        `magnitude_pruning`; only whether a rule selects matters).
+
+    Returns:
+      `initial` with a zero wherever a selected weight of `pruned` is zero.
+    """
     masks = masks_from_zeros(pruned, rules)
     return zero_pruned(initial, _with_masks(initial, masks))
 
@@ -315,6 +347,15 @@ def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.
 
     In a mapping the score is the entry `<name>@movement_score` (an `nnx.Variable` of the
     weight's type in an `nnx.State`); the rest of the tree keeps its structure.
+
+    Args:
+      params: the parameter tree, without movement scores.
+      rules: pruning rules as for `movement_pruning`; a score is added beside each weight a
+        rule selects with a value other than False/None.
+      init: the initial value of every score.
+
+    Returns:
+      The tree with the scores added, ready for `movement_pruning`.
 
     Raises:
       ValueError: the params already hold scores, or a selected weight sits in a list or
@@ -351,6 +392,10 @@ def movement_pruning(
       masked by the straight-through estimator; `finalize` the model's tree with pruned
       weights zero. Stored weights are not projected: under `core.with_reparam` a pruned
       weight keeps its value without moving, and comes back as it was if its score rises.
+
+    Raises:
+      ValueError: a rule's value is not True, a float in [0, 1), False or None, or `mode` or
+        `scope` is not one of the above.
     """
     rules = prune_rules(rules)
     if mode not in MOVEMENT_MODES:

@@ -54,6 +54,9 @@ def quantized_inputs(
       model: the nnx model being called in the context; None for linen models.
       layer_types: the layer classes that are candidates, instead of the defaults.
 
+    Yields:
+      None; the selected layers called inside the context see fake-quantized inputs.
+
     Raises:
       ValueError: for bad bit widths, a selected layer without a calibrated range, or (on
         leaving the context) a rule that quantized no layer.

@@ -57,7 +57,20 @@ OUTLIER_SIGMA = 3.29
 
 @dataclasses.dataclass(frozen=True)
 class GoboSpec:
-    """How GOBO quantizes one weight matrix."""
+    """How GOBO quantizes one weight matrix.
+
+    Attributes:
+      bits: the code width, 2..8: 2^bits centroids for the Gaussian group.
+      outlier_sigma: outliers are the weights with |w - mean| > outlier_sigma * std (mean
+        and std of the whole matrix), > 0; math.inf keeps no outliers (plain 1-D k-means).
+      iterations: at most this many Lloyd steps, >= 0; 0 keeps the initial centroids.
+      init: the initial centroids: 'uniform' (evenly spaced over the Gaussian group's
+        [min, max], GOBO's) or 'quantile' (at the mid-quantiles (k + 1/2) / 2^bits of the
+        Gaussian group).
+
+    Raises:
+      ValueError: a field is outside the values above.
+    """
 
     bits: int = 3  # code width: 2^bits centroids for the Gaussian group, 2..8
     # Outliers: |w - mean| > outlier_sigma * std (mean, std of the whole matrix); math.inf
@@ -180,7 +193,22 @@ def lloyd(x: np.ndarray, centroids: np.ndarray, iterations: int) -> Fit:
 
 
 def gobo_quantize(w: Any, spec: GoboSpec) -> GoboTensor:
-    """GOBO codes, centroids and outliers of one weight array (any shape, at least one value)."""
+    """GOBO codes, centroids and outliers of one weight array (any shape, at least one value).
+
+    Runs in NumPy (not traceable under `jax.jit`), deterministically.
+
+    Args:
+      w: the weight, any array-like; it is read as float32.
+      spec: the code width, outlier threshold and Lloyd iterations.
+
+    Returns:
+      A `GoboTensor`: uint8 codes in `w`'s shape, the ascending float32 centroids, and the
+      outliers' flat indices and original values. Outliers also get a code (of the nearest
+      centroid), which `gobo_dequantize` overwrites.
+
+    Raises:
+      ValueError: `w` is empty, or has more values than int32 indices can address.
+    """
     w = np.asarray(w, np.float32)
     if w.size == 0:
         raise ValueError("cannot GOBO-quantize an empty array")
@@ -196,7 +224,14 @@ def gobo_quantize(w: Any, spec: GoboSpec) -> GoboTensor:
 
 
 def gobo_dequantize(t: GoboTensor) -> jax.Array:
-    """The float32 weight `t` stands for: centroids[codes] with the outliers written back."""
+    """The float32 weight `t` stands for: centroids[codes] with the outliers written back.
+
+    Args:
+      t: a `GoboTensor`, as `gobo_quantize` returns it.
+
+    Returns:
+      A float32 `jax.Array` in the codes' shape.
+    """
     flat = np.asarray(t.centroids, np.float32)[np.asarray(t.codes).reshape(-1)]
     flat[np.asarray(t.outlier_index)] = np.asarray(t.outlier_value, np.float32)
     return jnp.asarray(flat.reshape(np.shape(t.codes)))

@@ -95,6 +95,22 @@ def hutchinson_trace(
     `loss_fn(params)` is a scalar (close over the batch). Probes are zero on ungrouped leaves.
     Samples run sequentially (`lax.map`), so memory is that of one Hessian-vector product;
     the whole function can be jitted with `loss_fn` and `groups` static.
+
+    Args:
+      loss_fn: `params -> scalar loss`, twice differentiable.
+      params: the point at which the Hessian is taken; every leaf must be floating point.
+      groups: a function `path -> group name or None`, or rules `(regex, name or None)`
+        (first fullmatch wins, as `core.match_rules`); e.g. `encoder_layer_group`.
+      key: the PRNG key of the probes.
+      samples: the number of probes, an int >= 1.
+
+    Returns:
+      A `TraceEstimate`: per group name (in order of first appearance in the tree), the mean
+      trace, its standard error (nan for one sample) and the trace per parameter.
+
+    Raises:
+      ValueError: `samples` is not an int >= 1, a leaf of `params` is not floating point, a
+        group name is not a string, the groups select no parameter, or a rule selects none.
     """
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r}; expected an integer >= 1")
@@ -201,6 +217,21 @@ def assign_bits(
     the Pareto-optimal (total bits, error) partial assignments that can still meet the budget;
     with equal group sizes there are at most (max - min choice) * groups + 1 of them. Ties
     go to fewer total bits. The budget is compared exactly (rational arithmetic).
+
+    Args:
+      sensitivity: per group name, its sensitivity (finite, >= 0), e.g. the average trace
+        per parameter.
+      sizes: per group name (the same names), its number of parameters (a positive int).
+      choices: the bit widths a group may get, ints in 2..8.
+      budget_bits: the largest allowed parameter-weighted average bit width.
+
+    Returns:
+      `{group: bits}` for every group, in the order of `sensitivity`.
+
+    Raises:
+      ValueError: there is no group, `sensitivity` and `sizes` name different groups, a
+        sensitivity, size or choice is out of range, `choices` is empty, or `budget_bits` is
+        below the smallest choice.
     """
     _check_assignment_inputs(sensitivity, sizes, choices)
     options = sorted(set(choices))

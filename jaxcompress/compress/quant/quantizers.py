@@ -24,6 +24,25 @@ class QuantSpec:
     'channel' one per column, 'group' one per column and per block of `group_size`
     consecutive rows (Q-BERT's group-wise quantization). Scales have shape (), (C,) and
     (rows // group_size, C) respectively.
+
+    Attributes:
+      bits: the code width of the uniform schemes, 2..8 (None: 8); ternary is 2 bits and
+        binary 1 (None is set to that).
+      scheme: 'symmetric' (grid [-(2^(b-1)-1), 2^(b-1)-1]), 'asymmetric' ([0, 2^b-1] with an
+        integer zero point), 'ternary' ({-1, 0, 1}, TWN) or 'binary' ({-1, 1},
+        sign(w) * mean |w|).
+      granularity: 'tensor', 'channel' or 'group', as above.
+      group_size: rows per group; required with 'group' and only allowed with it.
+      scale_method: for the uniform schemes 'absmax' (None: this), 'percentile', 'mse' (a
+        grid search of clip ratios) or 'lsq' (a trained step size, symmetric only); must be
+        None for ternary and binary, which have their own scale.
+      percentile: for 'percentile', the nearest-rank percentile (0 < p <= 100) of |w|
+        (symmetric) or of w at both tails (asymmetric).
+      mse_grid: for 'mse', the clip ratios tried are k / mse_grid of the absmax range,
+        k = 1..mse_grid.
+
+    Raises:
+      ValueError: a field is outside the values above, or fields contradict each other.
     """
 
     # Uniform schemes: 2..8 (default 8). Ternary is 2 bits and binary 1; leave None or say so.
@@ -320,7 +339,16 @@ def quantize(
 
 
 def dequantize(qt: QTensor, spec: QuantSpec) -> jax.Array:
-    """The float32 values `qt` stands for."""
+    """The float32 values `qt` stands for.
+
+    Args:
+      qt: codes, scale and zero point, as `quantize` returns them.
+      spec: the spec `qt` was quantized with (its granularity places the scales).
+
+    Returns:
+      `(codes - zero_point) * scale` (no zero point: `codes * scale`) as float32, in the
+      codes' shape.
+    """
     q3, _ = _view(qt.codes.astype(jnp.float32), spec)
     zp3 = None if qt.zero_point is None else _expand(qt.zero_point, spec)
     return _dequant(q3, _expand(qt.scale, spec), zp3).reshape(qt.codes.shape)
@@ -338,6 +366,20 @@ def fake_quant(
     clip range [qmin - 1/2, qmax + 1/2] in steps) and zero it outside;
     ternary and binary pass it everywhere (TernaryBERT, BinaryBERT). `scale_method='lsq'`
     needs the learned step as `scale` and goes through `lsq_fake_quant`.
+
+    Args:
+      w: the weight, with at least one axis; its last axis is the channel axis.
+      spec: how to quantize it.
+      scale: the scale in the spec's scale shape; None: computed from `w` by
+        `spec.scale_method` (no gradient flows into it).
+      zero_point: with `scale`, the zero point of an asymmetric spec (ignored otherwise).
+
+    Returns:
+      The quantized values of `w`, in its shape and dtype.
+
+    Raises:
+      ValueError: `w` is a scalar, `spec.group_size` does not divide its rows, or
+        `scale_method='lsq'` without `scale`.
     """
     if spec.scale_method == "lsq":
         if scale is None:
@@ -380,6 +422,18 @@ def ternary_split(w: jax.Array, spec: QuantSpec) -> TernarySplit:
     per scale. The returned halves `codes_a * scale` and `codes_b * scale` (scale = the
     ternary scale / 2) add up to `fake_quant(w, spec)` exactly, and equal the binary
     quantization of the latents up to float rounding of the means.
+
+    Args:
+      w: the weight, with at least one axis.
+      spec: a ternary spec; its granularity sets which weights share a scale.
+
+    Returns:
+      A `TernarySplit`: the latents in `w`'s shape and dtype, the int32 codes in {-1, 1} of
+      both halves, and their common scale in the spec's scale shape.
+
+    Raises:
+      ValueError: `spec.scheme` is not 'ternary', or `w` cannot be quantized with `spec`
+        (a scalar, or a group size that does not divide its rows).
     """
     if spec.scheme != "ternary":
         raise ValueError(f"ternary_split needs scheme='ternary', got {spec.scheme!r}")
