@@ -17,6 +17,7 @@ from jaxcompress.compress.distill.objective import (
 )
 from jaxcompress.compress.prune import structured
 from jaxcompress.config import glue_dir
+from jaxcompress.core import StructureTransform
 from jaxcompress.data import glue as data
 from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig
@@ -80,8 +81,11 @@ def load_any(name_or_path: str, **kwargs) -> tuple[BertConfig, dict]:
     return load_pretrained(name_or_path, **kwargs)
 
 
-def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
-    """The model to train: `config.model`, then `config.transforms` applied in order."""
+def load_model(
+    config: ml_collections.ConfigDict, transform: StructureTransform | None = None
+) -> tuple[BertConfig, dict]:
+    """The model to train: `config.model`, then `transform` (default: `config.transforms`
+    parsed and applied in order)."""
     bert_config, params = load_any(
         config.model,
         num_labels=get_num_outputs(config.task),
@@ -93,7 +97,9 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[BertConfig, dict]:
         remat=config.remat,
         token_keep=tuple(config.token_keep) or None,
     )
-    return transforms.from_specs(config.transforms, transform_context(config))(bert_config, params)
+    if transform is None:
+        transform = transforms.from_specs(config.transforms, transform_context(config))
+    return transform(bert_config, params)
 
 
 def transform_context(config: ml_collections.ConfigDict) -> transforms.TransformContext:

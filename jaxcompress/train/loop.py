@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from jaxcompress.compress.distill.objective import (
     task_loss,
 )
 from jaxcompress.compress.dynamic import early_exit
-from jaxcompress.compress.method import Plan, Setup
+from jaxcompress.compress.method import Plan, Setup, TrainingMethod
 from jaxcompress.compress.registry import TRAINING_METHODS
 from jaxcompress.config import validate
 from jaxcompress.data import glue as data
@@ -103,12 +103,41 @@ def run_setup(
     )
 
 
+class Sections(NamedTuple):
+    """A run config's sections, each parsed once, at the boundary, into what the run uses.
+
+    Attributes:
+      transform: the composed structure transforms of `transforms`.
+      objective: the loss terms of `distill`.
+      exits: the `early_exit` spec, None without exits.
+      methods: the training-time methods whose section asks for them, with their specs, in
+        registry order.
+    """
+
+    transform: core.StructureTransform
+    objective: Objective
+    exits: early_exit.ExitSpec | None
+    methods: tuple[tuple[TrainingMethod, Any], ...]
+
+
+def parse_sections(config: ml_collections.ConfigDict) -> Sections:
+    """Every section of a run config parsed (bad values raise ValueError; nothing is read)."""
+    methods = ((m, m.parse(config[m.section])) for m in TRAINING_METHODS)
+    return Sections(
+        transform=transforms.from_specs(config.transforms, transform_context(config)),
+        objective=Objective.from_config(config.distill),
+        exits=early_exit.ExitSpec.from_config(config.early_exit),
+        methods=tuple((m, spec) for m, spec in methods if spec is not None),
+    )
+
+
 def initial_state(
     config: ml_collections.ConfigDict,
     total_steps: int,
     teacher_config: BertConfig | None = None,
     mesh: Mesh | None = None,
     train_split: data.TokenizedSplit | None = None,
+    sections: Sections | None = None,
 ) -> tuple[BertConfig, Any, optax.GradientTransformation, TrainState, tuple[Plan, ...]]:
     """The model, optimizer, step-0 train state and training-time methods of a config.
 
@@ -119,24 +148,24 @@ def initial_state(
     model is the one their model hooks wrap. With a teacher, the trainable tree also holds
     the objective's projections (if any). The state is placed on `mesh` (default:
     `config.mesh`) by `sharding`'s rules: parameters put there once loaded, optimizer state
-    created there. `train_split` (loaded on first use if None) feeds calibration.
+    created there. `train_split` (loaded on first use if None) feeds calibration;
+    `sections` are the config's parsed sections (parsed here if None).
     """
     mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
-    bert_config, params = load_model(config)
-    methods = [(m, m.parse(config[m.section])) for m in TRAINING_METHODS]
-    methods = [(m, spec) for m, spec in methods if spec is not None]
+    sections = parse_sections(config) if sections is None else sections
+    bert_config, params = load_model(config, sections.transform)
+    methods = sections.methods
     for method, spec in methods:
         params = method.prepare(spec, params)
     if teacher_config is not None:
-        objective = Objective.from_config(config.distill)
-        projections = init_distill_params(objective, bert_config, teacher_config)
+        projections = init_distill_params(sections.objective, bert_config, teacher_config)
         if projections:
             params = {**params, DISTILL_PARAMS: projections}
-    exits = config.early_exit
-    if exits.layers:
+    exits = sections.exits
+    if exits is not None:
         params = {**params, EXITS: early_exit.init_exits(bert_config, params, exits.layers)}
     tx = make_optimizer(config.train, total_steps)
-    if exits.layers and exits.freeze_backbone:
+    if exits is not None and exits.freeze_backbone:
         tx = early_exit.frozen_backbone_optimizer(tx)
     params, specs = sharding.place_params(bert_config, params, mesh)
     sharding.check_fsdp(params, mesh)
@@ -187,7 +216,7 @@ def train(
     """
     started = time.perf_counter()
     validate(config)
-    transforms.from_specs(config.transforms, transform_context(config))  # specs parse
+    sections = parse_sections(config)
     finished = finished_summary(config, workdir)
     if finished is not None:
         return finished
@@ -196,7 +225,7 @@ def train(
     enable_compile_cache(config.compile_cache)
     mesh = sharding.mesh_from_config(config.mesh)
     check_batch_split(config, mesh)
-    return _train(config, workdir, mesh, stop_after_step, started)
+    return _train(config, sections, workdir, mesh, stop_after_step, started)
 
 
 def finished_summary(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -223,6 +252,7 @@ def check_batch_split(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 def _train(
     config: ml_collections.ConfigDict,
+    sections: Sections,
     workdir: str | Path,
     mesh: Mesh,
     stop_after_step,
@@ -243,15 +273,15 @@ def _train(
     if teacher is not None:
         teacher_params, _ = sharding.place_params(teacher.config, teacher_params, mesh)
     bert_config, model, tx, state, plans = initial_state(
-        config, steps, None if teacher is None else teacher.config, mesh, train_split
+        config, steps, None if teacher is None else teacher.config, mesh, train_split, sections
     )
-    objective = Objective.from_config(config.distill)
+    objective, exits = sections.objective, sections.exits
     if config.token_keep and objective.uses_layers:
         raise ValueError(
             "token_keep shortens hidden states; layer distillation terms need them whole"
         )
-    if config.early_exit.layers:
-        loss_fn = early_exit.make_exit_loss(model, config.early_exit, teacher)
+    if exits is not None:
+        loss_fn = early_exit.make_exit_loss(model, exits, teacher)
     else:
         loss_fn = make_loss(model, objective, teacher)
     teacher_logits = None
@@ -404,17 +434,17 @@ def _train(
     )
     if config.transforms or not bert_config.is_uniform:  # keep the compressed shapes too
         artefact.save(bert_config, params, run.path / "compressed", tokenizer_dir)
-    exits = {}
-    if config.early_exit.layers:  # the model with its exit heads, and each exit's accuracy
+    exit_figures = {}
+    if exits is not None:  # the model with its exit heads, and each exit's accuracy
         with_exits = {**params, EXITS: sharding.to_host(state.params[EXITS])}
-        pooling = config.early_exit.pooling
+        pooling = exits.pooling
         early_exit.save_exit_model(
             run.path / "exits", bert_config, with_exits, pooling, tokenizer_dir
         )
         split = eval_splits[data.get_task(config.task).eval_splits[0]]
         batches = data.eval_batches(split, config.eval.batch_size, config.buckets)
         accuracy = early_exit.exit_accuracies(bert_config, with_exits, list(batches), pooling)
-        exits = {"exit_accuracy": {str(n): a for n, a in accuracy.items()}}
+        exit_figures = {"exit_accuracy": {str(n): a for n, a in accuracy.items()}}
     summary = {
         "task": config.task,
         "metric": metric,
@@ -428,7 +458,7 @@ def _train(
         "padded_tokens_this_run": padded_tokens,
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "params": artefact.count_params(params),
-        **exits,
+        **exit_figures,
         **figures,
         "model_dir": str(model_dir),
         "wall_seconds": time.perf_counter() - started,  # this invocation, loading to summary

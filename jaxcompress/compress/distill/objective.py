@@ -268,7 +268,10 @@ def make_loss(
 
 
 def finetune_loss(
-    model: Bert, teacher: Bert | None = None, alpha: float = 0.5, temperature: float = 2.0
+    model: Bert,
+    teacher: Bert | None = None,
+    alpha: float = Objective.alpha,
+    temperature: float = Objective.temperature,
 ) -> LossFn:
     """Task loss, mixed with logit distillation from `teacher` when one is given."""
     return make_loss(model, Objective(alpha=alpha, temperature=temperature), teacher)

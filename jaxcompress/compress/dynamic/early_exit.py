@@ -105,40 +105,75 @@ def split_exits(params: dict) -> tuple[dict, dict]:
     return {k: v for k, v in params.items() if k != EXITS}, params.get(EXITS, {})
 
 
-def make_exit_loss(
-    model: Bert, cfg: ml_collections.ConfigDict, teacher: Bert | None = None
-) -> LossFn:
-    """The training loss of `config.early_exit` (see the module docstring); aux holds each
-    exit's loss."""
-    layers = check_layers(model.config, cfg.layers)
-    if cfg.targets not in TARGETS or cfg.weighting not in WEIGHTINGS:
-        raise ValueError(
-            f"early_exit.targets in {TARGETS}, weighting in {WEIGHTINGS}: {cfg.targets!r}, "
-            f"{cfg.weighting!r}"
-        )
-    if (cfg.targets == "teacher") != (teacher is not None):
+@dataclasses.dataclass(frozen=True)
+class ExitSpec:
+    """A checked `early_exit` section.
+
+    Attributes:
+      layers: the layers followed by an exit head (each in 1 .. layers - 1).
+      targets: what exits learn: 'labels', 'final' (the model's own prediction) or 'teacher'.
+      weighting: 'equal', or 'layer' (exit n weighs n, PABEE).
+      freeze_backbone: train the exit heads only.
+      pooling: what exit heads read: 'cls' or 'mean' of the tokens.
+    """
+
+    layers: tuple[int, ...]
+    targets: str = "labels"
+    weighting: str = "equal"
+    freeze_backbone: bool = True
+    pooling: str = "cls"
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> ExitSpec | None:
+        """The spec of an `early_exit` section, None without exit layers.
+
+        Args:
+          cfg: the section (as in `jaxcompress.config.finetune_defaults().early_exit`).
+
+        Returns:
+          An `ExitSpec`, or None.
+
+        Raises:
+          ValueError: an unknown target, weighting or pooling.
+        """
+        if not cfg.layers:
+            return None
+        if cfg.targets not in TARGETS or cfg.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"early_exit.targets in {TARGETS}, weighting in {WEIGHTINGS}: {cfg.targets!r}, "
+                f"{cfg.weighting!r}"
+            )
+        if cfg.pooling not in POOLINGS:
+            raise ValueError(f"early_exit.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
+        layers = tuple(int(n) for n in cfg.layers)
+        return cls(layers, cfg.targets, cfg.weighting, bool(cfg.freeze_backbone), cfg.pooling)
+
+
+def make_exit_loss(model: Bert, spec: ExitSpec, teacher: Bert | None = None) -> LossFn:
+    """The training loss of an `early_exit` section (see the module docstring); aux holds
+    each exit's loss."""
+    layers = check_layers(model.config, spec.layers)
+    if (spec.targets == "teacher") != (teacher is not None):
         raise ValueError("early_exit.targets='teacher' needs distill.teacher, and only it uses one")
-    if cfg.pooling not in POOLINGS:
-        raise ValueError(f"early_exit.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
-    head = ExitHead(model.config, cfg.pooling)
+    head = ExitHead(model.config, spec.pooling)
     last = model.config.num_hidden_layers
 
     def loss_fn(params, batch: Batch, rng, teacher_params=None):
         backbone, exits = split_exits(params)
-        if cfg.freeze_backbone:
+        if spec.freeze_backbone:
             backbone = jax.lax.stop_gradient(backbone)
             rng = None  # a frozen backbone is run as at inference: its features do not change
         out = forward(model, backbone, batch, rng, output_hidden_states=True)
         labels, mask, tokens = batch["labels"], batch["example_mask"], batch["attention_mask"]
-        if cfg.targets == "final":
+        if spec.targets == "final":
             target = jax.lax.stop_gradient(out.logits)
-        elif cfg.targets == "teacher":
+        elif spec.targets == "teacher":
             target = jax.lax.stop_gradient(forward(teacher, teacher_params, batch, None).logits)
 
         def exit_loss(logits):
             return (
                 task_loss(logits, labels, mask)
-                if cfg.targets == "labels"
+                if spec.targets == "labels"
                 else distill.soft_cross_entropy(logits, target, mask)
             )
 
@@ -146,9 +181,9 @@ def make_exit_loss(
             n: exit_loss(head.apply({"params": exits[str(n)]}, out.hidden_states[n], tokens))
             for n in layers
         }
-        if not cfg.freeze_backbone:
+        if not spec.freeze_backbone:
             terms[last] = task_loss(out.logits, labels, mask)
-        weights = {n: float(n) if cfg.weighting == "layer" else 1.0 for n in terms}
+        weights = {n: float(n) if spec.weighting == "layer" else 1.0 for n in terms}
         total = sum(weights[n] * v for n, v in terms.items()) / sum(weights.values())
         return total, {f"exit{n}_loss": v for n, v in terms.items()}
 

@@ -167,11 +167,11 @@ def test_exit_losses_match_their_definitions_and_bad_settings_fail():
         early_exit.make_exit_loss(Bert(config), early_exit_config(layers=(1,), targets="teacher"))
 
 
-def early_exit_config(**changes):
+def early_exit_config(**changes) -> early_exit.ExitSpec:
     cfg = finetune_defaults().early_exit
     with cfg.unlocked():
         cfg.update(changes)
-    return cfg
+    return early_exit.ExitSpec.from_config(cfg)
 
 
 @pytest.mark.slow
