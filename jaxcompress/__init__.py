@@ -14,6 +14,9 @@ subpackage.
 from jaxcompress.compress.distill.losses import attention_kl, hidden_mse, soft_cross_entropy
 from jaxcompress.compress.factorize import LowRank, densify, low_rank_params, svd_factors
 from jaxcompress.compress.intercept import low_rank_layers, use_low_rank
+from jaxcompress.compress.prune.sparse import load as load_sparse
+from jaxcompress.compress.prune.sparse import save as save_sparse
+from jaxcompress.compress.prune.sparse import sparse_bytes
 from jaxcompress.compress.prune.unstructured import (
     Schedule,
     add_movement_scores,
@@ -24,6 +27,9 @@ from jaxcompress.compress.prune.unstructured import (
 from jaxcompress.compress.quant.activations import calibrate, quantized_inputs
 from jaxcompress.compress.quant.gobo import GoboSpec, gobo_dequantize, gobo_quantize
 from jaxcompress.compress.quant.hessian import assign_bits, hutchinson_trace
+from jaxcompress.compress.quant.pack import load as load_packed
+from jaxcompress.compress.quant.pack import packed_bytes
+from jaxcompress.compress.quant.pack import save as save_packed
 from jaxcompress.compress.quant.qat import add_binary_split, add_lsq_steps
 from jaxcompress.compress.quant.quantizers import QuantSpec, dequantize, fake_quant, ternary_split
 from jaxcompress.compress.share import expand, tie, tying
@@ -65,16 +71,22 @@ __all__ = [
     "hutchinson_trace",
     "identity",
     "leaf_paths",
+    "load_packed",
+    "load_sparse",
     "low_rank_layers",
     "low_rank_params",
     "magnitude_pruning",
     "map_rules",
     "match_rules",
     "movement_pruning",
+    "packed_bytes",
     "quantized_inputs",
     "reparam_apply",
     "rewind",
+    "save_packed",
+    "save_sparse",
     "soft_cross_entropy",
+    "sparse_bytes",
     "svd_factors",
     "ternary_split",
     "tie",

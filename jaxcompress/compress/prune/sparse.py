@@ -68,15 +68,41 @@ def unpack(packed: Packed, like: core.Params | None = None) -> core.Params:
 
 
 def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
-    """Write the sparse artefact to one safetensors file."""
+    """Write the sparse artefact to one safetensors file: a bitmask and the kept values of
+    each selected weight, every other leaf dense.
+
+    Args:
+      path: the file to write (its folder is created).
+      params: any pytree whose pruned weights are exactly zero.
+      rules: `(regex, True or None)` choosing the weights stored sparse.
+
+    Returns:
+      The path written.
+    """
     return write_packed(path, pack(params, rules), META_KEY)
 
 
 def load(path: str | os.PathLike, like: core.Params | None = None) -> core.Params:
-    """The dense params of a file written by `save` (in the structure of `like`, if given)."""
+    """The dense params of a file written by `save`.
+
+    Args:
+      path: a file written by `save`.
+      like: a template tree to fill instead of the saved structure (same leaf paths).
+
+    Returns:
+      The params, pruned weights zero, in the saved structure (or `like`'s).
+    """
     return unpack(read_packed(path, META_KEY, kind="sparse"), like)
 
 
 def sparse_bytes(params: core.Params, rules: core.Rules) -> dict[str, int]:
-    """Bytes of the sparse file, with and without the embedding tables (written to measure)."""
+    """Bytes of the sparse file, with and without the embedding tables, measured by writing.
+
+    Args:
+      params: as for `save`.
+      rules: as for `save`.
+
+    Returns:
+      `{"bytes": ..., "bytes_no_embeddings": ...}`.
+    """
     return file_bytes(*pack(params, rules), entries="sparse", meta_key=META_KEY)

@@ -296,7 +296,16 @@ def read_packed(
 
 
 def save(path: str | os.PathLike, params: core.Params, rules: core.Rules) -> Path:
-    """Write one safetensors file: packed codes, scales, float leaves, and the JSON meta."""
+    """Write one safetensors file: packed codes, scales, float leaves, and the JSON meta.
+
+    Args:
+      path: the file to write (its folder is created).
+      params: any pytree; LSQ steps and binary-split halves beside their weights are used.
+      rules: `(regex, QuantSpec or None)` choosing the quantized leaves; others stay float.
+
+    Returns:
+      The path written.
+    """
     return write_packed(path, pack(params, rules))
 
 
@@ -306,16 +315,31 @@ def read(path: str | os.PathLike) -> Packed:
 
 
 def load(path: str | os.PathLike, like: Any = None) -> core.Params:
-    """The dequantized float params of a file written by `save`, in the saved structure
-    (or `like`'s; see `unpack`)."""
+    """The dequantized float params of a file written by `save`.
+
+    Args:
+      path: a file written by `save`.
+      like: a template tree to fill instead of the saved structure (same leaf paths).
+
+    Returns:
+      The params, in the saved structure (or `like`'s).
+    """
     return unpack(read(path), like)[0]
 
 
 def packed_bytes(
     params: core.Params, rules: core.Rules, embeddings: str = EMBEDDING_LEAVES
 ) -> dict[str, int]:
-    """Bytes of the packed file, with and without the embedding tables (the leaves whose path
-    fullmatches `embeddings`), measured by writing the files."""
+    """Bytes of the packed file, with and without the embedding tables, measured by writing.
+
+    Args:
+      params: as for `save`.
+      rules: as for `save`.
+      embeddings: the regex of the embedding leaves' paths.
+
+    Returns:
+      `{"bytes": ..., "bytes_no_embeddings": ...}`.
+    """
     return file_bytes(*pack(params, rules), entries="quantized", embeddings=embeddings)
 
 
