@@ -21,7 +21,6 @@ import optax
 from safetensors.numpy import save_file
 
 import jaxcompress as jc
-from jaxcompress.compress.quant import pack, qat
 
 CLASSES, SIZE, BATCH = 4, 16, 64
 KERNELS = r".*/(kernel|kernel_a|kernel_b)"  # conv kernels, dense kernels and their factors
@@ -115,7 +114,7 @@ def train_compressed(params, data, steps: int, seed: int):
     prune = jc.magnitude_pruning(
         [(KERNELS, True), (".*", None)], jc.Schedule(0.5, end_step=steps // 2, frequency=10)
     )
-    quantize = qat.qat(qat.default_rules(jc.QuantSpec(bits=4)))
+    quantize = jc.weight_quantization(jc.kernel_rules(jc.QuantSpec(bits=4)))
     tx = jc.with_reparam(jc.chain(prune, quantize), optax.adam(3e-4))
 
     def compressed_loss(params, opt_state, x, y):
@@ -159,10 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
         for p, v in zip(jc.leaf_paths(compressed), jax.tree.leaves(compressed), strict=True)
         if p.endswith(("kernel", "kernel_a", "kernel_b"))
     ]
-    rules = qat.default_rules(jc.QuantSpec(bits=4))
+    rules = jc.kernel_rules(jc.QuantSpec(bits=4))
     result = {
         "accuracy": (accuracy(params, test_x, test_y), accuracy(compressed, test_x, test_y, True)),
-        "bytes": (float_bytes(params), file_bytes(lambda path: pack.save(path, compressed, rules))),
+        "bytes": (float_bytes(params), file_bytes(lambda p: jc.save_packed(p, compressed, rules))),
         "flops": (flops(params, test_x[:1]), flops(compressed, test_x[:1], low_rank=True)),
         "kernel_sparsity": float(
             sum(int((np.asarray(k) == 0).sum()) for k in kernels) / sum(k.size for k in kernels)

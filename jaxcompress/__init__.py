@@ -31,6 +31,8 @@ from jaxcompress.compress.quant.pack import load as load_packed
 from jaxcompress.compress.quant.pack import packed_bytes
 from jaxcompress.compress.quant.pack import save as save_packed
 from jaxcompress.compress.quant.qat import add_binary_split, add_lsq_steps
+from jaxcompress.compress.quant.qat import default_rules as kernel_rules
+from jaxcompress.compress.quant.qat import qat as weight_quantization
 from jaxcompress.compress.quant.quantizers import QuantSpec, dequantize, fake_quant, ternary_split
 from jaxcompress.compress.share import expand, tie, tying
 from jaxcompress.core import (
@@ -70,6 +72,7 @@ __all__ = [
     "hidden_mse",
     "hutchinson_trace",
     "identity",
+    "kernel_rules",
     "leaf_paths",
     "load_packed",
     "load_sparse",
@@ -92,5 +95,6 @@ __all__ = [
     "tie",
     "tying",
     "use_low_rank",
+    "weight_quantization",
     "with_reparam",
 ]

@@ -41,7 +41,7 @@ def default_rules(kernels: QuantSpec | None = INT8) -> list[tuple[str, QuantSpec
         too, is `models.bert_rules.weight_rules(kernels, embeddings)`.
 
     Returns:
-      Rules for `qat`, `quantize_tree` and `pack.save`.
+      Rules for `qat`, `quantize_tree` and `pack.save` (top level: `jaxcompress.kernel_rules`).
     """
     return [(KERNELS, kernels)]
 
@@ -185,6 +185,16 @@ def qat(rules: core.Rules) -> core.Reparam:
     are trained (LSQ steps, which `add_lsq_steps` puts in the params tree). The stored
     weights are latent and stay float (no `stored_mask`); `finalize` exports the model's
     tree with every selected weight as its codes' values (`fake_quant`), extras dropped.
+    Exported at the top level as `jaxcompress.weight_quantization`.
+
+    Args:
+      rules: `(regex, QuantSpec or None)` pairs, e.g. `default_rules(QuantSpec(bits=4))`.
+
+    Returns:
+      A stateless `core.Reparam` for `core.with_reparam`.
+
+    Raises:
+      ValueError: a rule's value is neither a QuantSpec nor None.
     """
     _check_rules(rules)
 
