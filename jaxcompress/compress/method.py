@@ -94,9 +94,12 @@ class TrainingMethod:
       plan: `(spec, params, setup) -> Plan`; `params` are the step-0 params as the
         method's reparam receives them (earlier methods' `apply` done, own extras present).
       prepare: `(spec, params) -> params` with the method's trainable extras added.
+      not_weights: key suffixes of its extras that are not weights (movement scores, LSQ
+        step sizes): the optimizer gives them no weight decay.
     """
 
     section: str
     parse: Callable[[Any], Spec | None]
     plan: Callable[[Spec, core.Params, Setup], Plan]
     prepare: Callable[[Spec, core.Params], core.Params] = _no_extras
+    not_weights: tuple[str, ...] = ()

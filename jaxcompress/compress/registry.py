@@ -14,3 +14,5 @@ TRANSFORMS = transforms.REGISTRY
 # The training-time methods a train loop runs, each from its config section. Their reparams
 # are chained in this order (pruning masks the weights that quantization then sees).
 TRAINING_METHODS: tuple[TrainingMethod, ...] = (PRUNING, QUANTIZATION)
+# Key suffixes of trainable extras that are not weights (no weight decay), from every method.
+NOT_WEIGHTS: tuple[str, ...] = tuple(s for m in TRAINING_METHODS for s in m.not_weights)

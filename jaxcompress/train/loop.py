@@ -34,7 +34,7 @@ from jaxcompress.compress.distill.objective import (
 )
 from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.compress.method import Plan, Setup, TrainingMethod
-from jaxcompress.compress.registry import TRAINING_METHODS
+from jaxcompress.compress.registry import NOT_WEIGHTS, TRAINING_METHODS
 from jaxcompress.config import validate
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
@@ -164,7 +164,7 @@ def initial_state(
     exits = sections.exits
     if exits is not None:
         params = {**params, EXITS: early_exit.init_exits(bert_config, params, exits.layers)}
-    tx = make_optimizer(config.train, total_steps)
+    tx = make_optimizer(config.train, total_steps, NOT_WEIGHTS)
     if exits is not None and exits.freeze_backbone:
         tx = early_exit.frozen_backbone_optimizer(tx)
     params, specs = sharding.place_params(bert_config, params, mesh)

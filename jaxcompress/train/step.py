@@ -18,8 +18,6 @@ from jaxcompress.compress.distill.objective import (
     model_params,
 )
 from jaxcompress.compress.method import Plan
-from jaxcompress.compress.prune.unstructured import SCORE_SUFFIX
-from jaxcompress.compress.quant.qat import LSQ_SUFFIX
 from jaxcompress.train import grads
 
 log = logging.getLogger(__name__)
@@ -39,10 +37,11 @@ def new_rng(seed: int, impl: str = "rbg") -> jax.Array:
 
 
 def make_optimizer(
-    train: ml_collections.ConfigDict, total_steps: int
+    train: ml_collections.ConfigDict, total_steps: int, not_weights: tuple[str, ...] = ()
 ) -> optax.GradientTransformation:
     """AdamW with linear warmup and linear decay, global-norm clipping; no weight decay on
-    biases, LayerNorm, LSQ step sizes or movement scores (they are not weights)."""
+    biases, LayerNorm, and leaves whose key ends with one of `not_weights` (training-time
+    methods' extras such as LSQ step sizes or movement scores: they are not weights)."""
     warmup = int(round(train.warmup_ratio * total_steps))
     schedule = optax.join_schedules(
         [
@@ -56,7 +55,7 @@ def make_optimizer(
         return jax.tree_util.tree_map_with_path(
             lambda path, _: (
                 path[-1].key not in ("bias", "scale")
-                and not str(path[-1].key).endswith((LSQ_SUFFIX, SCORE_SUFFIX))
+                and not str(path[-1].key).endswith(not_weights)
             ),
             params,
         )

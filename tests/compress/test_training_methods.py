@@ -13,7 +13,7 @@ import pytest
 from jaxcompress import core
 from jaxcompress.compress.distill import objective as objectives
 from jaxcompress.compress.method import Setup
-from jaxcompress.compress.registry import TRAINING_METHODS
+from jaxcompress.compress.registry import NOT_WEIGHTS, TRAINING_METHODS
 from jaxcompress.config import finetune_defaults
 from jaxcompress.models.bert import Bert, Linear
 from jaxcompress.train.step import TrainState, make_optimizer, make_train_step, new_rng
@@ -96,7 +96,7 @@ def test_method_trains_through_the_loop_step_and_exports(name, changes, tmp_path
     plan = method.plan(spec, prepared, setup(config, batch))
     # As the loop does: the plans' reparams chained (here one) inside the optimizer state.
     reparam = core.chain(plan.reparam)
-    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 4))
+    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 4, NOT_WEIGHTS))
     state = TrainState(jnp.array(0), prepared, tx.init(prepared), new_rng(0))
     seen = core.reparam_apply(state.params, state.opt_state)
     assert core.leaf_paths(core.strip_extra_leaves(seen)) == core.leaf_paths(params)

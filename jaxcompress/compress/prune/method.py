@@ -140,4 +140,10 @@ def plan(spec: PruneSpec, params: core.Params, setup: Setup) -> Plan:
     )
 
 
-PRUNING = TrainingMethod(section="prune", parse=parse, plan=plan, prepare=prepare)
+PRUNING = TrainingMethod(
+    section="prune",
+    parse=parse,
+    plan=plan,
+    prepare=prepare,
+    not_weights=(prune.SCORE_SUFFIX,),
+)

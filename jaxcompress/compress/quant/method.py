@@ -185,4 +185,10 @@ def plan(spec: QuantizeSpec, params: core.Params, setup: Setup) -> Plan:
     return Plan(reparam=weights, model=model, export=export)
 
 
-QUANTIZATION = TrainingMethod(section="quantize", parse=parse, plan=plan, prepare=prepare)
+QUANTIZATION = TrainingMethod(
+    section="quantize",
+    parse=parse,
+    plan=plan,
+    prepare=prepare,
+    not_weights=(qat.LSQ_SUFFIX,),
+)

@@ -12,6 +12,7 @@ from jaxcompress import core
 from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.compress.prune.method import PRUNING
+from jaxcompress.compress.registry import NOT_WEIGHTS
 from jaxcompress.config import finetune_defaults
 from jaxcompress.train.loop import train
 from jaxcompress.train.step import make_optimizer
@@ -43,7 +44,7 @@ def loss(tree):
 def run_steps(reparam, tree, steps):
     """Jitted optimizer steps as the train loop takes them, through `core.with_reparam`;
     yields (step, params, reparam state, optimizer state)."""
-    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 100))
+    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 100, NOT_WEIGHTS))
 
     @jax.jit
     def one(tree, opt):
@@ -230,7 +231,7 @@ def test_weight_decay_spares_movement_scores_and_lsq_steps():
             "kernel@lsq_step": jnp.ones(()),
         }
     }
-    tx = make_optimizer(finetune_defaults().train, 10)
+    tx = make_optimizer(finetune_defaults().train, 10, NOT_WEIGHTS)  # as the loop builds it
     opt = tx.init(tree)
     for _ in range(3):
         updates, opt = tx.update(jax.tree.map(jnp.zeros_like, tree), opt, tree)
