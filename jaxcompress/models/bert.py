@@ -290,8 +290,13 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention. `fused`: through `jax.nn.dot_product_attention` (cuDNN
+    flash attention on GPU, XLA elsewhere), which returns no probabilities (None) and has no
+    attention dropout; otherwise explicit, with its probabilities."""
+
     config: BertConfig
     heads: int
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
@@ -306,6 +311,15 @@ class SelfAttention(nn.Module):
         # Kept only when applied with mutable=["intermediates"] (self-relation distillation).
         for name, t in (("queries", q_BxLxNxD), ("keys", k_BxLxNxD), ("values", v_BxLxNxD)):
             self.sow("intermediates", name, t.reshape(b, length, self.heads * d))
+        if self.fused:
+            keep_Bx1x1xL = bias_Bx1x1xL == 0  # the padding mask the bias encodes
+            # A padding row (no real key) attends to every key, so that no kernel sees a
+            # fully masked row (cuDNN may return NaN there); its output is never used.
+            keep_Bx1x1xL = keep_Bx1x1xL | ~keep_Bx1x1xL.any(-1, keepdims=True)
+            ctx_BxLxNxD = jax.nn.dot_product_attention(
+                q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask=keep_Bx1x1xL, scale=1.0 / d**0.5
+            )
+            return ctx_BxLxNxD.reshape(b, length, self.heads * d), None
         scores_BxNxLxL = jnp.einsum("blnd,bmnd->bnlm", q_BxLxNxD, k_BxLxNxD) / jnp.sqrt(d)
         probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL.astype(jnp.float32) + bias_Bx1x1xL, -1)
         drop = nn.Dropout(cfg.attention_probs_dropout_prob)
@@ -331,10 +345,12 @@ class AddNorm(nn.Module):
 class AttentionBlock(nn.Module):
     config: BertConfig
     heads: int
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
-        ctx, probs = SelfAttention(self.config, self.heads, name="self")(x, bias, deterministic)
+        attention = SelfAttention(self.config, self.heads, self.fused, name="self")
+        ctx, probs = attention(x, bias, deterministic)
         return AddNorm(self.config, QKV, name="output")(ctx, x, deterministic), probs
 
 
@@ -353,6 +369,8 @@ def _layerdrop(skip: jax.Array | None, x: jax.Array, y: jax.Array, probs: jax.Ar
     unchanged and attentions that pass no gradient back: a skipped layer gets no gradient."""
     if skip is None:
         return y, probs
+    if probs is None:  # fused attention keeps no probabilities
+        return jnp.where(skip, x, y), None
     return jnp.where(skip, x, y), jnp.where(skip, jax.lax.stop_gradient(probs), probs)
 
 
@@ -361,17 +379,19 @@ class Layer(nn.Module):
     which is how attention-only or FFN-only sharing reuses one group's half of a layer.
 
     Returns `(x, (x, probs))` so that `nn.scan` can stack hidden states and attentions;
-    a true `skip` (LayerDrop) makes the layer the identity.
+    a true `skip` (LayerDrop) makes the layer the identity. `fused` attention returns None
+    for probs.
     """
 
     config: BertConfig
     heads: int
     width: int
     deterministic: bool
+    fused: bool = False
 
     def setup(self):
         cfg = self.config
-        self.attention = AttentionBlock(cfg, self.heads)
+        self.attention = AttentionBlock(cfg, self.heads, self.fused)
         self.intermediate = Intermediate(cfg, self.width)
         self.output = AddNorm(cfg, MLP)
 
@@ -413,14 +433,20 @@ class LayerStack(nn.Module):
     With `token_keep` (PoWER-BERT), each layer keeps its most significant word vectors between
     self-attention and the FFN, and later layers see only those; shared layers then run
     unrolled (same parameters as the scan), since every layer has its own length.
+
+    Attention is fused (`jax.nn.dot_product_attention`) unless its probabilities are needed:
+    `need_probs` (asked for by the caller), token selection, or attention dropout in training.
     """
 
     config: BertConfig
     deterministic: bool
+    need_probs: bool = True
 
     @nn.compact
     def __call__(self, x, bias):
         cfg, n = self.config, self.config.num_hidden_layers
+        dropout = not self.deterministic and cfg.attention_probs_dropout_prob > 0
+        fused = not (self.need_probs or cfg.token_keep is not None or dropout)
         attention_groups = [cfg.attention_group(i) for i in range(n)]
         ffn_groups = [cfg.ffn_group(i) for i in range(n)]
         runs = _consecutive_runs(attention_groups) if attention_groups == ffn_groups else None
@@ -446,10 +472,11 @@ class LayerStack(nn.Module):
                     length=repeats,
                 )
                 args = (bias,) if skips_N is None else (bias, skips_N[start : start + repeats])
-                x, (xs, probs) = scanned(cfg, *sizes, self.deterministic, name=str(group))(x, *args)
+                layers = scanned(cfg, *sizes, self.deterministic, fused, name=str(group))
+                x, (xs, probs) = layers(x, *args)
                 start += repeats
                 hidden_states += list(xs)
-                attentions += list(probs)
+                attentions += [None] * repeats if probs is None else list(probs)
             return x, tuple(hidden_states), tuple(attentions)
 
         modules: dict[int, Layer] = {}
@@ -464,7 +491,9 @@ class LayerStack(nn.Module):
                 width = (
                     cfg.layer_intermediate(ffn_groups.index(group)) if group in ffn_groups else 0
                 )
-                modules[group] = layer_class(cfg, heads, width, self.deterministic, name=str(group))
+                modules[group] = layer_class(
+                    cfg, heads, width, self.deterministic, fused, name=str(group)
+                )
             return modules[group]
 
         counts = None
@@ -483,10 +512,11 @@ class LayerStack(nn.Module):
 
 class Encoder(nn.Module):
     config: BertConfig
+    need_probs: bool = True
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
-        return LayerStack(self.config, deterministic, name="layer")(x, bias)
+        return LayerStack(self.config, deterministic, self.need_probs, name="layer")(x, bias)
 
 
 class Pooler(nn.Module):
@@ -502,13 +532,15 @@ class BertBackbone(nn.Module):
     """HF's `BertModel`: embeddings, encoder, pooler."""
 
     config: BertConfig
+    need_probs: bool = True
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
         cfg = self.config
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         bias_Bx1x1xL = token_select.bias_from_mask(attention_mask > 0)
-        x, hidden, attn = Encoder(cfg, name="encoder")(x, bias_Bx1x1xL, deterministic)
+        encoder = Encoder(cfg, self.need_probs, name="encoder")
+        x, hidden, attn = encoder(x, bias_Bx1x1xL, deterministic)
         return x, Pooler(cfg, name="pooler")(x), hidden, attn
 
 
@@ -552,7 +584,9 @@ class Bert(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        last, pooled, hidden, attn = BertBackbone(cfg, name="bert")(
+        # Without output_attentions, attention runs fused where nothing else needs its
+        # probabilities (see LayerStack).
+        last, pooled, hidden, attn = BertBackbone(cfg, output_attentions, name="bert")(
             input_ids, attention_mask, token_type_ids, deterministic
         )
         logits = None

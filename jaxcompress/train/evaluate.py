@@ -21,10 +21,13 @@ from jaxcompress.train import progress, sharding
 log = logging.getLogger(__name__)
 
 
-def make_eval_step(model: Bert, mesh: Mesh | None = None):
-    """A jitted `(params, batch) -> logits` that announces each new batch shape's compilation.
-    With a mesh of several devices, the batch (the same on every process) is split over its
-    data axes and the logits come back whole."""
+def make_eval_step(
+    model: Bert, mesh: Mesh | None = None, announce: progress.CompileAnnouncer | None = None
+):
+    """A jitted `(params, batch) -> logits` that announces each new batch shape's compilation
+    (through `announce`, which also sums the seconds, if given). With a mesh of several
+    devices, the batch (the same on every process) is split over its data axes and the
+    logits come back whole."""
     if mesh is None or mesh.size == 1:
         compiled = jax.jit(lambda params, batch: forward(model, params, batch, None).logits)
     else:
@@ -36,7 +39,7 @@ def make_eval_step(model: Bert, mesh: Mesh | None = None):
         def compiled(params, batch):
             return logits(params, sharding.full_batch_to_global(batch, mesh))
 
-    announce = progress.CompileAnnouncer(log, "eval step")
+    announce = announce or progress.CompileAnnouncer(log, "eval step")
 
     def step(params, batch):
         return announce(batch["input_ids"].shape, compiled, params, batch)

@@ -318,7 +318,8 @@ def _train(
             out_shardings=(state_shardings, sharding.replicated(mesh)),
         ),
     )
-    eval_step = make_eval_step(model, mesh)
+    eval_compiles = progress.CompileAnnouncer(log, "eval step")
+    eval_step = make_eval_step(model, mesh, eval_compiles)
 
     def evaluate_all(params) -> dict[str, dict[str, float]]:
         return evaluate_splits(config, eval_step, params, eval_splits)
@@ -461,6 +462,8 @@ def _train(
         **exit_figures,
         **figures,
         "model_dir": str(model_dir),
+        # First calls of each new shape in this invocation: compilation, mostly.
+        "compile_seconds": {"train": announce.seconds, "eval": eval_compiles.seconds},
         "wall_seconds": time.perf_counter() - started,  # this invocation, loading to summary
     }
     run.write_summary(summary)

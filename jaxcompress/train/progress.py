@@ -87,11 +87,12 @@ class Progress:
 
 class CompileAnnouncer:
     """Logs the first call of a jitted function on each new shape and how long it took (its
-    compilation, mostly); later calls cost one set lookup."""
+    compilation, mostly); later calls cost one set lookup. `seconds` sums those first calls."""
 
     def __init__(self, log: logging.Logger, what: str):
         self.log, self.what = log, what
         self.seen: set[Hashable] = set()
+        self.seconds = 0.0
 
     def __call__(self, shape: tuple[int, ...], fn: Callable, *args):
         """`fn(*args)`, announced and waited for if `shape` is new."""
@@ -115,5 +116,7 @@ class CompileAnnouncer:
         finally:
             done.set()
             reminder.join()
-        self.log.info("compiled %s in %.1f s", self.what, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self.seconds += took
+        self.log.info("compiled %s in %.1f s", self.what, took)
         return out

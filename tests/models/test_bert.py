@@ -143,3 +143,29 @@ def test_bfloat16_compute_keeps_float32_params():
         {"params": params}, jnp.ones((2, 6), jnp.int32)
     )
     np.testing.assert_allclose(out.logits, reference.logits, atol=0.05)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "scanned"])
+def test_fused_attention_equals_the_explicit_path(shared):
+    """Without output_attentions, attention runs through jax.nn.dot_product_attention; with
+    them, explicitly: same outputs and gradients, padding included, per-layer and scanned."""
+    changes = {"attention_groups": (0, 0), "ffn_groups": (0, 0)} if shared else {}
+    config = tiny_config(num_labels=2, **changes)
+    params = init_params(config, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (3, 9), 1, 1000)
+    mask = jnp.array([[1] * 9, [1] * 5 + [0] * 4, [0] * 9])  # the last: a padding row
+
+    def logits(p, explicit):
+        out = Bert(config).apply({"params": p}, ids, mask, output_attentions=explicit)
+        assert (out.attentions is None) != explicit
+        return out.logits
+
+    fused, explicit = logits(params, False), logits(params, True)
+    assert np.all(np.isfinite(fused))  # the padding row too: its output is not used
+    np.testing.assert_allclose(fused[:2], explicit[:2], rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda p, e=e: jnp.sum(logits(p, e)[:2] ** 2))(params) for e in (0, 1)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    bf16 = Bert(config.replace(dtype="bfloat16"))
+    outs = [bf16.apply({"params": half}, ids, mask, output_attentions=e).logits for e in (0, 1)]
+    np.testing.assert_allclose(outs[0][:2], outs[1][:2], atol=2e-2)

@@ -237,6 +237,9 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_and_logs_each_step_
     assert "compiling eval step for batch 128 x 64 ..." in caplog.messages
     assert any(m.startswith("predict 128 examples: done, 1 batch in") for m in caplog.messages)
     assert summary["steps"] == 4 and summary["wall_seconds"] > 0
+    # This invocation compiled the train step (for the resumed steps) and the eval step.
+    compiled = summary["compile_seconds"]
+    assert 0 < compiled["train"] < summary["wall_seconds"] and compiled["eval"] > 0
 
     again = train.train(config, workdir)  # finished: the saved summary, nothing logged
     assert again["value"] == summary["value"]
