@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib.util
 from collections.abc import Callable, Sequence
@@ -54,8 +55,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
     c.seed = 0
     c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
-    c.dtype = "float32"  # compute dtype (parameters stay float32): float32, bfloat16 or
-    # float16 (float16 trains with dynamic loss scaling)
+    # Compute dtype (parameters stay float32): "auto" (bfloat16 on GPU and TPU, float32 on
+    # CPU, resolved when a run starts), float32, bfloat16 or float16 (dynamic loss scaling).
+    c.dtype = "auto"
     # PoWER-BERT (jaxcompress/compress/dynamic/token_drop.py): per layer, the fraction of the
     # padded length whose word vectors (by attention received) the layer keeps; () = all of them.
     c.token_keep = ()
@@ -347,7 +349,7 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("buckets", _each(_positive(integer=True), empty_ok=False)),
         ("seed", _at_least(0)),
         ("rng_impl", _choice("rbg", "unsafe_rbg", "threefry2x32")),
-        ("dtype", _choice("float32", "bfloat16", "float16")),
+        ("dtype", _choice("auto", "float32", "bfloat16", "float16")),
         ("token_keep", _each(_range(0.0, 1.0, low_open=True))),
         ("mesh.data", (lambda v: v == -1 or v >= 1, "-1 (the devices left) or >= 1")),
         ("mesh.fsdp", (lambda v: v == -1 or v >= 1, "-1 (the devices left) or >= 1")),
@@ -432,6 +434,26 @@ def _bad(key: str, value, allowed: str) -> ConfigValueError:
         f"config key {key}={value!r} is out of range: it must be {allowed}; "
         f"fix it in the config file or with --set {key}=..."
     )
+
+
+def compute_dtype(name: str, backend: str | None = None) -> str:
+    """The compute dtype a config's `dtype` names: "auto" is bfloat16 on GPU and TPU and
+    float32 on CPU (`backend`, default: JAX's default backend); others are themselves."""
+    if name != "auto":
+        return name
+    if backend is None:
+        import jax  # only when asked: configs load without initialising a backend
+
+        backend = jax.default_backend()
+    return "bfloat16" if backend in ("gpu", "tpu", "cuda", "rocm") else "float32"
+
+
+def with_compute_dtype(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `dtype` is resolved (`compute_dtype`), so that what a run
+    saves and compares is the dtype it computes in."""
+    resolved = copy.deepcopy(config)
+    resolved.dtype = compute_dtype(config.dtype)
+    return resolved
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

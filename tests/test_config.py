@@ -4,11 +4,15 @@ import ml_collections
 import pytest
 
 from jaxcompress.config import (
+    ConfigValueError,
     apply_overrides,
+    compute_dtype,
     config_from_json,
     finetune_defaults,
     load_config,
     merge,
+    validate,
+    with_compute_dtype,
 )
 from tests.helpers import REPO
 
@@ -62,3 +66,19 @@ def test_saved_config_round_trips():
 
     again = config_from_json(json.loads(json.dumps(config.to_dict(), default=list)))
     assert again.to_dict() == config.to_dict()
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    assert finetune_defaults().dtype == "auto"
+    assert [compute_dtype("auto", b) for b in ("cpu", "gpu", "tpu")] == [
+        "float32",
+        "bfloat16",
+        "bfloat16",
+    ]
+    assert compute_dtype("float16", "gpu") == "float16"  # an explicit choice is kept
+    config = finetune_defaults()
+    resolved = with_compute_dtype(config)
+    assert resolved.dtype == compute_dtype("auto") and config.dtype == "auto"
+    with pytest.raises(ConfigValueError, match="dtype"):
+        config.dtype = "float8"
+        validate(config)

@@ -16,7 +16,7 @@ from jaxcompress.compress.distill.objective import (
     Batch,
 )
 from jaxcompress.compress.prune import structured
-from jaxcompress.config import glue_dir
+from jaxcompress.config import compute_dtype, glue_dir
 from jaxcompress.core import StructureTransform
 from jaxcompress.data import glue as data
 from jaxcompress.models import artefact
@@ -90,7 +90,7 @@ def load_model(
         config.model,
         num_labels=get_num_outputs(config.task),
         head_seed=config.seed,
-        dtype=config.dtype,
+        dtype=compute_dtype(config.dtype),
         hidden_dropout_prob=config.dropout,
         attention_probs_dropout_prob=config.dropout,
         layerdrop=config.layerdrop,
@@ -139,7 +139,8 @@ def transform_context(config: ml_collections.ConfigDict) -> transforms.Transform
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[Bert, dict] | tuple[None, None]:
     if not config.distill.teacher:
         return None, None
-    teacher_config, teacher_params = load_any(config.distill.teacher, dtype=config.dtype)
+    dtype = compute_dtype(config.dtype)
+    teacher_config, teacher_params = load_any(config.distill.teacher, dtype=dtype)
     if teacher_config.num_labels != get_num_outputs(config.task):
         raise ValueError(f"teacher {config.distill.teacher} has the wrong number of outputs")
     return Bert(teacher_config), teacher_params

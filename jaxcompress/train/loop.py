@@ -35,7 +35,7 @@ from jaxcompress.compress.distill.objective import (
 from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.compress.method import Plan, Setup, TrainingMethod
 from jaxcompress.compress.registry import NOT_WEIGHTS, TRAINING_METHODS
-from jaxcompress.config import validate
+from jaxcompress.config import validate, with_compute_dtype
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
 from jaxcompress.models import artefact
@@ -216,6 +216,7 @@ def train(
     """
     started = time.perf_counter()
     validate(config)
+    config = with_compute_dtype(config)  # "auto" resolved before anything is saved
     sections = parse_sections(config)
     finished = finished_summary(config, workdir)
     if finished is not None:
