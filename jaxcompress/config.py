@@ -62,6 +62,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # padded length whose word vectors (by attention received) the layer keeps; () = all of them.
     c.token_keep = ()
     c.remat = False  # recompute each layer's activations in the backward pass (saves memory)
+    # A uniform, unshared encoder as one scan over its layers (one layer compiled, not each);
+    # parameters stay stored per layer. Not for runs whose transforms change layer shapes.
+    c.scan_layers = False
     # Devices: a (data, fsdp, tensor) mesh; -1 takes the devices the other axes leave.
     # jaxcompress/train/sharding.py maps parameters to it. May change when a run resumes.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

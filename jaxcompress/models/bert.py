@@ -86,6 +86,11 @@ class BertConfig:
     # word vectors (the most attended, [CLS] always) it keeps for its FFN and every later
     # layer; non-increasing. Counts are max(1, ceil(fraction * L)). Not a shape.
     token_keep: tuple[float, ...] | None = None
+    # Run a uniform, unshared stack (no pruned sizes, sharing, low rank or token selection)
+    # as one `nn.scan` over its layers, stacked on the fly from the per-layer parameters
+    # that stay the stored form: jit compiles one layer instead of each. Inside the scan
+    # every layer's module path is `.../layer/scan/...`. Not a shape.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
@@ -445,18 +450,13 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x, bias):
         cfg, n = self.config, self.config.num_hidden_layers
-        dropout = not self.deterministic and cfg.attention_probs_dropout_prob > 0
-        fused = not (self.need_probs or cfg.token_keep is not None or dropout)
+        fused = _use_fused(cfg, self.deterministic, self.need_probs)
         attention_groups = [cfg.attention_group(i) for i in range(n)]
         ffn_groups = [cfg.ffn_group(i) for i in range(n)]
         runs = _consecutive_runs(attention_groups) if attention_groups == ffn_groups else None
         hidden_states, attentions = [x], []
-        layer_class = Layer
-        if cfg.remat:
-            layer_class = nn.remat(Layer, methods=["__call__", "attend", "feed_forward"])
-        skips_N = None
-        if not self.deterministic and cfg.layerdrop > 0:
-            skips_N = jax.random.bernoulli(self.make_rng("dropout"), cfg.layerdrop, (n,))
+        layer_class = _layer_class(cfg)
+        skips_N = _layerdrop_skips(self, cfg, self.deterministic)
         scannable = runs is not None and any(repeats > 1 for _, repeats in runs)
         if scannable and cfg.token_keep is None:
             start = 0
@@ -510,12 +510,112 @@ class LayerStack(nn.Module):
         return x, tuple(hidden_states), tuple(attentions)
 
 
+def scans_every_layer(config: BertConfig) -> bool:
+    """Whether `config` runs its encoder as one scan over per-layer parameters."""
+    departs = config.compressed_fields() or config.token_keep is not None
+    return config.scan_layers and not departs
+
+
+def _use_fused(config: BertConfig, deterministic: bool, need_probs: bool) -> bool:
+    dropout = not deterministic and config.attention_probs_dropout_prob > 0
+    return not (need_probs or config.token_keep is not None or dropout)
+
+
+def _layer_class(config: BertConfig) -> type[Layer]:
+    if config.remat:
+        return nn.remat(Layer, methods=["__call__", "attend", "feed_forward"])
+    return Layer
+
+
+def _layerdrop_skips(module: nn.Module, config: BertConfig, deterministic: bool):
+    if deterministic or config.layerdrop <= 0:
+        return None
+    draw = module.make_rng("dropout")
+    return jax.random.bernoulli(draw, config.layerdrop, (config.num_hidden_layers,))
+
+
+def _stack_layers(variables: dict) -> dict:
+    """Per-layer parameters {'0': ..., '1': ...} -> {'scan': the same, stacked on axis 0}."""
+    layers = variables["params"]
+
+    def stack(*xs):
+        if _is_box(xs[0]):  # at initialisation: logical-axis boxes gain the layer axis
+            value = jnp.stack([x.unbox() for x in xs])
+            return xs[0].replace_boxed(value).add_axis(0, {nn.PARTITION_NAME: None})
+        return jnp.stack(xs)
+
+    per_layer = [layers[str(i)] for i in range(len(layers))]
+    return {"params": {"scan": jax.tree.map(stack, *per_layer, is_leaf=_is_box)}}
+
+
+def _unstack_layers(variables: dict) -> dict:
+    """{'scan': stacked} -> per-layer parameters (logical-axis boxes lose the layer axis)."""
+
+    def take(x, i):
+        if isinstance(x, nn.meta.AxisMetadata):
+            return x.remove_axis(0, {nn.PARTITION_NAME: None}).replace_boxed(x.unbox()[i])
+        return x[i]
+
+    stacked = variables["params"]["scan"]
+    first = jax.tree.leaves(stacked, is_leaf=_is_box)[0]
+    n = (first.unbox() if _is_box(first) else first).shape[0]
+    return {
+        "params": {
+            str(i): jax.tree.map(lambda x, i=i: take(x, i), stacked, is_leaf=_is_box)
+            for i in range(n)
+        }
+    }
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+class ScannedLayers(nn.Module):
+    """Every layer of a uniform, unshared stack as one `nn.scan` (`scans_every_layer`);
+    `Encoder` stores its parameters per layer, as `LayerStack` does."""
+
+    config: BertConfig
+    deterministic: bool
+    need_probs: bool = True
+
+    @nn.compact
+    def __call__(self, x, bias):
+        cfg, n = self.config, self.config.num_hidden_layers
+        fused = _use_fused(cfg, self.deterministic, self.need_probs)
+        skips_N = _layerdrop_skips(self, cfg, self.deterministic)
+        scanned = nn.scan(
+            _layer_class(cfg),
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast if skips_N is None else (nn.broadcast, 0),
+            length=n,
+            metadata_params={nn.PARTITION_NAME: None},
+        )
+        sizes = (cfg.layer_heads(0), cfg.layer_intermediate(0))
+        layers = scanned(cfg, *sizes, self.deterministic, fused, name="scan")
+        x, (xs, probs) = layers(x, bias) if skips_N is None else layers(x, bias, skips_N)
+        attentions = [None] * n if probs is None else list(probs)
+        return x, tuple(xs), tuple(attentions)
+
+
 class Encoder(nn.Module):
     config: BertConfig
     need_probs: bool = True
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
+        if scans_every_layer(self.config):
+            stack = nn.map_variables(
+                ScannedLayers,
+                "params",
+                trans_in_fn=_stack_layers,
+                trans_out_fn=_unstack_layers,
+                init=self.is_initializing(),
+            )
+            layers = stack(self.config, deterministic, self.need_probs, name="layer")
+            last, hidden, attentions = layers(x, bias)
+            return last, (x, *hidden), attentions
         return LayerStack(self.config, deterministic, self.need_probs, name="layer")(x, bias)
 
 
@@ -613,6 +713,8 @@ def layer_projections(config: BertConfig, intermediates: dict) -> tuple[dict[str
         group = config.attention_group(layer)
         k = calls_so_far.get(group, 0)
         calls_so_far[group] = k + 1
+        if "scan" in layers:  # every layer in one scan (`scans_every_layer`)
+            group, k = "scan", layer
         sown = layers[str(group)]["attention"]["self"]
         projections = {}
         for name in ("queries", "keys", "values"):

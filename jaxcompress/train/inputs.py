@@ -95,6 +95,7 @@ def load_model(
         attention_probs_dropout_prob=config.dropout,
         layerdrop=config.layerdrop,
         remat=config.remat,
+        scan_layers=config.scan_layers,
         token_keep=tuple(config.token_keep) or None,
     )
     if transform is None:

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from jaxcompress.models.bert import Bert, BertConfig, init_params, param_logical_axes
+from jaxcompress.models.bert import (
+    Bert,
+    BertConfig,
+    init_params,
+    layer_projections,
+    param_logical_axes,
+    scans_every_layer,
+)
 from jaxcompress.models.hf import load_pretrained
 from tests.helpers import compressed_tiny_config, tiny_config
 
@@ -169,3 +176,40 @@ def test_fused_attention_equals_the_explicit_path(shared):
     bf16 = Bert(config.replace(dtype="bfloat16"))
     outs = [bf16.apply({"params": half}, ids, mask, output_attentions=e).logits for e in (0, 1)]
     np.testing.assert_allclose(outs[0][:2], outs[1][:2], atol=2e-2)
+
+
+def test_a_scanned_stack_equals_the_per_layer_one():
+    """scan_layers: one nn.scan over the layers, parameters still stored per layer; the same
+    tree, axes, outputs, attentions, projections and gradients as the per-layer stack."""
+    config = tiny_config(num_labels=2, num_hidden_layers=3)
+    scanned = config.replace(scan_layers=True)
+    assert scans_every_layer(scanned) and not scans_every_layer(config)
+    assert not scans_every_layer(scanned.replace(heads_per_layer=(4, 2, 4)))
+    params = init_params(config, jax.random.key(0))
+    fresh = init_params(scanned, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
+    assert param_logical_axes(scanned) == param_logical_axes(config)
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 1, 1000)
+    mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
+
+    def run(c, p, **kwargs):
+        return Bert(c).apply({"params": p}, ids, mask, **kwargs)
+
+    every = {"output_hidden_states": True, "output_attentions": True}
+    a, b = run(config, params, **every), run(scanned, params, **every)
+    for x, y in [(a.logits, b.logits), *zip(a.hidden_states, b.hidden_states, strict=True)]:
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a.attentions, b.attentions, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    both = (config, scanned)
+    sown = [run(c, params, mutable=["intermediates"])[1]["intermediates"] for c in both]
+    projections = [layer_projections(c, s) for c, s in zip(both, sown, strict=True)]
+    for x, y in zip(*projections, strict=True):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), x, y)
+    grads = [jax.grad(lambda p, c=c: jnp.sum(run(c, p).logits ** 2))(params) for c in both]
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), *grads)
+    # Training: dropout, LayerDrop and remat inside the scan run and are deterministic in the key.
+    train = scanned.replace(layerdrop=0.3, remat=True)
+    key = {"dropout": jax.random.key(2)}
+    first, again = (run(train, params, deterministic=False, rngs=key).logits for _ in range(2))
+    np.testing.assert_array_equal(first, again)
