@@ -151,6 +151,16 @@ COLUMNS["movement_scores"] = [
     "scores_vs_magnitude",
     "matrices",
 ]
+COLUMNS["compile_time"] = [
+    "device",
+    "shape",
+    "layers",
+    "scan_layers",
+    "batch_size",
+    "seq_len",
+    "train_step_s",
+    "eval_step_s",
+]
 STANDARD = [
     "name",
     "task",
@@ -173,6 +183,8 @@ def fmt(value) -> str:
     """A table cell: floats to 4 decimals (or 1 from 10 on), ints with thousands commas."""
     if value is None:
         return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
     if isinstance(value, int):
