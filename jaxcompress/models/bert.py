@@ -316,7 +316,7 @@ class SelfAttention(nn.Module):
         # Kept only when applied with mutable=["intermediates"] (self-relation distillation).
         for name, t in (("queries", q_BxLxNxD), ("keys", k_BxLxNxD), ("values", v_BxLxNxD)):
             self.sow("intermediates", name, t.reshape(b, length, self.heads * d))
-        if self.fused:
+        if self.fused and self.heads > 0:  # a layer with every head pruned stays explicit
             keep_Bx1x1xL = bias_Bx1x1xL == 0  # the padding mask the bias encodes
             # A padding row (no real key) attends to every key, so that no kernel sees a
             # fully masked row (cuDNN may return NaN there); its output is never used.
