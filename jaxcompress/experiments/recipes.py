@@ -67,7 +67,6 @@ from jaxcompress.train.inputs import (
     transform_context,
 )
 from jaxcompress.train.progress import duration
-from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +318,7 @@ def run_stage(
     summary = {"stage": stage["name"], "kind": stage["kind"], **seconds, **summary}
     if stage["kind"] != "finetune":  # train() writes a finetune stage's own summary
         done.parent.mkdir(parents=True, exist_ok=True)
-        write_json(done, summary)
+        artefact.write_json(done, summary)
     return summary
 
 

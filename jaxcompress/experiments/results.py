@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from jaxcompress.models.artefact import write_json
 from jaxcompress.train import provenance
 
 
@@ -26,9 +26,7 @@ def write_result(path: str | os.PathLike, benchmark: str, body: dict) -> Path:
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(target)
+    write_json(target, record)
     return target
 
 

@@ -46,9 +46,9 @@ from jaxcompress.experiments import recipes
 from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.measure import measure_model
 from jaxcompress.experiments.summary import FORMAT, read_run_summary
+from jaxcompress.models.artefact import write_json
 from jaxcompress.train import provenance
 from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
-from jaxcompress.train.run_dir import write_json
 
 log = logging.getLogger(__name__)
 

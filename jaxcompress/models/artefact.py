@@ -73,3 +73,10 @@ def saved_bytes(params: dict) -> dict[str, int]:
         save_file(flat, full)
         save_file(encoder, rest)
         return {"bytes": full.stat().st_size, "bytes_no_embeddings": rest.stat().st_size}
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically write `obj` as indented JSON."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

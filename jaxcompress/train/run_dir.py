@@ -12,6 +12,7 @@ import ml_collections
 
 from jaxcompress.config import config_from_json
 from jaxcompress.errors import UserError
+from jaxcompress.models.artefact import write_json
 from jaxcompress.train import provenance
 
 
@@ -170,10 +171,3 @@ def _upgraded(saved: dict, keys: tuple[str, ...] = PLACEMENT_KEYS) -> dict:
 
 def _resolved(config: ml_collections.ConfigDict) -> dict:
     return json.loads(json.dumps(config.to_dict(), default=_jsonable))
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomically write `obj` as indented JSON."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

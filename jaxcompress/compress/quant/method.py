@@ -8,7 +8,6 @@ the export is the packed low-bit artefact and `quantization.json`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -174,9 +173,7 @@ def plan(spec: QuantizeSpec, params: core.Params, setup: Setup) -> Plan:
             "activations": {"bits": spec.activation_bits, "ranges": found or None},
             "layer_bits": layer_bits,
         }
-        tmp = path / "quantization.json.tmp"  # written whole or not at all
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path / "quantization.json")
+        artefact.write_json(path / "quantization.json", record)
         if rules is None:
             return artefact.saved_bytes(params)
         quant_pack.save(path / "params.safetensors", params, rules)
