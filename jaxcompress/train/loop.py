@@ -172,10 +172,11 @@ def initial_state(
     setup = run_setup(config, bert_config, total_steps, train_split)
     plans: list[Plan] = []
     seen = model_params(params)
-    for method, spec in methods:
+    for i, (method, spec) in enumerate(methods):
         plans.append(method.plan(spec, seen, setup))
-        reparam = plans[-1].reparam
-        seen = reparam.apply(seen, reparam.init(seen))
+        if i + 1 < len(methods):  # the next method plans on what this one's reparam gives
+            reparam = plans[-1].reparam
+            seen = reparam.apply(seen, reparam.init(seen))
     reparam = core.skipping(core.chain(*(p.reparam for p in plans)), (DISTILL_PARAMS, EXITS))
     tx = core.with_reparam(reparam, tx)
     opt_specs = sharding.state_specs(jax.eval_shape(tx.init, params), params, specs)
@@ -418,18 +419,19 @@ def _train(
     value = results[data.get_task(config.task).eval_splits[0]][metric]
     if not main:  # process 0 writes the artefacts and the summary
         return {"task": config.task, "metric": metric, "value": value, "eval": results}
-    params = sharding.to_host(exported_params(state))
-    tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
-    figures = artefact.saved_bytes(params)
-    # Each method's artefact from the params its reparam receives; a later method's figures
-    # (a packed quantized file after a sparse one) replace an earlier one's.
-    method_states = core.reparam_state(state.opt_state).state
-    receives = sharding.to_host(model_params(state.params))
+    # Each method writes its artefact from the params its reparam receives, which it then
+    # finalizes for the next; a later method's figures (a packed quantized file after a
+    # sparse one) replace an earlier one's. The result is `exported_params(state)`.
+    method_states = sharding.to_host(core.reparam_state(state.opt_state).state)
+    params = sharding.to_host(model_params(state.params))
+    exported = {}
     for plan, method_state in zip(plans, method_states, strict=True):
-        method_state = sharding.to_host(method_state)
         if plan.export is not None:
-            figures.update(plan.export(receives, method_state, run.path))
-        receives = (plan.reparam.finalize or plan.reparam.apply)(receives, method_state)
+            exported |= plan.export(params, method_state, run.path)
+        params = (plan.reparam.finalize or plan.reparam.apply)(params, method_state)
+    params = sharding.to_host(core.strip_extra_leaves(params))
+    figures = {**artefact.saved_bytes(params), **exported}
+    tokenizer_dir = resolve_model_dir(config.tokenizer or config.model)
     labels = data.get_task(config.task).label_names
     model_dir = save_pretrained(
         bert_config, params, run.path / "model", tokenizer_dir=tokenizer_dir, label_names=labels
