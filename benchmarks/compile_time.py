@@ -70,9 +70,11 @@ def main() -> None:
         base = SHAPES[shape]
         for scan in (False, True):
             seconds = compile_seconds(base.replace(scan_layers=scan), batch_size)
-            row = {"device": device, "platform": platform, "shape": shape, "scan_layers": scan}
+            name = f"{shape} {'scanned' if scan else 'per-layer'}"
+            row = {"name": name, "device": device, "platform": platform, "shape": shape}
+            row |= {"scan_layers": scan, "metric": "train_step_compile_s"}
             sizes = {"layers": base.num_hidden_layers, "batch_size": batch_size, "seq_len": SEQ_LEN}
-            rows.append({**row, **sizes, **seconds})
+            rows.append({**row, **sizes, **seconds, "value": seconds["train_step_s"]})
             print(json.dumps(rows[-1]))
     out = Path(args.out)
     if out.exists():  # keep rows of other devices and shapes

@@ -152,6 +152,7 @@ COLUMNS["movement_scores"] = [
     "matrices",
 ]
 COLUMNS["compile_time"] = [
+    "name",
     "device",
     "shape",
     "layers",
