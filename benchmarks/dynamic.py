@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.compress.dynamic.early_exit import ExitRunner, Policy
-from jaxcompress.config import load_config
+from jaxcompress.config import buckets_of, load_config
 from jaxcompress.data import glue as data
 from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.results import write_result
@@ -103,7 +103,7 @@ def main() -> None:
     config = summaries[EXIT_RUNS[0]][0]
     split = load_eval_splits(config, load_tokenizer(config))["validation"]
     batches = []
-    for batch in data.eval_batches(split, BATCH, config.buckets):
+    for batch in data.eval_batches(split, BATCH, buckets_of(config)):
         index = batch.pop("index")
         batches.append((batch, index))
     labels, size = np.asarray(split.labels), len(split)

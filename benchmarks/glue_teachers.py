@@ -60,7 +60,7 @@ def torch_row(config) -> dict:
 
     def encode(split: str):
         data = glue.load_split(config.task, split, where)
-        texts = [data[k] for k in spec.text_keys]
+        texts = [list(data[k]) for k in spec.text_keys]
         enc = tokenizer(*texts, truncation=True, max_length=config.max_length)
         return enc["input_ids"], enc["token_type_ids"], np.asarray(data["label"])
 

@@ -49,5 +49,5 @@ def get_config(arg: str = "exits_labels") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown dynamic config {name!r}; expected exits_* or {list(RETENTION)}")
     if "quick" in flags:
         c.train.examples, c.train.steps = 64, 2
-        c.buckets = (64,)
+        c.max_length, c.buckets = 64, (64,)
     return c

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from jaxcompress import assets
-from jaxcompress.config import config_from_json, finetune_defaults, load_config
+from jaxcompress.config import config_from_json, device_buckets, load_config
 from jaxcompress.data import glue as data
 from jaxcompress.errors import UserError
 from jaxcompress.experiments import recipes, report, sweep
@@ -153,7 +153,7 @@ def cmd_eval(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer or args.model))
     glue = args.glue_dir or assets.glue_dir()
     step = make_eval_step(Bert(config))
-    buckets = finetune_defaults().buckets
+    buckets = device_buckets(args.max_length)
     results = {}
     for split_name in data.get_task(args.task).eval_splits:
         ds = data.load_split(args.task, split_name, glue)

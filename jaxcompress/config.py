@@ -52,7 +52,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.task = "sst2"
     c.glue_dir = ""  # '' = $JAXCOMPRESS_GLUE_DIR or jaxcompress.toml's, else the hub
     c.max_length = 128
-    c.buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # padded lengths; one compiled program each
+    # Padded lengths, one compiled program each; () = per device (`device_buckets`): on CPU a
+    # fine grid up to max_length, on GPU and TPU a quarter, half and all of it.
+    c.buckets = ()
     c.seed = 0
     c.rng_impl = "rbg"  # dropout PRNG: "rbg" (fast on CPU) or "threefry2x32" (JAX's default)
     # Compute dtype (parameters stay float32): "auto" (bfloat16 on GPU and TPU, float32 on
@@ -177,6 +179,10 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # Persistent XLA compilation cache shared by runs ('' = off): each bucket shape of the train
     # step takes ~10 s to compile on CPU, which a cache pays once per machine, not once per run.
     c.compile_cache = "~/.cache/jaxcompress/xla"
+    # Compile every train program the run will use (one per padded length) before the first
+    # step, in parallel threads: "auto" (on GPU and TPU, where each takes tens of seconds),
+    # "on" or "off" (each compiles when its first batch comes).
+    c.precompile = "auto"
     c.log_every = 50
     c.checkpoint_every = 500
     c.checkpoint_keep = 2
@@ -349,7 +355,8 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
     (key, *check)
     for key, check in (
         ("max_length", _positive(integer=True)),
-        ("buckets", _each(_positive(integer=True), empty_ok=False)),
+        ("buckets", _each(_positive(integer=True))),
+        ("precompile", _choice("auto", "on", "off")),
         ("seed", _at_least(0)),
         ("rng_impl", _choice("rbg", "unsafe_rbg", "threefry2x32")),
         ("dtype", _choice("auto", "float32", "bfloat16", "float16")),
@@ -439,23 +446,84 @@ def _bad(key: str, value, allowed: str) -> ConfigValueError:
     )
 
 
-def compute_dtype(name: str, backend: str | None = None) -> str:
-    """The compute dtype a config's `dtype` names: "auto" is bfloat16 on GPU and TPU and
-    float32 on CPU (`backend`, default: JAX's default backend); others are themselves."""
-    if name != "auto":
-        return name
+def _on_accelerator(backend: str | None) -> bool:
     if backend is None:
         import jax  # only when asked: configs load without initialising a backend
 
         backend = jax.default_backend()
-    return "bfloat16" if backend in ("gpu", "tpu", "cuda", "rocm") else "float32"
+    return backend in ("gpu", "tpu", "cuda", "rocm")
 
 
-def with_compute_dtype(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` whose `dtype` is resolved (`compute_dtype`), so that what a run
-    saves and compares is the dtype it computes in."""
+def compute_dtype(name: str, backend: str | None = None) -> str:
+    """The compute dtype a config's `dtype` names.
+
+    Args:
+      name: the config's `dtype`; "auto" is bfloat16 on GPU and TPU and float32 on CPU.
+      backend: the JAX backend to resolve for; None is JAX's default backend.
+
+    Returns:
+      A dtype name other than "auto".
+    """
+    if name != "auto":
+        return name
+    return "bfloat16" if _on_accelerator(backend) else "float32"
+
+
+_FINE_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
+
+
+def device_buckets(max_length: int, backend: str | None = None) -> tuple[int, ...]:
+    """The padded lengths a config's `buckets=()` stands for.
+
+    On CPU a program compiles in seconds and every padded token costs its share of the step,
+    so the lengths are a fine grid; on GPU and TPU a program compiles in tens of seconds and
+    short rows leave the chip idle anyway, so there are three.
+
+    Args:
+      max_length: the longest sequence (tokens); always the last length.
+      backend: the JAX backend to choose for; None is JAX's default backend.
+
+    Returns:
+      Increasing padded lengths: on CPU the fine grid below `max_length` (8, 12, 16, 24, ...)
+      then `max_length`; on GPU and TPU a quarter, half and all of `max_length` (at least 8).
+    """
+    if _on_accelerator(backend):
+        return tuple(sorted({max(max_length // 4, 8), max(max_length // 2, 8), max_length}))
+    return tuple(b for b in _FINE_BUCKETS if b < max_length) + (max_length,)
+
+
+def buckets_of(config: ml_collections.ConfigDict, backend: str | None = None) -> tuple[int, ...]:
+    """A config's padded lengths: its `buckets`, or `device_buckets` of its `max_length`.
+
+    Args:
+      config: a fine-tuning config (`buckets`, `max_length`).
+      backend: the JAX backend to choose for; None is JAX's default backend.
+
+    Returns:
+      Increasing padded lengths.
+    """
+    return tuple(sorted(config.buckets)) or device_buckets(config.max_length, backend)
+
+
+def with_device_defaults(
+    config: ml_collections.ConfigDict, backend: str | None = None
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with its per-device settings resolved, so that what a run saves
+    and compares is what it runs: `dtype` (`compute_dtype`), `buckets` (`buckets_of`) and
+    `precompile` ("on" or "off").
+
+    Args:
+      config: a fine-tuning config; it is not changed.
+      backend: the JAX backend to resolve for; None is JAX's default backend.
+
+    Returns:
+      The resolved copy.
+    """
     resolved = copy.deepcopy(config)
-    resolved.dtype = compute_dtype(config.dtype)
+    resolved.dtype = compute_dtype(config.dtype, backend)
+    resolved.buckets = buckets_of(config, backend)
+    if config.precompile == "auto":
+        resolved.precompile = "on" if _on_accelerator(backend) else "off"
     return resolved
 
 
@@ -487,6 +555,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config key train.grad_accum={accum!r} must divide train.batch_size={size!r} "
                 "into equal micro-batches; choose a divisor, e.g. --set train.grad_accum=1"
             )
+    buckets, length = _lookup(config, "buckets"), _lookup(config, "max_length")
+    if buckets not in (_MISSING, ()) and length is not _MISSING and max(buckets) < length:
+        raise ConfigValueError(
+            f"config key buckets={tuple(buckets)!r} has no padded length for max_length="
+            f"{length!r} tokens: add {length} to buckets, or set --set buckets=() for the "
+            "device's default"
+        )
     prune = _lookup(config, "prune")
     if prune is not _MISSING and prune.get("begin", 0.0) > prune.get("end", 0.0):
         raise ConfigValueError(

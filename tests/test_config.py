@@ -8,11 +8,12 @@ from jaxcompress.config import (
     apply_overrides,
     compute_dtype,
     config_from_json,
+    device_buckets,
     finetune_defaults,
     load_config,
     merge,
     validate,
-    with_compute_dtype,
+    with_device_defaults,
 )
 from tests.helpers import REPO
 
@@ -77,8 +78,39 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     ]
     assert compute_dtype("float16", "gpu") == "float16"  # an explicit choice is kept
     config = finetune_defaults()
-    resolved = with_compute_dtype(config)
+    resolved = with_device_defaults(config)
     assert resolved.dtype == compute_dtype("auto") and config.dtype == "auto"
     with pytest.raises(ConfigValueError, match="dtype"):
         config.dtype = "float8"
         validate(config)
+
+
+def test_device_buckets_are_a_fine_grid_on_cpu_and_three_on_accelerators():
+    cpu = (8, 12, 16, 24, 32, 48, 64, 96, 128)
+    assert device_buckets(128, "cpu") == cpu
+    assert device_buckets(100, "cpu") == (8, 12, 16, 24, 32, 48, 64, 96, 100)
+    assert device_buckets(512, "cpu")[-4:] == (192, 256, 384, 512)
+    assert device_buckets(128, "gpu") == device_buckets(128, "tpu") == (32, 64, 128)
+    assert device_buckets(512, "gpu") == (128, 256, 512)
+    assert device_buckets(16, "gpu") == (8, 16)
+    config = finetune_defaults()
+    assert config.buckets == () and config.precompile == "auto"
+    on_gpu = with_device_defaults(config, "gpu")
+    assert on_gpu.buckets == (32, 64, 128) and on_gpu.precompile == "on"
+    on_cpu = with_device_defaults(config, "cpu")
+    assert on_cpu.buckets == cpu and on_cpu.precompile == "off" and on_cpu.dtype == "float32"
+    with config.unlocked():
+        config.buckets, config.precompile = (64, 16), "off"
+    kept = with_device_defaults(config, "gpu")
+    assert kept.buckets == (16, 64) and kept.precompile == "off"  # explicit choices stay
+
+
+def test_buckets_must_hold_max_length():
+    config = finetune_defaults()
+    with config.unlocked():
+        config.buckets = (32, 64)
+    with pytest.raises(ConfigValueError, match=r"buckets=\(32, 64\) has no padded length for "):
+        validate(config)
+    with config.unlocked():
+        config.max_length = 64
+    validate(config)

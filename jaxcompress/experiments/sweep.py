@@ -39,6 +39,7 @@ from flax.traverse_util import flatten_dict
 from jaxcompress.config import (
     ConfigKeyError,
     ConfigValueError,
+    buckets_of,
     finetune_defaults,
     run_config_file,
 )
@@ -349,7 +350,7 @@ def _eval_settings(recipe: dict, measured: dict) -> dict:
     stage = recipes.merged_stage_config(recipe, measured)
     return {
         "max_length": stage.max_length,
-        "buckets": tuple(stage.buckets),
+        "buckets": buckets_of(stage),
         "eval": {"batch_size": stage.eval.batch_size, "examples": stage.eval.examples},
     }
 

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from jaxcompress.compress.distill.objective import (
     forward,
 )
+from jaxcompress.config import buckets_of
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
 from jaxcompress.models.bert import Bert, BertConfig
@@ -85,7 +86,7 @@ def evaluate_splits(
     """GLUE metrics of `params` under a compiled eval step on each split (name -> split)."""
     return {
         name: evaluate(
-            eval_step, params, split, config.task, config.eval.batch_size, config.buckets
+            eval_step, params, split, config.task, config.eval.batch_size, buckets_of(config)
         )
         for name, split in splits.items()
     }

@@ -16,7 +16,7 @@ from jaxcompress.compress.distill.objective import (
     Batch,
 )
 from jaxcompress.compress.prune import structured
-from jaxcompress.config import compute_dtype, glue_dir
+from jaxcompress.config import buckets_of, compute_dtype, glue_dir
 from jaxcompress.core import StructureTransform
 from jaxcompress.data import glue as data
 from jaxcompress.models import artefact
@@ -116,7 +116,8 @@ def transform_context(config: ml_collections.ConfigDict) -> transforms.Transform
         size, n = config.eval.batch_size, len(split())
         starts = range(0, min(n, size * config.context_batches), size)
         return tuple(
-            data.make_batch(split(), np.arange(i, min(i + size, n)), config.buckets) for i in starts
+            data.make_batch(split(), np.arange(i, min(i + size, n)), buckets_of(config))
+            for i in starts
         )
 
     def token_counts(vocab_size: int) -> np.ndarray:

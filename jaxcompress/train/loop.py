@@ -35,13 +35,13 @@ from jaxcompress.compress.distill.objective import (
 from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.compress.method import Plan, Setup, TrainingMethod
 from jaxcompress.compress.registry import NOT_WEIGHTS, TRAINING_METHODS
-from jaxcompress.config import validate, with_compute_dtype
+from jaxcompress.config import validate, with_device_defaults
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
 from jaxcompress.models import artefact
 from jaxcompress.models.bert import Bert, BertConfig, Linear
 from jaxcompress.models.hf import resolve_model_dir, save_pretrained
-from jaxcompress.train import checkpoint, progress, sharding
+from jaxcompress.train import checkpoint, precompile, progress, sharding
 from jaxcompress.train.evaluate import evaluate_splits, make_eval_step, predict
 from jaxcompress.train.inputs import (
     load_any,
@@ -217,7 +217,7 @@ def train(
     """
     started = time.perf_counter()
     validate(config)
-    config = with_compute_dtype(config)  # "auto" resolved before anything is saved
+    config = with_device_defaults(config)  # resolved before anything is saved
     sections = parse_sections(config)
     finished = finished_summary(config, workdir)
     if finished is not None:
@@ -309,17 +309,15 @@ def _train(
     # Rows logged after the restored step are from the lost part of an earlier attempt.
     run.drop_rows_after(int(state.step), final_eval=int(state.step) >= steps)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    train_step = sharding.within(
-        mesh,
-        make_train_step(
-            loss_fn,
-            tx,
-            config.rng_impl,
-            plans,
-            config.train.grad_accum,
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-        ),
+    jitted_step = make_train_step(
+        loss_fn,
+        tx,
+        config.rng_impl,
+        plans,
+        config.train.grad_accum,
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
     )
+    train_step = sharding.within(mesh, jitted_step)
     eval_compiles = progress.CompileAnnouncer(log, "eval step")
     eval_step = make_eval_step(model, mesh, eval_compiles)
 
@@ -333,6 +331,45 @@ def _train(
     real_tokens = padded_tokens = window_tokens = 0
     t0 = window_t = time.perf_counter()
     announce = progress.CompileAnnouncer(log, "train step")
+
+    def epoch_order(epoch: int) -> list[np.ndarray]:
+        lengths, size = train_split.lengths, config.train.batch_size
+        return data.epoch_batches(lengths, size, config.seed, epoch, config.train.sort_window)
+
+    def host_batch(indices: np.ndarray) -> Batch:
+        batch = data.make_batch(
+            train_split,
+            indices,
+            config.buckets,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        if teacher_logits is not None:
+            rows = len(batch["labels"])
+            batch["teacher_logits"] = teacher_logits[indices[jax.process_index() * rows :][:rows]]
+        return batch
+
+    programs: dict[int, Any] = {}  # padded length -> compiled train step
+    if config.precompile == "on" and last > start:
+        t_compile = time.perf_counter()
+        epoch, position = divmod(start, steps_per_epoch)
+        template = sharding.local_batch_to_global(host_batch(epoch_order(epoch)[position]), mesh)
+        lengths = precompile.padded_lengths(
+            train_split.lengths,
+            config.train.batch_size,
+            config.seed,
+            config.train.sort_window,
+            config.buckets,
+            range(start, last),
+        )
+        programs = precompile.compile_programs(
+            jitted_step,
+            mesh,
+            lambda n: (state, precompile.batch_like(template, n), teacher_params),
+            lengths,
+        )
+        announce.seen.update((config.train.batch_size, n) for n in programs)
+        announce.seconds += time.perf_counter() - t_compile
     progress_t, progress_step, progress_tokens = t0, start, 0  # the last time-based log line
     order: tuple[int, list[np.ndarray]] = (-1, [])
     bar = tqdm(
@@ -345,22 +382,8 @@ def _train(
     for step in range(start, last):
         epoch, position = divmod(step, steps_per_epoch)
         if order[0] != epoch:
-            lengths, size = train_split.lengths, config.train.batch_size
-            order = (
-                epoch,
-                data.epoch_batches(lengths, size, config.seed, epoch, config.train.sort_window),
-            )
-        indices = order[1][position]
-        batch = data.make_batch(
-            train_split,
-            indices,
-            config.buckets,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        if teacher_logits is not None:
-            rows = len(batch["labels"])
-            batch["teacher_logits"] = teacher_logits[indices[jax.process_index() * rows :][:rows]]
+            order = (epoch, epoch_order(epoch))
+        batch = host_batch(order[1][position])
         n_real = int(batch["attention_mask"].sum()) * jax.process_count()  # about: this host's
         real_tokens, window_tokens = real_tokens + n_real, window_tokens + n_real
         progress_tokens += n_real
@@ -368,7 +391,8 @@ def _train(
         shape = (config.train.batch_size, batch["input_ids"].shape[1])
         batch = sharding.local_batch_to_global(batch, mesh)
         compiling = shape not in announce.seen
-        state, step_metrics = announce(shape, train_step, state, batch, teacher_params)
+        program = programs.get(shape[1], train_step)
+        state, step_metrics = announce(shape, program, state, batch, teacher_params)
         if unchecked:  # at most one step ahead of the device, so rates and lines are on time
             jax.block_until_ready(unchecked[-1])
         unchecked.append(step_metrics)

@@ -31,6 +31,7 @@ PLACEMENT_KEYS = (
     "mesh",
     "distributed",
     "compile_cache",
+    "precompile",
     "log_every",
     "checkpoint_every",
     "checkpoint_keep",

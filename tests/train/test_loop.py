@@ -23,10 +23,16 @@ def tiny_model(tmp_path_factory, minilm_dir):
 @pytest.mark.slow
 def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir):
     config = tiny_run_config(tiny_model, glue_dir)
+    with config.unlocked():
+        config.precompile = "on"  # compiled ahead: the same programs, the same numbers
     straight = train(config, tmp_path / "straight")
+    with config.unlocked():
+        config.precompile = "off"
     partial = train(config, tmp_path / "resumed", stop_after_step=3)  # mid-epoch (4 steps/epoch)
     assert partial == {"stopped_at": 3, "steps": 6}
     assert not (tmp_path / "resumed" / "summary.json").exists()
+    with config.unlocked():
+        config.precompile = "on"  # may change on resume; compiles for steps 4 to 6
     resumed = train(config, tmp_path / "resumed")
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
@@ -54,6 +60,7 @@ def test_cached_teacher_logits_train_like_the_live_teacher(
     train(config, tmp_path / "live")
     with config.unlocked():
         config.distill.cache_logits = True
+        config.precompile = "on"  # batches carrying teacher logits compile ahead too
     train(config, tmp_path / "cached")
 
     def losses(run):
