@@ -32,7 +32,12 @@ at once, so an interrupted run keeps what it measured:
    time and dev accuracy.
 5. throughput, the rest: fine-tuning at sequence 512, then distillation at 128 and 512.
 `--budget-s` (default 450) bounds the run: a row or section whose rough cost (`COST`) no
-longer fits is skipped with a printed note.
+longer fits is skipped with a printed note. `--sections` runs a subset. Rows of earlier calls
+are kept (merged from the --out-dir's files if it has them, else from benchmarks/results);
+with `--resume` rows this device already has there are not measured again: copy a first
+call's files into benchmarks/results (they travel with the checkout) and a second call goes
+on where the budget stopped the first. `--dtype` overrides the compute dtype (bfloat16 on an
+accelerator, float32 on CPU by default).
 
 Files in --out-dir (default benchmarks/results; with --quick a fresh temporary folder unless
 --out-dir is given): throughput.json (rows merged per device with the committed file, as
@@ -45,11 +50,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,7 +155,10 @@ class Suite:
     datasheet_peak: float | None = None
     rows: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
     bases: dict[str, Path | None] = dataclasses.field(default_factory=dict)
+    resume: bool = False
+    measured: dict[str, set[tuple]] = dataclasses.field(default_factory=dict)
 
     @property
     def accelerator(self) -> bool:
@@ -165,6 +175,17 @@ class Suite:
         self.say(text)
         self.notes.append(text)
 
+    def guarded(self, what: str, measure: Callable[[], None]) -> None:
+        """Run `measure`; a failure is printed (with its traceback) and recorded, and the run
+        goes on to the next item: one broken row must not cost the rest of the machine time."""
+        try:
+            measure()
+        except Exception as e:  # reported in device_suite.json and the exit status
+            traceback.print_exc()
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.failed.append(f"{what}: {type(e).__name__}: {message}")
+            self.say(f"FAILED {self.failed[-1]}")
+
     def base(self, name: str) -> Path | None:
         """The file whose rows a result file keeps: the out-dir's own if it had one when the
         run began (an earlier call of this suite), else the committed one."""
@@ -176,6 +197,24 @@ class Suite:
             else:
                 self.bases[name] = None
         return self.bases[name]
+
+    def done(self, name: str, keys: list[tuple], what: str) -> bool:
+        """With --resume: whether result file `name`'s base already has rows of this device
+        (and of this mode, quick or not) under all `keys`; they are kept, not measured again."""
+        base = self.base(name)
+        if not self.resume or base is None:
+            return False
+        if name not in self.measured:
+            key = throughput.row_key if name == "throughput.json" else RESULT_FILES[name][0]
+            self.measured[name] = {
+                key(r)
+                for r in json.loads(base.read_text())["rows"]
+                if r.get("device") == self.device_name and bool(r.get("quick")) == self.quick
+            }
+        if all(k in self.measured[name] for k in keys):
+            self.say(f"kept from {base}: {what}")
+            return True
+        return False
 
     def add(self, name: str, row: dict, shown: tuple[str, ...]) -> None:
         """Print `row` (the `shown` columns) and rewrite result file `name` with it."""
@@ -205,6 +244,7 @@ class Suite:
             "budget_s": self.budget.seconds,
             "skipped": self.budget.skipped,
             "notes": self.notes,
+            "failed": self.failed,
             **self.peak_fields(),
         }
 
@@ -274,7 +314,11 @@ def throughput_items(quick: bool) -> list[tuple[str, str, int]]:
 
 
 def throughput_row(suite: Suite, shape: str, mode: str, seq_len: int) -> None:
-    if not suite.budget.fits(f"{mode} {shape}", f"throughput {shape} {mode} s{seq_len}"):
+    what = f"throughput {shape} {mode} s{seq_len}"
+    key = (suite.device_name, shape, mode, seq_len, suite.dtype)
+    if suite.done("throughput.json", [key], what):
+        return
+    if not suite.budget.fits(f"{mode} {shape}", what):
         return
     on_cpu = not suite.accelerator
     batch = 2 if suite.quick else throughput.BATCH[seq_len][1 if suite.accelerator else 0]
@@ -320,7 +364,7 @@ def int8_model(config: BertConfig, params: dict) -> tuple[int8_exec.IntegerModel
     return int8_exec.IntegerModel(Bert(config), weights), len(weights)
 
 
-def int32_dots(model, params: dict, seq_len: int) -> int:
+def int32_dots(model: int8_exec.IntegerModel, params: dict, seq_len: int) -> int:
     """How many int8 x int8 -> int32 matmuls a forward of `model` runs (traced, not run)."""
     ids = jnp.ones((1, seq_len), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, ids).logits)(params)
@@ -453,43 +497,66 @@ def latency_section(suite: Suite) -> None:
         "real data, which random weights do not have; benchmarks/dynamic.py times it on SST-2"
     )
     for name, shape, build in candidates(teacher_config, embedding):
+        keys = [(suite.device_name, name, b, seq_len, suite.dtype) for b in batches]
+        if suite.done("device_latency.json", keys, f"latency {name}"):
+            continue
         if not suite.budget.fits("latency family", f"latency {name}"):
             continue
-        model, params, config = build(teacher_params)
-        forward = jitted_forward(model)
-        for batch_size in batches:
-            ids = jax.random.randint(jax.random.key(batch_size), (batch_size, seq_len), 1000, 29000)
-            mask = jnp.ones_like(ids)
+        setting = (teacher_forward, teacher_params, teacher_count, seq_len, batches, rounds)
+        suite.guarded(
+            f"latency {name}", functools.partial(family, suite, name, shape, build, *setting)
+        )
 
-            def teacher(ids=ids, mask=mask):
-                return jax.block_until_ready(teacher_forward(teacher_params, ids, mask))
 
-            def candidate(ids=ids, mask=mask, forward=forward, params=params):
-                return jax.block_until_ready(forward(params, ids, mask))
+def family(
+    suite: Suite,
+    name: str,
+    shape: str,
+    build: Callable[[dict], tuple],
+    teacher_forward: Callable,
+    teacher_params: dict,
+    teacher_count: int,
+    seq_len: int,
+    batches: tuple[int, ...],
+    rounds: int,
+) -> None:
+    """The paired latency rows of one compressed family, one per batch size."""
+    model, params, config = build(teacher_params)
+    forward = jitted_forward(model)
+    for batch_size in batches:
+        ids = jax.random.randint(jax.random.key(batch_size), (batch_size, seq_len), 1000, 29000)
+        mask = jnp.ones_like(ids)
 
-            teacher(), candidate()  # compile; paired_speedup runs each once more untimed
-            speedup, teacher_s, candidate_s, _ = paired_speedup(teacher, candidate, rounds)
-            row = {
-                "name": f"{name} b{batch_size}",
-                "family": name,
-                "device": suite.device_name,
-                "platform": suite.device.platform,
-                "dtype": suite.dtype,
-                "batch_size": batch_size,
-                "seq_len": seq_len,
-                "rounds": rounds,
-                "shape": shape,
-                "weights": RANDOM_WEIGHTS,
-                "layers": config.num_hidden_layers,
-                "params": count(params),
-                "teacher_params": teacher_count,
-                "latency_s": candidate_s,
-                "teacher_latency_s": teacher_s,
-                "metric": "latency_ratio",
-                "value": speedup,
-                "latency_ratio": {platform_key(suite.device): speedup},
-            }
-            suite.add("device_latency.json", row, LATENCY_SHOWN)
+        def teacher(ids: jax.Array = ids, mask: jax.Array = mask) -> jax.Array:
+            return jax.block_until_ready(teacher_forward(teacher_params, ids, mask))
+
+        def candidate(ids: jax.Array = ids, mask: jax.Array = mask) -> jax.Array:
+            return jax.block_until_ready(forward(params, ids, mask))
+
+        teacher()  # compile both; paired_speedup runs each once more, untimed
+        candidate()
+        speedup, teacher_s, candidate_s, _ = paired_speedup(teacher, candidate, rounds)
+        row = {
+            "name": f"{name} b{batch_size}",
+            "family": name,
+            "device": suite.device_name,
+            "platform": suite.device.platform,
+            "dtype": suite.dtype,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "rounds": rounds,
+            "shape": shape,
+            "weights": RANDOM_WEIGHTS,
+            "layers": config.num_hidden_layers,
+            "params": count(params),
+            "teacher_params": teacher_count,
+            "latency_s": candidate_s,
+            "teacher_latency_s": teacher_s,
+            "metric": "latency_ratio",
+            "value": speedup,
+            "latency_ratio": {platform_key(suite.device): speedup},
+        }
+        suite.add("device_latency.json", row, LATENCY_SHOWN)
 
 
 def count(params: dict) -> int:
@@ -499,6 +566,7 @@ def count(params: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # 4. One SST-2 epoch
 
+EPOCH_ROW = "sst2_finetune_epoch"
 EPOCH_SHOWN = (
     "name",
     "value",
@@ -549,6 +617,8 @@ def check_epoch_assets(config: ml_collections.ConfigDict) -> None:
 
 
 def epoch_section(suite: Suite, overrides: list[str]) -> None:
+    if suite.done("sst2_epoch.json", [(suite.device_name, EPOCH_ROW)], "the SST-2 epoch"):
+        return
     if not suite.budget.fits("epoch", "the SST-2 epoch"):
         return
     config = epoch_config(overrides)
@@ -562,7 +632,7 @@ def epoch_section(suite: Suite, overrides: list[str]) -> None:
     compile_s = summary["compile_seconds"]
     reference = json.loads((RESULTS / "sst2_teacher.json").read_text())["teacher"]
     row = {
-        "name": "sst2_finetune_epoch",
+        "name": EPOCH_ROW,
         "device": suite.device_name,
         "platform": suite.device.platform,
         "model": config.model,
@@ -649,6 +719,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip what no longer fits")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--epoch-model", help="fine-tune this model instead of the config's")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip rows this device already has in the files the results merge with",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of the throughput and latency rows (default: bfloat16 on an "
+        "accelerator, float32 on CPU); the epoch keeps its config's",
+    )
     return parser.parse_args()
 
 
@@ -673,14 +754,17 @@ def main() -> None:
             quick=args.quick,
             budget=Budget(args.budget_s, column, start=started),
             device=device,
-            dtype="bfloat16" if accelerator else "float32",
+            dtype=args.dtype or ("bfloat16" if accelerator else "float32"),
             tmp=Path(tmp),
+            resume=args.resume,
         )
         for name in (*RESULT_FILES, "throughput.json"):
             suite.base(name)  # fixed before this run writes anything
         suite.say(f"{suite.device_name}, {suite.dtype}; results in {out_dir}")
         run(suite, args.sections, overrides)
         suite.say(f"done in {suite.budget.elapsed():.0f} s; results in {out_dir}")
+    if suite.failed:
+        raise SystemExit(f"device_suite: {len(suite.failed)} failed: {'; '.join(suite.failed)}")
 
 
 def run(suite: Suite, sections: list[str], overrides: list[str]) -> None:
@@ -693,11 +777,24 @@ def run(suite: Suite, sections: list[str], overrides: list[str]) -> None:
     if "throughput" in sections:
         steps.append(("throughput_first", lambda: each_row(suite, first)))
     if "latency" in sections:
-        steps.append(("latency", lambda: latency_section(suite)))
+        latency = functools.partial(latency_section, suite)
+        steps.append(("latency", lambda: suite.guarded("latency", latency)))
     if "epoch" in sections:
-        steps.append(("epoch", lambda: epoch_section(suite, overrides)))
+        epoch = functools.partial(epoch_section, suite, overrides)
+        steps.append(("epoch", lambda: suite.guarded("the SST-2 epoch", epoch)))
     if "throughput" in sections:
         steps.append(("throughput_rest", lambda: each_row(suite, rest)))
+    column = suite.budget.cost_column
+    planned = 0
+    if "throughput" in sections:
+        planned += sum(COST[f"{mode} {shape}"][column] for shape, mode, _ in items)
+    if "latency" in sections:
+        families = len(candidates(TEACHER, 128))
+        planned += families * COST["latency family"][column]
+    planned += COST["epoch"][column] if "epoch" in sections else 0
+    suite.say(
+        f"plan: {', '.join(sections)}; about {planned} s, budget {suite.budget.seconds:.0f} s"
+    )
     for name, body in steps:
         t0 = time.perf_counter()
         body()
@@ -716,7 +813,8 @@ def run(suite: Suite, sections: list[str], overrides: list[str]) -> None:
 
 def each_row(suite: Suite, items: list[tuple[str, str, int]]) -> None:
     for shape, mode, seq_len in items:
-        throughput_row(suite, shape, mode, seq_len)
+        what = f"throughput {shape} {mode} s{seq_len}"
+        suite.guarded(what, functools.partial(throughput_row, suite, shape, mode, seq_len))
 
 
 if __name__ == "__main__":
