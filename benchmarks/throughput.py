@@ -12,7 +12,10 @@ Modes:
   AdamW with clipping). Same shape, batch and device, in the same run: Hugging Face
   `BertForSequenceClassification` in PyTorch eager (random init, AdamW, clipping, bf16 autocast
   when the dtype is bfloat16; TF32 matmuls on CUDA for float32, like XLA's default), and
-  `ratio_vs_pytorch` = our tokens/s / theirs.
+  `ratio_vs_pytorch` = our tokens/s / theirs; then the same model under `torch.compile`
+  (default mode, the optimizer step eager; `--no-torch-compile` skips it): `pytorch_compile_*`
+  columns, its first step (compilation) in `pytorch_compile_first_step_s`, and
+  `ratio_vs_pytorch_compile`.
 - distill: teacher = the shape, student = the same width with half its layers (bert-base: a
   6-layer 768-wide student); one step is the teacher's forward (no gradient) and the student's
   train step with logit distillation (`objectives.make_loss`, default `Objective`: alpha 0.5,
@@ -42,6 +45,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -93,6 +97,9 @@ PEAKS = (
 )
 # Per sequence length: (batch size on CPU, batch size on an accelerator).
 BATCH = {128: (8, 128), 512: (2, 32)}
+# What a measured row prints: the table's columns, then the torch.compile comparison.
+COMPILE_COLUMNS = ("pytorch_compile_tokens_per_s", "ratio_vs_pytorch_compile")
+PRINTED = [*COLUMNS["throughput"], *COMPILE_COLUMNS]
 
 
 def matmul_params(config: BertConfig) -> tuple[int, int]:
@@ -201,13 +208,17 @@ def torch_device(platform: str) -> str | None:
     return None
 
 
-def torch_step_seconds(
-    config: BertConfig, batch_size: int, seq_len: int, steps: int, warmup: int, device: str
-) -> float:
-    """Median seconds of one PyTorch eager step of HF BertForSequenceClassification."""
+def torch_train_step(
+    config: BertConfig, batch_size: int, seq_len: int, device: str, compiled: bool = False
+) -> Callable[[], None]:
+    """One training step of HF BertForSequenceClassification in PyTorch, as a function that
+    returns once the step is done: eager, or its forward (and so backward) `torch.compile`d."""
     torch.manual_seed(0)
     hf_config = transformers.BertConfig(**hf_config_dict(config))
     model = transformers.BertForSequenceClassification(hf_config).to(device).train()
+    if compiled:
+        torch._dynamo.reset()  # every row compiles from scratch, within the recompile limit
+    forward = torch.compile(model) if compiled else model
     defaults = finetune_defaults().train
     opt = torch.optim.AdamW(
         model.parameters(),
@@ -224,7 +235,7 @@ def torch_step_seconds(
 
     def run():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
+            loss = forward(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.clip_norm)
         opt.step()
@@ -232,7 +243,27 @@ def torch_step_seconds(
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return run
+
+
+def torch_step_seconds(
+    config: BertConfig, batch_size: int, seq_len: int, steps: int, warmup: int, device: str
+) -> float:
+    """Median seconds of one PyTorch eager step of HF BertForSequenceClassification."""
+    run = torch_train_step(config, batch_size, seq_len, device)
     return median_seconds(run, steps, warmup)
+
+
+def torch_compile_seconds(
+    config: BertConfig, batch_size: int, seq_len: int, steps: int, warmup: int, device: str
+) -> tuple[float, float]:
+    """(seconds of the first step, compilation mostly; median seconds of the timed steps after
+    `warmup` more) of the `torch.compile`d HF model."""
+    run = torch_train_step(config, batch_size, seq_len, device, compiled=True)
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    return first, median_seconds(run, steps, max(warmup, 1))
 
 
 def measure_row(
@@ -245,9 +276,12 @@ def measure_row(
     warmup: int,
     peak: tuple[float, str],
     pytorch_device: str | None,
+    torch_compile: bool = False,
+    config: BertConfig | None = None,
 ) -> dict:
-    """One result row: our step, its FLOPs and MFU, and (finetune) the PyTorch step."""
-    config = SHAPES[shape].replace(dtype=dtype)
+    """One result row: our step, its FLOPs and MFU, and (finetune) the PyTorch step, eager and,
+    with `torch_compile`, compiled. `config` replaces `SHAPES[shape]` (e.g. a tiny smoke shape)."""
+    config = (config or SHAPES[shape]).replace(dtype=dtype)
     seconds = jax_step_seconds(config, mode, batch_size, seq_len, steps, warmup)
     flops = step_flops(config, mode, batch_size, seq_len)
     tokens = batch_size * seq_len
@@ -288,7 +322,34 @@ def measure_row(
             pytorch_mfu=mfu(flops, theirs, peak[0]),
             ratio_vs_pytorch=theirs / seconds,
         )
+        if torch_compile:
+            row.update(compiled_columns(config, batch_size, seq_len, steps, warmup, pytorch_device))
+        if "pytorch_compile_step_ms" in row:
+            compiled = row["pytorch_compile_step_ms"] / 1e3
+            row["pytorch_compile_mfu"] = mfu(flops, compiled, peak[0])
+            row["ratio_vs_pytorch_compile"] = compiled / seconds
     return row
+
+
+def compiled_columns(
+    config: BertConfig, batch_size: int, seq_len: int, steps: int, warmup: int, device: str
+) -> dict:
+    """The `torch.compile` columns of a finetune row; a compiler failure (no C++ compiler,
+    an unsupported op) is recorded in `pytorch_compile_error` instead of ending the run."""
+    try:
+        first, theirs = torch_compile_seconds(config, batch_size, seq_len, steps, warmup, device)
+    except Exception as e:  # any compiler failure is a result to report
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"torch.compile failed: {type(e).__name__}: {message}")
+        return {"pytorch_compile_error": f"{type(e).__name__}: {message}"}
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "pytorch_compile_step_ms": theirs * 1e3,
+        "pytorch_compile_tokens_per_s": batch_size * seq_len / theirs,
+        "pytorch_compile_first_step_s": first,
+    }
 
 
 def row_key(row: dict) -> tuple:
@@ -301,16 +362,22 @@ def row_order(row: dict) -> tuple:
     return (row["device"], row["shape"], row["mode"] != "finetune", row["seq_len"], row["dtype"])
 
 
-def merge_rows(old: dict | None, fresh: list[dict]) -> list[dict]:
+def merge_rows(
+    old: dict | None,
+    fresh: list[dict],
+    key: Callable[[dict], tuple] = row_key,
+    order: Callable[[dict], tuple] = row_order,
+) -> list[dict]:
     """This run's rows plus the old result's rows it did not re-measure (other devices among
-    them), each carried row tagged with the commit, date and CPU of the run that measured it."""
+    them), each carried row tagged with the commit, date and CPU of the run that measured it.
+    `key` says what a row measures, `order` sorts the result (other files' rows pass theirs)."""
     kept = []
     if old:
         carried = {"commit": old.get("commit"), "date": old.get("date")}
         carried["cpu"] = old.get("machine", {}).get("cpu")
-        measured = {row_key(r) for r in fresh}
-        kept = [{**carried, **r} for r in old["rows"] if row_key(r) not in measured]
-    return sorted(fresh + kept, key=row_order)
+        measured = {key(r) for r in fresh}
+        kept = [{**carried, **r} for r in old["rows"] if key(r) not in measured]
+    return sorted(fresh + kept, key=order)
 
 
 def gpu_note(rows: list[dict]) -> str:
@@ -334,6 +401,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps, compilation among them")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default by device")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument(
+        "--no-torch-compile", action="store_true", help="PyTorch eager only, no torch.compile"
+    )
     parser.add_argument("--peak-tflops", type=float, help="peak to divide by instead")
     parser.add_argument("--quick", action="store_true", help="smoke run; writes only with --out")
     parser.add_argument("--out", help=f"result file (default {RESULT.relative_to(REPO)})")
@@ -367,15 +437,30 @@ def main() -> None:
         for mode in args.modes:
             for seq_len, batch_size in zip(args.seqs, batches, strict=True):
                 row = measure_row(
-                    shape, mode, seq_len, batch_size, dtype, steps, warmup, peak, pytorch
+                    shape,
+                    mode,
+                    seq_len,
+                    batch_size,
+                    dtype,
+                    steps,
+                    warmup,
+                    peak,
+                    pytorch,
+                    torch_compile=not args.no_torch_compile,
                 )
-                print(json.dumps({k: row[k] for k in COLUMNS["throughput"] if k in row}))
+                print(json.dumps({k: row[k] for k in PRINTED if k in row}))
                 fresh.append(row)
-    print(markdown_table(fresh, [c for c in COLUMNS["throughput"] if c != "commit"], fmt))
+    print(markdown_table(fresh, [c for c in PRINTED if c != "commit"], fmt))
     out = args.out or (None if args.quick else RESULT)
-    if out is None:
-        return
-    old = json.loads(Path(out).read_text()) if Path(out).exists() else None
+    if out is not None:
+        print(f"wrote {write_rows(out, fresh, wall_s=time.perf_counter() - t0)}")
+
+
+def write_rows(out: str | Path, fresh: list[dict], base: str | Path | None = None, **extra) -> Path:
+    """Write `fresh` to the result file `out`, with the rows of `base` (default: `out` itself,
+    if it exists) that this run did not re-measure; `extra` goes into the file's body."""
+    base = Path(base or out)
+    old = json.loads(base.read_text()) if base.exists() else None
     rows = merge_rows(old, fresh)
     body = {
         "flops_formula": FLOPS_FORMULA,
@@ -387,13 +472,17 @@ def main() -> None:
         "pytorch": "finetune rows only: HF BertForSequenceClassification, random init, eager, "
         "AdamW (fused on CUDA) with clipping, bf16 autocast for bfloat16, TF32 on CUDA for "
         "float32; same device, batch and length, in the same run; ratio = ours / theirs",
+        "pytorch_compile": "the same model and step with the model wrapped in torch.compile "
+        "(default mode; forward and backward compiled, optimizer eager), compiled afresh per "
+        "row; first_step_s = its first step, compilation mostly; rows without these columns "
+        "were measured before it was added or with --no-torch-compile",
         "gpu": gpu_note(rows),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
-        "wall_s": time.perf_counter() - t0,
+        **extra,
     }
-    print(f"wrote {write_result(out, 'throughput', body)}")
+    return write_result(out, "throughput", body)
 
 
 if __name__ == "__main__":
