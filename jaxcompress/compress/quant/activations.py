@@ -80,7 +80,8 @@ def quantized_inputs(
 
     Args:
       rules: `(regex on the module path, bits or None)`, first `re.fullmatch` wins; bits is
-        an int in 2..16 (symmetric integer grid) or 'fp8' (e4m3 values, scale absmax / 448).
+        an int in 2..16 (symmetric integer grid) or 'fp8' (e4m3 values, see
+        `fake_quant_input_fp8`).
       ranges: clip range per layer path, or None for dynamic ranges.
       model: the nnx model being called in the context; None for linen models.
       layer_types: the layer classes that are candidates, instead of the defaults.

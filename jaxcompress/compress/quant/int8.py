@@ -113,7 +113,9 @@ def quantize_activations_fp8(x: jax.Array, per_token: bool = True) -> tuple[jax.
     return values, scale
 
 
-def _scaled_matmul(x_q: jax.Array, x_scale: jax.Array, weight, accumulate) -> jax.Array:
+def _scaled_matmul(
+    x_q: jax.Array, x_scale: jax.Array, weight: Int8Weight | Fp8Weight, accumulate: jnp.dtype
+) -> jax.Array:
     """(x_q * x_scale) @ (weight.codes * weight.scale): a product of the quantized operands
     accumulated in `accumulate` (int32 or float32), then one float32 rescale.
 

@@ -18,7 +18,7 @@ from jaxcompress import core
 from jaxcompress.compress.method import Plan, Setup, TrainingMethod
 from jaxcompress.compress.quant import hessian, qat
 from jaxcompress.compress.quant import pack as quant_pack
-from jaxcompress.compress.quant.activations import QuantizedModel, calibrate
+from jaxcompress.compress.quant.activations import ACTIVATION_SCHEMES, QuantizedModel, calibrate
 from jaxcompress.compress.quant.quantizers import QuantSpec
 from jaxcompress.config import ConfigValueError
 from jaxcompress.models import artefact, bert_rules
@@ -26,7 +26,6 @@ from jaxcompress.models import artefact, bert_rules
 log = logging.getLogger(__name__)
 
 RANGES = ("calibrated", "dynamic")
-ACTIVATION_SCHEMES = ("symmetric", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class QuantizeSpec:
       activation_bits: the bits of every dense layer's input; 0 keeps them float.
       activation_ranges: 'calibrated' (ranges from the first train batches) or 'dynamic'.
       activation_scheme: 'symmetric' (the integer grid of `activation_bits`) or 'fp8'
-        (e4m3 values, scale absmax / 448; `activation_bits` is 8).
+        (e4m3 values, `activations.fake_quant_input_fp8`; `activation_bits` is 8).
       calibration_batches: train batches the ranges are calibrated on.
       binary_split: start BinaryBERT's training by splitting the binary-spec weights.
       mixed_bits_budget: > 0: Q-BERT's bits per encoder layer under this average.

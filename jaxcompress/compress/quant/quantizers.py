@@ -95,7 +95,7 @@ class QuantSpec:
             object.__setattr__(self, "bits", fixed_bits)
         else:
             bits = 8 if self.bits is None else self.bits
-            if self.scheme == "fp8" and bits != 8:
+            if self.scheme == "fp8" and isinstance(bits, int) and bits != 8:
                 raise ValueError(f"QuantSpec.bits={self.bits!r} but fp8 (e4m3) is 8 bits")
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"QuantSpec.bits={self.bits!r}; expected an integer in 2..8")
@@ -242,7 +242,7 @@ def _positive(s: jax.Array) -> jax.Array:
 
 
 def _uniform_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
-    """Scale and zero point mapping the clip range [lo, hi] onto the integer grid."""
+    """Scale and zero point mapping the clip range [lo, hi] onto the scheme's grid."""
     if spec.scheme == "fp8":
         # Times the float32 reciprocal: XLA compiles a division by a constant differently
         # under jit and op by op (not always correctly rounded); a product is the same in both.
