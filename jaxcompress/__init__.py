@@ -2,13 +2,13 @@
 
 The names below are the model-agnostic public API for other JAX projects, transforms that
 take any parameter tree addressed by path rules (`core`): rules and reparams with the optax
-wrapper, quantizers and QAT, pruning, low rank, sharing and distillation losses. BERT's
-names (the model and its config, Hugging Face loading and saving, head and FFN pruning, its
-rule presets and structure transforms) are in `jaxcompress.bert`. Submodules hold the rest;
-names that are also submodules are not re-exported (`jaxcompress.compress.quant.qat.qat`),
-and no public name is called like a subpackage or module (`models`, `data`, `compress`,
-`train`, `experiments`, `bert`), so that `from jaxcompress import train` keeps meaning the
-subpackage.
+wrapper, quantizers and QAT, int8 and fp8 execution of dense layers, pruning, low rank,
+sharing and distillation losses. BERT's names (the model and its config, Hugging Face
+loading and saving, head and FFN pruning, its rule presets and structure transforms) are in
+`jaxcompress.bert`. Submodules hold the rest; names that are also submodules are not
+re-exported (`jaxcompress.compress.quant.qat.qat`), and no public name is called like a
+subpackage or module (`models`, `data`, `compress`, `train`, `experiments`, `bert`), so that
+`from jaxcompress import train` keeps meaning the subpackage.
 """
 
 from jaxcompress.compress.distill.losses import attention_kl, hidden_mse, soft_cross_entropy
@@ -27,6 +27,14 @@ from jaxcompress.compress.prune.unstructured import (
 from jaxcompress.compress.quant.activations import calibrate, quantized_inputs
 from jaxcompress.compress.quant.gobo import GoboSpec, gobo_dequantize, gobo_quantize
 from jaxcompress.compress.quant.hessian import assign_bits, hutchinson_trace
+from jaxcompress.compress.quant.int8 import (
+    IntegerModel,
+    fp8_dense,
+    fp8_weights,
+    int8_dense,
+    int8_weights,
+    integer_dense_layers,
+)
 from jaxcompress.compress.quant.pack import load as load_packed
 from jaxcompress.compress.quant.pack import packed_bytes
 from jaxcompress.compress.quant.pack import save as save_packed
@@ -50,6 +58,7 @@ from jaxcompress.core import (
 
 __all__ = [
     "GoboSpec",
+    "IntegerModel",
     "LowRank",
     "QuantSpec",
     "Reparam",
@@ -67,11 +76,16 @@ __all__ = [
     "expand",
     "fake_quant",
     "finalize",
+    "fp8_dense",
+    "fp8_weights",
     "gobo_dequantize",
     "gobo_quantize",
     "hidden_mse",
     "hutchinson_trace",
     "identity",
+    "int8_dense",
+    "int8_weights",
+    "integer_dense_layers",
     "kernel_rules",
     "leaf_paths",
     "load_packed",

@@ -109,6 +109,8 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.quantize.rules = ()  # ("regex", "spec") pairs matched before the two above (per layer)
     c.quantize.activation_bits = 0  # inputs of every dense layer; 0 = float
     c.quantize.activation_ranges = "calibrated"  # or "dynamic" (each batch's own absmax)
+    # "symmetric" (the integer grid of activation_bits) or "fp8" (e4m3, activation_bits = 8)
+    c.quantize.activation_scheme = "symmetric"
     # BinaryBERT: start binary training by ternary weight splitting of the input model's
     # weights (those whose spec is binary); the input should be a ternary-trained model.
     c.quantize.binary_split = False
@@ -381,6 +383,7 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("distill.layer_map", _LAYER_MAP),
         ("quantize.activation_bits", _range(0, 32)),
         ("quantize.activation_ranges", _choice("calibrated", "dynamic")),
+        ("quantize.activation_scheme", _choice("symmetric", "fp8")),
         ("quantize.calibration_batches", _at_least(1)),
         ("quantize.mixed_bits_budget", _WEIGHT),
         ("quantize.mixed_choices", _each(_range(1, 32))),

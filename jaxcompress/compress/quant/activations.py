@@ -14,7 +14,14 @@ from flax import nnx
 
 from jaxcompress import core
 from jaxcompress.compress.intercept import Layer, intercept
-from jaxcompress.compress.quant.quantizers import straight_through
+from jaxcompress.compress.quant.quantizers import (
+    FP8_INV_MAX,
+    FP8_ROUNDS_TO_MAX,
+    fp8_round,
+    straight_through,
+)
+
+ACTIVATION_SCHEMES = ("symmetric", "fp8")
 
 
 def fake_quant_input(x: jax.Array, bits: int, absmax: jax.Array) -> jax.Array:
@@ -26,6 +33,30 @@ def fake_quant_input(x: jax.Array, bits: int, absmax: jax.Array) -> jax.Array:
     inside = jnp.abs(q) <= qmax
     xq = (jnp.clip(q, -qmax, qmax) * scale).astype(x.dtype)
     return straight_through(x, xq, inside)
+
+
+def fake_quant_input_fp8(x: jax.Array, absmax: jax.Array) -> jax.Array:
+    """Fp8 (e4m3) fake quantization of activations with clip range [-absmax, absmax]: scale
+    absmax * float32(1 / 448), values e4m3(x / scale) * scale; the straight-through gradient
+    is 1 where e4m3 rounding needs no clipping (|x / scale| <= 448 + half a step), else 0.
+
+    Args:
+      x: the layer input.
+      absmax: the clip range (calibrated, or the batch's own absmax); <= 0 gives scale 1.
+
+    Returns:
+      The fake-quantized input, in `x`'s shape and dtype.
+    """
+    scale = jnp.where(absmax > 0, absmax * FP8_INV_MAX, 1.0).astype(jnp.float32)
+    r = jax.lax.stop_gradient(x).astype(jnp.float32) / scale
+    xq = (fp8_round(r) * scale).astype(x.dtype)
+    return straight_through(x, xq, jnp.abs(r) <= FP8_ROUNDS_TO_MAX)
+
+
+def _fake_quant_input(x: jax.Array, bits: int | str, absmax: jax.Array) -> jax.Array:
+    if bits == "fp8":
+        return fake_quant_input_fp8(x, absmax)
+    return fake_quant_input(x, bits, absmax)
 
 
 def _absmax(x: jax.Array) -> jax.Array:
@@ -49,7 +80,8 @@ def quantized_inputs(
 
     Args:
       rules: `(regex on the module path, bits or None)`, first `re.fullmatch` wins; bits is
-        an int in 2..16.
+        an int in 2..16 (symmetric integer grid) or 'fp8' (e4m3 values, see
+        `fake_quant_input_fp8`).
       ranges: clip range per layer path, or None for dynamic ranges.
       model: the nnx model being called in the context; None for linen models.
       layer_types: the layer classes that are candidates, instead of the defaults.
@@ -62,8 +94,12 @@ def quantized_inputs(
         leaving the context) a rule that quantized no layer.
     """
     for pattern, bits in rules:
-        if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 16):
-            raise ValueError(f"quantized_inputs: rule {pattern!r} needs bits in 2..16, got {bits}")
+        if bits is None or bits == "fp8":
+            continue
+        if isinstance(bits, bool) or not (isinstance(bits, int) and 2 <= bits <= 16):
+            raise ValueError(
+                f"quantized_inputs: rule {pattern!r} needs bits in 2..16 or 'fp8', got {bits!r}"
+            )
 
     def handler(layer: Layer, call, args, kwargs):
         x = args[0]
@@ -76,7 +112,7 @@ def quantized_inputs(
                 f"quantized_inputs: no calibrated range for layer {layer.path} (calibrate with "
                 "the same rules, or pass ranges=None for dynamic ranges)"
             )
-        return call(fake_quant_input(x, layer.spec, absmax), *args[1:], **kwargs)
+        return call(_fake_quant_input(x, layer.spec, absmax), *args[1:], **kwargs)
 
     with intercept(rules, handler, model=model, layer_types=layer_types, name="quantized_inputs"):
         yield
@@ -152,6 +188,20 @@ class QuantizedModel:
     rules: core.Rules | None = None  # the rules of `weights`, for the packed artefact
     layer_bits: dict[str, int] | None = None  # Q-BERT's bits per layer, when chosen
     layer_types: tuple[type, ...] | None = None  # whose inputs are quantized; None: flax's
+    # 'symmetric' (integer grid of `activation_bits`) or 'fp8' (e4m3; activation_bits is 8)
+    activation_scheme: str = "symmetric"
+
+    def __post_init__(self) -> None:
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise ValueError(
+                f"QuantizedModel.activation_scheme={self.activation_scheme!r}; expected one "
+                f"of {ACTIVATION_SCHEMES}"
+            )
+        if self.activation_scheme == "fp8" and self.activation_bits not in (0, 8):
+            raise ValueError(
+                f"QuantizedModel.activation_bits={self.activation_bits} but fp8 (e4m3) "
+                "activations are 8 bits (0: float)"
+            )
 
     @property
     def config(self):
@@ -166,6 +216,7 @@ class QuantizedModel:
         variables = {**variables, "params": self.quantized_params(variables["params"])}
         if not self.activation_bits:
             return self.model.apply(variables, *args, **kwargs)
-        rules = [(".*", self.activation_bits)]
+        fp8 = self.activation_scheme == "fp8"
+        rules = [(".*", "fp8" if fp8 else self.activation_bits)]
         with quantized_inputs(rules, self.ranges, layer_types=self.layer_types):
             return self.model.apply(variables, *args, **kwargs)

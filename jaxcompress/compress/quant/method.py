@@ -18,8 +18,9 @@ from jaxcompress import core
 from jaxcompress.compress.method import Plan, Setup, TrainingMethod
 from jaxcompress.compress.quant import hessian, qat
 from jaxcompress.compress.quant import pack as quant_pack
-from jaxcompress.compress.quant.activations import QuantizedModel, calibrate
+from jaxcompress.compress.quant.activations import ACTIVATION_SCHEMES, QuantizedModel, calibrate
 from jaxcompress.compress.quant.quantizers import QuantSpec
+from jaxcompress.config import ConfigValueError
 from jaxcompress.models import artefact, bert_rules
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class QuantizeSpec:
         None when weights stay float.
       activation_bits: the bits of every dense layer's input; 0 keeps them float.
       activation_ranges: 'calibrated' (ranges from the first train batches) or 'dynamic'.
+      activation_scheme: 'symmetric' (the integer grid of `activation_bits`) or 'fp8'
+        (e4m3 values, `activations.fake_quant_input_fp8`; `activation_bits` is 8).
       calibration_batches: train batches the ranges are calibrated on.
       binary_split: start BinaryBERT's training by splitting the binary-spec weights.
       mixed_bits_budget: > 0: Q-BERT's bits per encoder layer under this average.
@@ -48,6 +51,7 @@ class QuantizeSpec:
     rules: tuple[tuple[str, QuantSpec | None], ...] | None
     activation_bits: int = 0
     activation_ranges: str = "calibrated"
+    activation_scheme: str = "symmetric"
     calibration_batches: int = 8
     binary_split: bool = False
     mixed_bits_budget: float = 0.0
@@ -57,11 +61,22 @@ class QuantizeSpec:
     hessian_batches: int = 2
 
 
+def _parse_spec(key: str, text: str) -> QuantSpec | None:
+    """`qat.parse_spec`, its error (a `UserError`: one line from the CLI) naming the key."""
+    try:
+        return qat.parse_spec(text)
+    except ValueError as e:
+        raise ConfigValueError(f"config key {key}: {e}") from None
+
+
 def rules_from_config(cfg: Any) -> list[tuple[str, QuantSpec | None]] | None:
     """The QAT rules of a `quantize` section (its `rules`, then BERT's kernel and embedding
     presets), or None when no weight is quantized."""
-    kernels, embeddings = qat.parse_spec(cfg.kernels), qat.parse_spec(cfg.embeddings)
-    extra = [(pattern, qat.parse_spec(text)) for pattern, text in cfg.rules]
+    kernels = _parse_spec("quantize.kernels", cfg.kernels)
+    embeddings = _parse_spec("quantize.embeddings", cfg.embeddings)
+    extra = [
+        (pattern, _parse_spec(f"quantize.rules {pattern!r}", text)) for pattern, text in cfg.rules
+    ]
     if kernels is None and embeddings is None and all(s is None for _, s in extra):
         return None
     return extra + bert_rules.weight_rules(kernels, embeddings)
@@ -87,6 +102,14 @@ def parse(cfg: Any) -> QuantizeSpec | None:
         raise ValueError(
             f"quantize.activation_ranges must be 'calibrated' or 'dynamic': {cfg.activation_ranges}"
         )
+    scheme = cfg.get("activation_scheme", "symmetric")
+    if scheme not in ACTIVATION_SCHEMES:
+        raise ValueError(f"quantize.activation_scheme must be 'symmetric' or 'fp8', got {scheme!r}")
+    if scheme == "fp8" and cfg.activation_bits != 8:
+        raise ValueError(
+            "quantize.activation_scheme='fp8' needs quantize.activation_bits=8 (e4m3 is 8 bits),"
+            f" got {cfg.activation_bits}"
+        )
     if cfg.binary_split and rules is None:
         raise ValueError("quantize.binary_split needs binary quantize.kernels or rules")
     if rules is None and not cfg.activation_bits and not cfg.mixed_bits_budget:
@@ -95,6 +118,7 @@ def parse(cfg: Any) -> QuantizeSpec | None:
         rules=None if rules is None else tuple(rules),
         activation_bits=cfg.activation_bits,
         activation_ranges=cfg.activation_ranges,
+        activation_scheme=scheme,
         calibration_batches=cfg.calibration_batches,
         binary_split=cfg.binary_split,
         mixed_bits_budget=cfg.mixed_bits_budget,
@@ -163,6 +187,7 @@ def plan(spec: QuantizeSpec, params: core.Params, setup: Setup) -> Plan:
             activation_bits=spec.activation_bits,
             ranges=ranges,
             layer_types=setup.layer_types,
+            activation_scheme=spec.activation_scheme,
         )
 
     def export(params, state, directory: Path) -> dict[str, Any]:
@@ -170,7 +195,11 @@ def plan(spec: QuantizeSpec, params: core.Params, setup: Setup) -> Plan:
         path.mkdir(parents=True, exist_ok=True)
         found = {k: float(v) for k, v in (ranges or {}).items()}
         record = {
-            "activations": {"bits": spec.activation_bits, "ranges": found or None},
+            "activations": {
+                "bits": spec.activation_bits,
+                "scheme": spec.activation_scheme,
+                "ranges": found or None,
+            },
             "layer_bits": layer_bits,
         }
         artefact.write_json(path / "quantization.json", record)

@@ -1,4 +1,4 @@
-"""Packed quantized artefacts: codes at 1, 2, 4 or 8 bits a value, scales beside, in safetensors."""
+"""Packed quantized artefacts: codes at 1, 2, 4 or 8 bits (fp8: e4m3 bytes), scales, safetensors."""
 
 from __future__ import annotations
 
@@ -47,14 +47,19 @@ def container_bits(spec: QuantSpec) -> int:
 
 
 def to_unsigned(codes: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Codes shifted to 0..2^bits - 1 (binary -1/1 to 0/1), as uint8."""
+    """Codes shifted to 0..2^bits - 1 (binary -1/1 to 0/1), as uint8; fp8 codes as their
+    e4m3 bit patterns."""
+    if spec.scheme == "fp8":
+        return np.asarray(codes).astype(spec.code_dtype).view(np.uint8)
     codes = np.asarray(codes, np.int32)
     u = (codes + 1) // 2 if spec.scheme == "binary" else codes - spec.qmin
     return u.astype(np.uint8)
 
 
 def from_unsigned(u: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """The inverse of `to_unsigned`, as int32 codes."""
+    """The inverse of `to_unsigned`: int32 codes, or float8_e4m3fn codes for fp8."""
+    if spec.scheme == "fp8":
+        return np.asarray(u, np.uint8).view(spec.code_dtype)
     u = np.asarray(u, np.int32)
     return 2 * u - 1 if spec.scheme == "binary" else u + spec.qmin
 

@@ -30,6 +30,7 @@ KERNEL_LEAF = r"(kernel|kernel_a|kernel_b)"
 KERNELS = rf"(.*/)?{KERNEL_LEAF}(/value)?"
 INT8 = QuantSpec(bits=8)  # per output channel, absmax
 INT8_TENSOR = QuantSpec(bits=8, granularity="tensor")
+FP8 = QuantSpec(scheme="fp8")  # e4m3 values, per output channel, absmax
 
 
 def default_rules(kernels: QuantSpec | None = INT8) -> list[tuple[str, QuantSpec | None]]:
@@ -221,7 +222,18 @@ def qat(rules: core.Rules) -> core.Reparam:
 
 
 def parse_spec(text: str) -> QuantSpec | None:
-    """`"bits=4,granularity='group',group_size=128"` -> that QuantSpec; '' -> None (float)."""
+    """`"bits=4,granularity='group',group_size=128"` -> that QuantSpec; '' -> None (float).
+
+    Args:
+      text: `QuantSpec` fields as comma-separated `key=literal` pairs, e.g. "scheme='fp8'".
+
+    Returns:
+      The spec, or None for blank text.
+
+    Raises:
+      ValueError: one line naming the text and what is wrong with it (syntax, an unknown
+        field, a value outside its domain).
+    """
     if not text.strip():
         return None
     try:
@@ -233,5 +245,5 @@ def parse_spec(text: str) -> QuantSpec | None:
         raise ValueError(f"quantization spec {text!r}: use key=value pairs only")
     try:
         return QuantSpec(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"quantization spec {text!r}: {e}") from None

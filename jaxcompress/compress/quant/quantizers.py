@@ -1,4 +1,4 @@
-"""Weight quantizers (uniform, ternary, binary, LSQ): pure functions, straight-through grads."""
+"""Weight quantizers (uniform, fp8 e4m3, ternary, binary, LSQ): pure functions, STE grads."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SCHEMES = ("symmetric", "asymmetric", "ternary", "binary")
+SCHEMES = ("symmetric", "asymmetric", "fp8", "ternary", "binary")
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_METHODS = ("absmax", "percentile", "mse", "lsq")
 TWN_DELTA = 0.7  # TWN's threshold: delta = 0.7 * mean |w|
+FP8 = jnp.float8_e4m3fn  # the fp8 scheme's code type: e4m3, no infinities, max 448
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+FP8_INV_MAX = np.float32(1.0 / FP8_MAX)  # fp8 scales are absmax * FP8_INV_MAX
+# Values up to half a step (16) above 448 round to 448 in e4m3 (464 ties to it): the fp8
+# scheme's clip range, the analogue of [qmin - 1/2, qmax + 1/2] on the integer grids.
+FP8_ROUNDS_TO_MAX = FP8_MAX + 16.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,17 +32,22 @@ class QuantSpec:
     consecutive rows (Q-BERT's group-wise quantization). Scales have shape (), (C,) and
     (rows // group_size, C) respectively.
 
+    The 'fp8' scheme's codes are not integers but float8 e4m3 values (`jnp.float8_e4m3fn`,
+    largest 448): a weight is stored as e4m3(w / scale), the scale mapping the clip range
+    onto [-448, 448] (absmax: scale = max |w| * float32(1 / 448)), the form Hopper GPUs
+    multiply in.
+
     Attributes:
-      bits: the code width of the uniform schemes, 2..8 (None: 8); ternary is 2 bits and
-        binary 1 (None is set to that).
+      bits: the code width of the uniform schemes, 2..8 (None: 8); fp8 is 8 bits, ternary 2
+        and binary 1 (None is set to that).
       scheme: 'symmetric' (grid [-(2^(b-1)-1), 2^(b-1)-1]), 'asymmetric' ([0, 2^b-1] with an
-        integer zero point), 'ternary' ({-1, 0, 1}, TWN) or 'binary' ({-1, 1},
-        sign(w) * mean |w|).
+        integer zero point), 'fp8' (e4m3 values in [-448, 448], scaled), 'ternary'
+        ({-1, 0, 1}, TWN) or 'binary' ({-1, 1}, sign(w) * mean |w|).
       granularity: 'tensor', 'channel' or 'group', as above.
       group_size: rows per group; required with 'group' and only allowed with it.
-      scale_method: for the uniform schemes 'absmax' (None: this), 'percentile', 'mse' (a
-        grid search of clip ratios) or 'lsq' (a trained step size, symmetric only); must be
-        None for ternary and binary, which have their own scale.
+      scale_method: for the uniform and fp8 schemes 'absmax' (None: this), 'percentile',
+        'mse' (a grid search of clip ratios) or 'lsq' (a trained step size, symmetric only);
+        must be None for ternary and binary, which have their own scale.
       percentile: for 'percentile', the nearest-rank percentile (0 < p <= 100) of |w|
         (symmetric) or of w at both tails (asymmetric).
       mse_grid: for 'mse', the clip ratios tried are k / mse_grid of the absmax range,
@@ -45,15 +57,18 @@ class QuantSpec:
       ValueError: a field is outside the values above, or fields contradict each other.
     """
 
-    # Uniform schemes: 2..8 (default 8). Ternary is 2 bits and binary 1; leave None or say so.
+    # Uniform schemes: 2..8 (default 8). Fp8 is 8 bits, ternary 2 and binary 1; leave None
+    # or say so.
     bits: int | None = None
     # Integer grid: symmetric [-(2^(b-1)-1), 2^(b-1)-1]; asymmetric [0, 2^b-1] with an
     # integer zero point; ternary {-1, 0, 1} (TWN); binary {-1, 1} (sign(w) * mean |w|).
+    # Or fp8: float8 e4m3 values in [-448, 448] times the scale.
     scheme: str = "symmetric"
     granularity: str = "channel"  # 'tensor' | 'channel' | 'group'
     group_size: int | None = None  # rows per group; only (and required) with 'group'
-    # Uniform schemes: 'absmax' (default), 'percentile', 'mse' (grid search of clip ratios)
-    # or 'lsq' (a trained step size, symmetric only). Ternary and binary have their own rule.
+    # Uniform and fp8 schemes: 'absmax' (default), 'percentile', 'mse' (grid search of clip
+    # ratios) or 'lsq' (a trained step size, symmetric only). Ternary and binary have their
+    # own rule.
     scale_method: str | None = None
     # Nearest-rank percentile of |w| (symmetric) or of w at both tails (asymmetric).
     percentile: float = 99.9
@@ -80,6 +95,8 @@ class QuantSpec:
             object.__setattr__(self, "bits", fixed_bits)
         else:
             bits = 8 if self.bits is None else self.bits
+            if self.scheme == "fp8" and isinstance(bits, int) and bits != 8:
+                raise ValueError(f"QuantSpec.bits={self.bits!r} but fp8 (e4m3) is 8 bits")
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"QuantSpec.bits={self.bits!r}; expected an integer in 2..8")
             method = self.scale_method or "absmax"
@@ -105,15 +122,24 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        """Smallest integer code."""
-        return {"symmetric": -self.qmax, "asymmetric": 0, "ternary": -1, "binary": -1}[self.scheme]
+        """Smallest code (fp8: -448, the smallest e4m3 value)."""
+        if self.scheme in ("symmetric", "fp8"):
+            return -self.qmax
+        return {"asymmetric": 0, "ternary": -1, "binary": -1}[self.scheme]
 
     @property
     def qmax(self) -> int:
-        """Largest integer code."""
+        """Largest code (fp8: 448, the largest e4m3 value)."""
         if self.scheme == "symmetric":
             return 2 ** (self.bits - 1) - 1
+        if self.scheme == "fp8":
+            return int(FP8_MAX)
         return 2**self.bits - 1 if self.scheme == "asymmetric" else 1
+
+    @property
+    def code_dtype(self) -> jnp.dtype:
+        """The dtype of `quantize`'s codes: float8_e4m3fn for fp8, else int32."""
+        return jnp.dtype(FP8 if self.scheme == "fp8" else jnp.int32)
 
     @property
     def uniform(self) -> bool:
@@ -123,7 +149,7 @@ class QuantSpec:
 class QTensor(NamedTuple):
     """A quantized array: `dequantize` gives (codes - zero_point) * scale, broadcast by group."""
 
-    codes: jax.Array  # int32, the parameter's shape
+    codes: jax.Array  # the parameter's shape: int32, or float8_e4m3fn (scheme 'fp8')
     scale: jax.Array  # float32: (), (C,) or (rows // group_size, C)
     zero_point: jax.Array | None  # like scale (integer-valued float32); asymmetric only
 
@@ -216,7 +242,11 @@ def _positive(s: jax.Array) -> jax.Array:
 
 
 def _uniform_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
-    """Scale and zero point mapping the clip range [lo, hi] onto the integer grid."""
+    """Scale and zero point mapping the clip range [lo, hi] onto the scheme's grid."""
+    if spec.scheme == "fp8":
+        # Times the float32 reciprocal: XLA compiles a division by a constant differently
+        # under jit and op by op (not always correctly rounded); a product is the same in both.
+        return _positive(jnp.maximum(-lo, hi) * FP8_INV_MAX), jnp.zeros_like(lo)
     if spec.scheme == "symmetric":
         return _positive(jnp.maximum(-lo, hi) / spec.qmax), jnp.zeros_like(lo)
     lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # keep 0 exactly representable
@@ -224,8 +254,25 @@ def _uniform_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
     return s, jnp.clip(jnp.round(-lo / s), 0, spec.qmax)
 
 
+def fp8_round(x: jax.Array) -> jax.Array:
+    """The e4m3 value nearest to `x` (ties to even; beyond +-448 clipped to +-448), as float32.
+
+    Args:
+      x: any float array.
+
+    Returns:
+      `jnp.asarray(clip(x, -448, 448), float8_e4m3fn).astype(float32)`, in `x`'s shape.
+    """
+    x = jnp.clip(jnp.asarray(x, jnp.float32), -FP8_MAX, FP8_MAX)
+    return x.astype(FP8).astype(jnp.float32)
+
+
 def _uniform_codes(w3, s3, zp3, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
-    """Integer-valued float codes, and where w lies inside the clip range."""
+    """Codes on the scheme's grid as float32, and where w lies inside the clip range."""
+    if spec.scheme == "fp8":
+        r = w3 / s3
+        # Inside: e4m3 rounding alone lands on a finite value (|r| <= 448 + half a step).
+        return fp8_round(r), jnp.abs(r) <= FP8_ROUNDS_TO_MAX
     r = jnp.round(w3 / s3 + zp3)
     # Inside the clip range: rounding alone lands on the grid, i.e. w/s + zp lies in
     # [qmin - 1/2, qmax + 1/2]; this keeps the absmax weight inside despite float rounding.
@@ -284,7 +331,7 @@ def _scale3(w3, axes, spec: QuantSpec):
         raise ValueError("scale_method='lsq' needs the learned step: pass scale=")
     if spec.scale_method == "mse":
         s, zp = _mse_params(w3, axes, spec)
-    elif spec.scale_method == "percentile" and spec.scheme == "symmetric":
+    elif spec.scale_method == "percentile" and spec.scheme in ("symmetric", "fp8"):
         c = _percentile(jnp.abs(w3), spec.percentile, axes)
         s, zp = _uniform_params(-c, c, spec)
     elif spec.scale_method == "percentile":
@@ -328,14 +375,25 @@ def quantize(
     scale: jax.Array | None = None,
     zero_point: jax.Array | None = None,
 ) -> QTensor:
-    """Integer codes and scales of `w`; scales come from `spec.scale_method` unless given.
+    """Codes and scales of `w`; scales come from `spec.scale_method` unless given.
 
     With a given scale, ternary codes are the nearest of {-1, 0, 1} (threshold scale / 2).
+
+    Args:
+      w: the weight, with at least one axis; its last axis is the channel axis.
+      spec: how to quantize it.
+      scale: the scale in the spec's scale shape; None: computed from `w`.
+      zero_point: with `scale`, the zero point of an asymmetric spec (ignored otherwise).
+
+    Returns:
+      A `QTensor`: codes in `w`'s shape as `spec.code_dtype` (int32; fp8: the e4m3 values
+      of w / scale, float8_e4m3fn), scales in the spec's scale shape, the zero point
+      (asymmetric only).
     """
     w3, axes = _view(w, spec)
     q, s3, zp3, _ = _codes3(w3, axes, spec, scale, zero_point)
     zp = None if zp3 is None else _natural(zp3, spec)
-    return QTensor(q.astype(jnp.int32).reshape(w.shape), _natural(s3, spec), zp)
+    return QTensor(q.astype(spec.code_dtype).reshape(w.shape), _natural(s3, spec), zp)
 
 
 def dequantize(qt: QTensor, spec: QuantSpec) -> jax.Array:
@@ -363,7 +421,8 @@ def fake_quant(
     """`dequantize(quantize(w))` with a straight-through gradient, in `w`'s dtype.
 
     Uniform schemes pass the gradient where round(w/s + zp) lies on the integer grid (the
-    clip range [qmin - 1/2, qmax + 1/2] in steps) and zero it outside;
+    clip range [qmin - 1/2, qmax + 1/2] in steps) and zero it outside; fp8 passes it where
+    e4m3 rounding of w/s needs no clipping (|w/s| <= 464, half a step above 448);
     ternary and binary pass it everywhere (TernaryBERT, BinaryBERT). `scale_method='lsq'`
     needs the learned step as `scale` and goes through `lsq_fake_quant`.
 

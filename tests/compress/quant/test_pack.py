@@ -56,6 +56,8 @@ SPECS = [
     QuantSpec(scheme="ternary"),
     QuantSpec(scheme="binary", granularity="tensor"),
     QuantSpec(4, scale_method="lsq"),
+    QuantSpec(scheme="fp8"),
+    QuantSpec(scheme="fp8", granularity="group", group_size=4, scale_method="mse"),
 ]
 
 

@@ -53,8 +53,15 @@ UNIFORM = [
     QuantSpec(3, scale_method="mse"),
     QuantSpec(6, "asymmetric", scale_method="mse"),
 ]
+FP8_SPECS = [
+    QuantSpec(scheme="fp8"),
+    QuantSpec(scheme="fp8", granularity="tensor"),
+    QuantSpec(scheme="fp8", granularity="group", group_size=4, scale_method="mse"),
+    QuantSpec(scheme="fp8", scale_method="percentile", percentile=95.0),
+]
 SPECS = [
     *UNIFORM,
+    *FP8_SPECS,
     QuantSpec(scheme="ternary"),
     QuantSpec(scheme="ternary", granularity="tensor"),
     QuantSpec(scheme="binary", granularity="group", group_size=8),
@@ -215,6 +222,8 @@ def test_lsq_step_gradient_is_lsq():
         (dict(scheme="ternary", bits=4), "ternary is 2 bit"),
         (dict(scheme="binary", scale_method="mse"), "does not apply to binary"),
         (dict(scheme="asymmetric", scale_method="lsq"), "lsq"),
+        (dict(scheme="fp8", bits=4), "fp8 \\(e4m3\\) is 8 bits"),
+        (dict(scheme="fp8", scale_method="lsq"), "lsq"),
         (dict(percentile=0.0), "percentile=0.0"),
         (dict(scale_method="mse", mse_grid=0), "mse_grid=0"),
     ],
