@@ -24,9 +24,11 @@ at once, so an interrupted run keeps what it measured:
    SST-2 shape, forward passes interleaved (`dynamic.paired_speedup`: per-round ratios,
    alternating which runs first), at batch 1 and 128 x 128 tokens; random weights of the
    right shapes (the rows say so): layers dropped, heads pruned, FFN pruned, all three,
-   low-rank FFN, factorized embeddings (E=128), int8 execution (`IntegerModel`), PoWER-BERT.
+   low-rank FFN, factorized embeddings (E=128), int8 and FP8 (e4m3) execution
+   (`IntegerModel`), PoWER-BERT; then BERT-base's int8 and FP8 execution against its own
+   forward (the issue's int8 target is on BERT-base).
    Early exit is left out (how deep each example runs depends on real data;
-   benchmarks/dynamic.py measures it); FP8 is measured only if jaxcompress has an FP8 path.
+   benchmarks/dynamic.py measures it).
 4. epoch: one SST-2 fine-tune epoch of configs/finetune.py:sst2 through the real trainer
    (`train.loop.train`, cold compilation cache): compile seconds, seconds to step 50, wall
    time and dev accuracy.
@@ -71,7 +73,7 @@ from jaxcompress import assets
 from jaxcompress.compress import transforms
 from jaxcompress.compress.quant import int8 as int8_exec
 from jaxcompress.compress.quant.quantizers import QuantSpec, quantize
-from jaxcompress.config import load_config, with_compute_dtype
+from jaxcompress.config import load_config, with_device_defaults
 from jaxcompress.experiments.latency import jitted_forward
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert, BertConfig, init_params
@@ -352,23 +354,58 @@ LATENCY_SHOWN = ("name", "dtype", "latency_s", "teacher_latency_s", "value")
 RANDOM_WEIGHTS = "random init of the compressed shape: latency only, no accuracy"
 
 
+def encoder_kernels(params: dict) -> dict[str, jax.Array]:
+    """Every encoder Dense kernel (2-D) of `params`, by parameter path."""
+    return {
+        path: value
+        for path, value in flatten_dict(params, sep="/").items()
+        if path.startswith("bert/encoder/") and path.endswith("kernel") and value.ndim == 2
+    }
+
+
 def int8_model(config: BertConfig, params: dict) -> tuple[int8_exec.IntegerModel, int]:
     """The teacher run with every encoder Dense kernel as int8 (symmetric, per channel, as the
     W8 artefact of benchmarks/quantize.py), activations quantized per tensor at run time."""
     spec = QuantSpec(bits=8)
     weights = {
         path: int8_exec.int8_weight(quantize(value, spec), spec)
-        for path, value in flatten_dict(params, sep="/").items()
-        if path.startswith("bert/encoder/") and path.endswith("kernel") and value.ndim == 2
+        for path, value in encoder_kernels(params).items()
     }
     return int8_exec.IntegerModel(Bert(config), weights), len(weights)
 
 
-def int32_dots(model: int8_exec.IntegerModel, params: dict, seq_len: int) -> int:
-    """How many int8 x int8 -> int32 matmuls a forward of `model` runs (traced, not run)."""
+def fp8_model(config: BertConfig, params: dict) -> tuple[int8_exec.IntegerModel, int]:
+    """The teacher run with every encoder Dense kernel as e4m3 (per channel) and activations
+    e4m3 per tensor at run time: float8 x float8 matmuls (FP8 tensor cores on Hopper)."""
+    weights = int8_exec.fp8_weights(encoder_kernels(params))
+    return int8_exec.IntegerModel(Bert(config), weights, scheme="fp8"), len(weights)
+
+
+def quantized_dots(model: int8_exec.IntegerModel, params: dict, seq_len: int) -> int:
+    """How many int8 x int8 -> int32 (or float8 x float8) matmuls a forward of `model` runs
+    (traced, not run)."""
     ids = jnp.ones((1, seq_len), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, ids).logits)(params)
-    return str(jaxpr).count("preferred_element_type=int32")
+    operand = jnp.dtype(jnp.int8 if model.scheme == "int8" else jnp.float8_e4m3fn)
+    return sum(
+        1
+        for eqn in _inner_eqns(jaxpr.jaxpr)
+        if eqn.primitive.name == "dot_general"
+        and all(jnp.dtype(v.aval.dtype) == operand for v in eqn.invars)
+    )
+
+
+def _inner_eqns(jaxpr) -> list:
+    """Every equation of `jaxpr` and of the sub-jaxprs (jit, custom rules, scans) inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _inner_eqns(inner)
+    return found
 
 
 def power_keep(name: str) -> tuple[float, ...]:
@@ -394,11 +431,17 @@ def candidates(
 
         return build
 
-    def int8(params: dict) -> tuple:
-        model, kernels = int8_model(teacher, params)
-        if (found := int32_dots(model, params, 16)) != kernels:
-            raise RuntimeError(f"int8 execution ran {found} int8 matmuls for {kernels} kernels")
-        return model, params, teacher
+    def quantized(make: Callable) -> Callable[[dict], tuple]:
+        def build(params: dict) -> tuple:
+            model, kernels = make(teacher, params)
+            if (found := quantized_dots(model, params, 16)) != kernels:
+                raise RuntimeError(
+                    f"{model.scheme} execution ran {found} {model.scheme} matmuls for "
+                    f"{kernels} kernels"
+                )
+            return model, params, teacher
+
+        return build
 
     def power(name: str) -> Callable[[dict], tuple]:
         config = teacher.replace(token_keep=power_keep(name))
@@ -456,7 +499,13 @@ def candidates(
             "int8_execution_w8a8_dynamic",
             "the teacher's encoder kernels int8 per channel, "
             "activations int8 per tensor, int8 x int8 -> int32 matmuls (IntegerModel)",
-            int8,
+            quantized(int8_model),
+        ),
+        (
+            "fp8_execution_e4m3_dynamic",
+            "the teacher's encoder kernels e4m3 per channel, activations e4m3 per tensor, "
+            "float8 x float8 matmuls (IntegerModel, scheme 'fp8')",
+            quantized(fp8_model),
         ),
         ("power_mild", f"PoWER-BERT retention {power_keep('power_mild')}", power("power_mild")),
         (
@@ -467,45 +516,39 @@ def candidates(
     ]
 
 
-def fp8_note() -> str:
-    """Whether jaxcompress has an FP8 execution path to time (it is added elsewhere)."""
-    found = sorted(
-        str(path.relative_to(REPO))
-        for path in (REPO / "jaxcompress").rglob("*.py")
-        if "fp8" in path.read_text().lower()
-    )
-    if not found:
-        return "FP8: skipped: jaxcompress has no FP8 execution path at this commit"
-    return (
-        f"FP8: skipped: FP8 code found in {', '.join(found)}, but this suite has no FP8 row "
-        "wired to it yet"
-    )
-
-
 def latency_section(suite: Suite) -> None:
-    teacher_config = (QUICK_TEACHER if suite.quick else TEACHER).replace(dtype=suite.dtype)
     seq_len = 32 if suite.quick else 128
     batches = (1, 8) if suite.quick else (1, 128)
     rounds = 5 if suite.quick else (30 if suite.accelerator else 10)
     embedding = 16 if suite.quick else 128
-    teacher_params = init_params(teacher_config, jax.random.key(0))
-    teacher_forward = jitted_forward(Bert(teacher_config))
-    teacher_count = count(teacher_params)
-    suite.note(fp8_note())
     suite.note(
         "early exit: skipped: how many layers each example runs depends on its confidence on "
         "real data, which random weights do not have; benchmarks/dynamic.py times it on SST-2"
     )
-    for name, shape, build in candidates(teacher_config, embedding):
-        keys = [(suite.device_name, name, b, seq_len, suite.dtype) for b in batches]
-        if suite.done("device_latency.json", keys, f"latency {name}"):
-            continue
-        if not suite.budget.fits("latency family", f"latency {name}"):
-            continue
-        setting = (teacher_forward, teacher_params, teacher_count, seq_len, batches, rounds)
-        suite.guarded(
-            f"latency {name}", functools.partial(family, suite, name, shape, build, *setting)
-        )
+    minilm = (QUICK_TEACHER if suite.quick else TEACHER).replace(dtype=suite.dtype)
+    families = candidates(minilm, embedding)
+    teachers = [("", minilm, families)]
+    # The issue's int8 target is on BERT-base: its quantized rows against its own forward.
+    base = (QUICK_TEACHER if suite.quick else throughput.SHAPES["bert-base"]).replace(
+        dtype=suite.dtype
+    )
+    executed = [c for c in candidates(base, embedding) if "_execution_" in c[0]]
+    teachers.append(("bert-base ", base, executed))
+    for prefix, teacher_config, members in teachers:
+        teacher_params = init_params(teacher_config, jax.random.key(0))
+        teacher_forward = jitted_forward(Bert(teacher_config))
+        teacher_count = count(teacher_params)
+        for family_name, shape, build in members:
+            name = prefix + family_name
+            keys = [(suite.device_name, name, b, seq_len, suite.dtype) for b in batches]
+            if suite.done("device_latency.json", keys, f"latency {name}"):
+                continue
+            if not suite.budget.fits("latency family", f"latency {name}"):
+                continue
+            setting = (teacher_forward, teacher_params, teacher_count, seq_len, batches, rounds)
+            suite.guarded(
+                f"latency {name}", functools.partial(family, suite, name, shape, build, *setting)
+            )
 
 
 def family(
@@ -622,6 +665,7 @@ def epoch_section(suite: Suite, overrides: list[str]) -> None:
     if not suite.budget.fits("epoch", "the SST-2 epoch"):
         return
     config = epoch_config(overrides)
+    resolved = with_device_defaults(config)
     workdir = suite.tmp / "sst2_epoch"
     started = time.time()
     summary = loop.train(config, workdir)
@@ -643,7 +687,9 @@ def epoch_section(suite: Suite, overrides: list[str]) -> None:
         "relative_to": f"{reference['model']} ({reference['value']:.4f}, sst2_teacher.json)",
         "seeds": 1,
         "seed": config.seed,
-        "dtype": with_compute_dtype(config).dtype,
+        "dtype": resolved.dtype,
+        "buckets": list(resolved.buckets),
+        "precompile": resolved.precompile,
         "steps": summary["steps"],
         "epochs": summary["epochs"],
         "batch_size": config.train.batch_size,
