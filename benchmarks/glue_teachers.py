@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="also fine-tune in HF PyTorch")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/glue_teachers.json"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     workdir = Path(args.workdir)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}

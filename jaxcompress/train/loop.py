@@ -35,7 +35,7 @@ from jaxcompress.compress.distill.objective import (
 from jaxcompress.compress.dynamic import early_exit
 from jaxcompress.compress.method import Plan, Setup, TrainingMethod
 from jaxcompress.compress.registry import NOT_WEIGHTS, TRAINING_METHODS
-from jaxcompress.config import validate, with_device_defaults
+from jaxcompress.config import buckets_of, validate, with_device_defaults
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
 from jaxcompress.models import artefact
@@ -82,7 +82,7 @@ def run_setup(
         order = data.epoch_batches(
             split().lengths, config.train.batch_size, config.seed, 0, config.train.sort_window
         )
-        return [data.make_batch(split(), indices, config.buckets) for indices in order[:n]]
+        return [data.make_batch(split(), indices, buckets_of(config)) for indices in order[:n]]
 
     def apply_fn(params, batch):
         args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
