@@ -695,7 +695,7 @@ def epoch_section(suite: Suite, overrides: list[str]) -> None:
         "batch_size": config.train.batch_size,
         "train_examples": summary["train_examples"],
         "compile_seconds": compile_s,
-        "compile_s": compile_s["train"] + compile_s["eval"],
+        "compile_s": sum(compile_s.values()),
         "time_to_step": step,
         "time_to_step_s": None if at_step is None else at_step - started,
         "train_s": summary["train_seconds_this_run"],

@@ -41,6 +41,9 @@ def run(model_dir, teacher_dir, glue_dir, workdir, case, mesh, stop_after_step=N
         config.log_every = 1
         config.checkpoint_every = STEPS  # the end (and the stop of a stopped run)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+        # split runs compile their train and eval programs ahead: the same numbers as the
+        # one-device reference, which compiles each when it is first called
+        config.precompile = "off" if mesh == (1, 1, 1) else "on"
         config.distill.teacher = str(teacher_dir) if case == "distill" else ""
         for key, value in CASES[case].items():
             section, name = key.split(".")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -22,30 +22,59 @@ from jaxcompress.train import progress, sharding
 log = logging.getLogger(__name__)
 
 
+class EvalStep:
+    """A jitted `(params, batch) -> logits` that announces each new batch shape's compilation
+    (through `announce`, which also sums the seconds). With a mesh of several devices, the
+    batch (the same on every process) is split over its data axes and the logits come back
+    whole. A batch whose shape is in `programs` (compiled ahead, `lower`) runs that program.
+
+    Attributes:
+      programs: compiled programs by batch shape (`input_ids.shape`).
+    """
+
+    def __init__(self, model: Bert, mesh: Mesh | None, announce: progress.CompileAnnouncer) -> None:
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        replicated = {} if self.mesh is None else {"out_shardings": sharding.replicated(mesh)}
+        self._jitted = jax.jit(
+            lambda params, batch: forward(model, params, batch, None).logits, **replicated
+        )
+        self._announce = announce
+        self.programs: dict[tuple[int, ...], Callable] = {}
+
+    def placed(self, batch: dict) -> dict:
+        """`batch` as the program takes it: split over the mesh's data axes, if any."""
+        return batch if self.mesh is None else sharding.full_batch_to_global(batch, self.mesh)
+
+    def lower(self, params, batch: dict):
+        """The program for `batch`'s shapes (arrays or `jax.ShapeDtypeStruct`s laid out as
+        `placed` lays them), lowered; `.compile()` it and put it in `programs`."""
+        if self.mesh is None:
+            return self._jitted.lower(params, batch)
+        return sharding.within(self.mesh, self._jitted.lower)(params, batch)
+
+    def __call__(self, params, batch: dict) -> jax.Array:
+        shape = batch["input_ids"].shape
+        program = self.programs.get(shape)
+        if program is not None:
+            return program(params, self.placed(batch))
+        run = self._jitted if self.mesh is None else sharding.within(self.mesh, self._jitted)
+        return self._announce(shape, lambda: run(params, self.placed(batch)))
+
+
 def make_eval_step(
     model: Bert, mesh: Mesh | None = None, announce: progress.CompileAnnouncer | None = None
-):
-    """A jitted `(params, batch) -> logits` that announces each new batch shape's compilation
-    (through `announce`, which also sums the seconds, if given). With a mesh of several
-    devices, the batch (the same on every process) is split over its data axes and the
-    logits come back whole."""
-    if mesh is None or mesh.size == 1:
-        compiled = jax.jit(lambda params, batch: forward(model, params, batch, None).logits)
-    else:
+) -> EvalStep:
+    """The `EvalStep` of `model`.
 
-        @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-        def logits(params, batch):
-            return forward(model, params, batch, None).logits
+    Args:
+      model: the model whose logits it computes.
+      mesh: a mesh of several devices splits each batch over its data axes; None: one device.
+      announce: logs and sums each new shape's compilation (default: a fresh one).
 
-        def compiled(params, batch):
-            return logits(params, sharding.full_batch_to_global(batch, mesh))
-
-    announce = announce or progress.CompileAnnouncer(log, "eval step")
-
-    def step(params, batch):
-        return announce(batch["input_ids"].shape, compiled, params, batch)
-
-    return step if mesh is None or mesh.size == 1 else sharding.within(mesh, step)
+    Returns:
+      A callable `(params, batch) -> logits`.
+    """
+    return EvalStep(model, mesh, announce or progress.CompileAnnouncer(log, "eval step"))
 
 
 def predict(eval_step, params, split: data.TokenizedSplit, batch_size: int, buckets) -> np.ndarray:

@@ -350,6 +350,7 @@ def _train(
         return batch
 
     programs: dict[int, Any] = {}  # padded length -> compiled train step
+    ahead_seconds = 0.0
     if config.precompile == "on" and last > start:
         t_compile = time.perf_counter()
         epoch, position = divmod(start, steps_per_epoch)
@@ -362,14 +363,29 @@ def _train(
             config.buckets,
             range(start, last),
         )
-        programs = precompile.compile_programs(
-            jitted_step,
-            mesh,
-            lambda n: (state, precompile.batch_like(template, n), teacher_params),
-            lengths,
+        jobs = {
+            ("train", n): (jitted_step.lower, (state, precompile.batch_like(template, n), None))
+            for n in lengths
+        }
+        if teacher_params is not None:
+            jobs = {k: (lower, (*args[:2], teacher_params)) for k, (lower, args) in jobs.items()}
+        eval_params = seen_params(state)
+        size = config.eval.batch_size
+        for split in eval_splits.values():
+            first = next(data.eval_batches(split, size, config.buckets))
+            first.pop("index")
+            first = eval_step.placed(first)
+            for n in precompile.eval_lengths(split.lengths, size, config.buckets):
+                like = precompile.batch_like(first, n)
+                jobs.setdefault(("eval", n), (eval_step.lower, (eval_params, like)))
+        compiled = precompile.compile_programs(mesh, jobs)
+        del eval_params
+        programs = {n: c for (kind, n), c in compiled.items() if kind == "train"}
+        eval_step.programs.update(
+            {(size, n): c for (kind, n), c in compiled.items() if kind == "eval"}
         )
         announce.seen.update((config.train.batch_size, n) for n in programs)
-        announce.seconds += time.perf_counter() - t_compile
+        ahead_seconds = time.perf_counter() - t_compile
     progress_t, progress_step, progress_tokens = t0, start, 0  # the last time-based log line
     order: tuple[int, list[np.ndarray]] = (-1, [])
     bar = tqdm(
@@ -489,8 +505,13 @@ def _train(
         **exit_figures,
         **figures,
         "model_dir": str(model_dir),
-        # First calls of each new shape in this invocation: compilation, mostly.
-        "compile_seconds": {"train": announce.seconds, "eval": eval_compiles.seconds},
+        # First calls of each new shape in this invocation (compilation, mostly), and with
+        # precompile the seconds of compiling every program ahead of the first step.
+        "compile_seconds": {
+            "train": announce.seconds,
+            "eval": eval_compiles.seconds,
+            "ahead": ahead_seconds,
+        },
         "wall_seconds": time.perf_counter() - started,  # this invocation, loading to summary
     }
     run.write_summary(summary)

@@ -1,11 +1,12 @@
-"""A run's train programs, one per padded length, compiled before its first step in parallel."""
+"""A run's train and eval programs, one per batch shape, compiled before its first step in
+parallel threads."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import flax.linen as nn
@@ -52,52 +53,63 @@ def padded_lengths(
     return list(seen)
 
 
+def eval_lengths(lengths: np.ndarray, batch_size: int, buckets: Sequence[int]) -> list[int]:
+    """The padded lengths of `data.eval_batches` over a split, in the order they come.
+
+    Args:
+      lengths: tokens of each example of the split.
+      batch_size: the eval batch size.
+      buckets: the run's padded lengths.
+
+    Returns:
+      Each padded length of some eval batch, once.
+    """
+    order = np.sort(lengths)
+    ends = order[
+        np.minimum(np.arange(batch_size, len(order) + batch_size, batch_size), len(order)) - 1
+    ]
+    return list(dict.fromkeys(data.bucket_length(int(n), buckets) for n in ends))
+
+
 def batch_like(batch: dict, length: int) -> dict:
-    """Shapes, dtypes and shardings of `batch` (a global batch) padded to `length` tokens."""
+    """Shapes, dtypes and shardings (if placed) of `batch` padded to `length` tokens."""
     return {
         k: jax.ShapeDtypeStruct(
-            (v.shape[0], length) if k in TOKEN_KEYS else v.shape, v.dtype, sharding=v.sharding
+            (v.shape[0], length) if k in TOKEN_KEYS else v.shape,
+            v.dtype,
+            sharding=getattr(v, "sharding", None),
         )
         for k, v in batch.items()
     }
 
 
-def compile_programs(
-    step: Callable,
-    mesh: Mesh,
-    args_of: Callable[[int], tuple],
-    lengths: Sequence[int],
-    threads: int | None = None,
-) -> dict[int, Callable]:
-    """Compile `step` (a jitted function) for each padded length, in parallel threads.
+def compile_programs(mesh: Mesh, jobs: dict[Hashable, tuple[Callable, tuple]]) -> dict:
+    """Compile each job's program, lowering one after another and compiling in parallel.
 
-    Tracing and lowering run one after another (they hold Python's lock); XLA compiles the
-    programs side by side, which on a GPU or TPU host saves most of the tens of seconds each
-    takes alone.
+    Tracing and lowering hold Python's lock; XLA then compiles the programs side by side,
+    which on a GPU or TPU host saves most of the tens of seconds each takes alone.
 
     Args:
-      step: the jitted train step (not yet wrapped in the mesh context).
       mesh: the run's mesh; tracing happens with it and the logical axis rules in force.
-      args_of: the arguments (arrays or `jax.ShapeDtypeStruct`s) of a step at a length.
-      lengths: the padded lengths to compile.
-      threads: compiling threads; None: one per program, at most the CPU count.
+      jobs: by key, a `lower` method (a jitted function's, or `EvalStep.lower`) and the
+        arguments (arrays or `jax.ShapeDtypeStruct`s) to lower it for.
 
     Returns:
-      The compiled program of each length, callable with that length's arguments.
+      The compiled program of each key, callable with arguments shaped as its job's.
     """
-    if not lengths:
+    if not jobs:
         return {}
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        lowered = [step.lower(*args_of(n)) for n in lengths]
-    workers = threads or min(len(lowered), os.cpu_count() or 1)
+        lowered = [lower(*args) for lower, args in jobs.values()]
+    workers = min(len(lowered), os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         compiled = list(pool.map(lambda low: low.compile(), lowered))
     log.info(
-        "compiled the train step for %d padded lengths (%s) in %.1f s, %d at a time",
-        len(lengths),
-        ", ".join(map(str, lengths)),
+        "compiled %d programs ahead (%s) in %.1f s, %d at a time",
+        len(jobs),
+        ", ".join(map(str, jobs)),
         time.perf_counter() - t0,
         workers,
     )
-    return dict(zip(lengths, compiled, strict=True))
+    return dict(zip(jobs, compiled, strict=True))

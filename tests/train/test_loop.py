@@ -1,6 +1,7 @@
 """The fine-tuning loop on a tiny model and real SST-2 slices: resume, NaN stop, determinism."""
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -21,11 +22,16 @@ def tiny_model(tmp_path_factory, minilm_dir):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir):
+def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model, glue_dir, caplog):
     config = tiny_run_config(tiny_model, glue_dir)
     with config.unlocked():
         config.precompile = "on"  # compiled ahead: the same programs, the same numbers
-    straight = train(config, tmp_path / "straight")
+    with caplog.at_level(logging.INFO, logger="jaxcompress"):
+        straight = train(config, tmp_path / "straight")
+    # one train and one eval program, both compiled ahead and none when first called
+    assert "compiled 2 programs ahead (('train', 64), ('eval', 64))" in caplog.text
+    assert "compiling train step" not in caplog.text and "compiling eval" not in caplog.text
+    assert straight["compile_seconds"]["ahead"] > 0
     with config.unlocked():
         config.precompile = "off"
     partial = train(config, tmp_path / "resumed", stop_after_step=3)  # mid-epoch (4 steps/epoch)
