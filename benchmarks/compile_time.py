@@ -77,9 +77,11 @@ def all_lengths_seconds(config, batch_size: int, lengths: tuple[int, ...]) -> di
     step, state, _ = train_step_of(config)
     mesh = sharding.mesh_from_config(finetune_defaults().mesh)
     t0 = time.perf_counter()
-    precompile.compile_programs(
-        step, mesh, lambda n: (state, random_batch(batch_size, n, config.num_labels), None), lengths
-    )
+    jobs = {
+        n: (step.lower, (state, random_batch(batch_size, n, config.num_labels), None))
+        for n in lengths
+    }
+    precompile.compile_programs(mesh, jobs)
     return {"one_by_one_s": one_by_one, "ahead_parallel_s": time.perf_counter() - t0}
 
 

@@ -140,6 +140,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.prune.threshold = 0.0  # soft movement: the final threshold on sigmoid(score)
     c.prune.score_l1 = 0.0  # soft movement: weight of the mean sigmoid(score) penalty
     c.prune.score_init = 0.0  # movement scores' initial value
+    c.prune.score_lr = 0.0  # movement scores' peak learning rate (Sanh et al.: 1e-2); 0 = train.lr
     # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""
@@ -400,6 +401,7 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("prune.movement", _choice("hard", "soft")),
         ("prune.threshold", _FRACTION),
         ("prune.score_l1", _WEIGHT),
+        ("prune.score_lr", _WEIGHT),
         ("early_exit.layers", _each(_at_least(1))),
         ("early_exit.targets", _choice("labels", "final", "teacher")),
         ("early_exit.weighting", _choice("equal", "layer")),

@@ -96,6 +96,8 @@ class TrainingMethod:
       prepare: `(spec, params) -> params` with the method's trainable extras added.
       not_weights: key suffixes of its extras that are not weights (movement scores, LSQ
         step sizes): the optimizer gives them no weight decay.
+      extra_lr: `spec -> {key suffix: learning rate}` of extras that train at their own
+        peak rate (under the run's warmup and decay); others take the run's `train.lr`.
     """
 
     section: str
@@ -103,3 +105,4 @@ class TrainingMethod:
     plan: Callable[[Spec, core.Params, Setup], Plan]
     prepare: Callable[[Spec, core.Params], core.Params] = _no_extras
     not_weights: tuple[str, ...] = ()
+    extra_lr: Callable[[Spec], dict[str, float]] = lambda spec: {}

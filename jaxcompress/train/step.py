@@ -37,11 +37,26 @@ def new_rng(seed: int, impl: str = "rbg") -> jax.Array:
 
 
 def make_optimizer(
-    train: ml_collections.ConfigDict, total_steps: int, not_weights: tuple[str, ...] = ()
+    train: ml_collections.ConfigDict,
+    total_steps: int,
+    not_weights: tuple[str, ...] = (),
+    extra_lr: dict[str, float] | None = None,
 ) -> optax.GradientTransformation:
-    """AdamW with linear warmup and linear decay, global-norm clipping; no weight decay on
-    biases, LayerNorm, and leaves whose key ends with one of `not_weights` (training-time
-    methods' extras such as LSQ step sizes or movement scores: they are not weights)."""
+    """AdamW with linear warmup and linear decay, global-norm clipping.
+
+    Args:
+      train: the config's `train` section (lr, warmup_ratio, weight_decay, clip_norm, b1, b2,
+        eps).
+      total_steps: the run's steps (the schedule decays to 0 at the last).
+      not_weights: key suffixes of leaves with no weight decay (training-time methods'
+        extras such as LSQ step sizes or movement scores: they are not weights); biases and
+        LayerNorm scales have none either.
+      extra_lr: {key suffix: peak learning rate} of leaves trained at their own rate (their
+        updates scaled by it over `train.lr`, under the same warmup and decay).
+
+    Returns:
+      The optax transformation.
+    """
     warmup = int(round(train.warmup_ratio * total_steps))
     schedule = optax.join_schedules(
         [
@@ -60,6 +75,15 @@ def make_optimizer(
             params,
         )
 
+    def suffix_mask(suffix: str):
+        return lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: str(path[-1].key).endswith(suffix), params
+        )
+
+    own_rates = [
+        optax.masked(optax.scale(lr / train.lr), suffix_mask(suffix))
+        for suffix, lr in sorted((extra_lr or {}).items())
+    ]
     return optax.chain(
         optax.clip_by_global_norm(train.clip_norm),
         optax.adamw(
@@ -70,6 +94,7 @@ def make_optimizer(
             weight_decay=train.weight_decay,
             mask=decay_mask,
         ),
+        *own_rates,
     )
 
 

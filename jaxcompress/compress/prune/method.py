@@ -30,6 +30,7 @@ class PruneSpec:
       movement: 'hard' or 'soft'.
       score_l1: the weight of the mean sigmoid(score) penalty.
       score_init: movement scores' initial value.
+      score_lr: movement scores' peak learning rate; 0 = the run's.
       masks_from: the pruned model whose zeros fix the masks ('fixed').
     """
 
@@ -44,6 +45,7 @@ class PruneSpec:
     movement: str = "hard"
     score_l1: float = 0.0
     score_init: float = 0.0
+    score_lr: float = 0.0
     masks_from: str = ""
 
     def schedule(self, total_steps: int) -> prune.Schedule:
@@ -96,6 +98,7 @@ def parse(cfg: Any) -> PruneSpec | None:
         movement=cfg.movement,
         score_l1=cfg.score_l1,
         score_init=cfg.score_init,
+        score_lr=cfg.score_lr,
     )
 
 
@@ -140,10 +143,20 @@ def plan(spec: PruneSpec, params: core.Params, setup: Setup) -> Plan:
     )
 
 
+def score_lr(spec: PruneSpec) -> dict[str, float]:
+    """Movement scores' own learning rate, if set (Sanh et al. train them at 1e-2, a hundred
+    times the weights' rate: Adam moves each score about its rate a step, and a sigmoid
+    threshold needs scores that move)."""
+    if spec.method == "movement" and spec.score_lr > 0:
+        return {prune.SCORE_SUFFIX: spec.score_lr}
+    return {}
+
+
 PRUNING = TrainingMethod(
     section="prune",
     parse=parse,
     plan=plan,
     prepare=prepare,
     not_weights=(prune.SCORE_SUFFIX,),
+    extra_lr=score_lr,
 )

@@ -241,6 +241,30 @@ def test_weight_decay_spares_movement_scores_and_lsq_steps():
     np.testing.assert_array_equal(tree["dense"]["kernel@lsq_step"], 1.0)
 
 
+def test_movement_scores_train_at_their_own_learning_rate():
+    config = finetune_defaults()
+    with config.unlocked():
+        config.prune.method, config.prune.sparsity, config.prune.end = "movement", 0.5, 0.5
+        config.prune.score_lr = 1e-2
+        config.train.weight_decay = 0.0
+    spec = PRUNING.parse(config.prune)
+    assert PRUNING.extra_lr(spec) == {prune.SCORE_SUFFIX: 1e-2}
+    tree = {"dense": {"kernel": jnp.ones((2, 2)), "kernel" + prune.SCORE_SUFFIX: jnp.ones((2, 2))}}
+    tx = make_optimizer(config.train, 10, NOT_WEIGHTS, PRUNING.extra_lr(spec))
+    opt = tx.init(tree)
+    grads = jax.tree.map(jnp.ones_like, tree)  # the same gradient for both
+    for _ in range(3):
+        updates, opt = tx.update(grads, opt, tree)
+    step = updates["dense"]
+    np.testing.assert_allclose(
+        step["kernel" + prune.SCORE_SUFFIX], step["kernel"] * 1e-2 / config.train.lr, rtol=1e-6
+    )
+    assert np.all(step["kernel"] < 0)
+    with config.unlocked():
+        config.prune.score_lr = 0.0  # the run's rate, as before
+    assert PRUNING.extra_lr(PRUNING.parse(config.prune)) == {}
+
+
 @pytest.mark.slow
 def test_movement_pruning_run_exports_the_pruned_model_without_scores(
     tmp_path, minilm_dir, glue_dir
