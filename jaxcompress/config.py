@@ -141,6 +141,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     c.prune.score_l1 = 0.0  # soft movement: weight of the mean sigmoid(score) penalty
     c.prune.score_init = 0.0  # movement scores' initial value
     c.prune.score_lr = 0.0  # movement scores' peak learning rate (Sanh et al.: 1e-2); 0 = train.lr
+    # How scores train: "adam" (as the weights, at score_lr) or "sum" (S = -score_lr * the sum
+    # of dL/dW' * W over steps, the paper's definition; Adam divides each weight's size out)
+    c.prune.score_update = "adam"
     # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""
@@ -402,6 +405,7 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("prune.threshold", _FRACTION),
         ("prune.score_l1", _WEIGHT),
         ("prune.score_lr", _WEIGHT),
+        ("prune.score_update", _choice("adam", "sum")),
         ("early_exit.layers", _each(_at_least(1))),
         ("early_exit.targets", _choice("labels", "final", "teacher")),
         ("early_exit.weighting", _choice("equal", "layer")),

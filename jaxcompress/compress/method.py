@@ -80,6 +80,20 @@ class Plan(NamedTuple):
     export: Callable[[core.Params, core.State, Path], dict[str, Any]] | None = None
 
 
+class Rate(NamedTuple):
+    """How a method's extras (movement scores, say) train, if not as the weights do.
+
+    Attributes:
+      lr: the peak learning rate.
+      rule: "adam": the run's AdamW at this peak rate, under the run's warmup and decay;
+        "sum": each step adds -lr * gradient (constant, no moments): the extras accumulate
+        their gradients, as Sanh et al. define movement scores.
+    """
+
+    lr: float
+    rule: str = "adam"
+
+
 def _no_extras(spec: Spec, params: core.Params) -> core.Params:
     return params
 
@@ -96,8 +110,8 @@ class TrainingMethod:
       prepare: `(spec, params) -> params` with the method's trainable extras added.
       not_weights: key suffixes of its extras that are not weights (movement scores, LSQ
         step sizes): the optimizer gives them no weight decay.
-      extra_lr: `spec -> {key suffix: learning rate}` of extras that train at their own
-        peak rate (under the run's warmup and decay); others take the run's `train.lr`.
+      extra_rates: `spec -> {key suffix: Rate}` of extras that train at their own rate or
+        by their own rule; others take the run's AdamW at `train.lr`.
     """
 
     section: str
@@ -105,4 +119,4 @@ class TrainingMethod:
     plan: Callable[[Spec, core.Params, Setup], Plan]
     prepare: Callable[[Spec, core.Params], core.Params] = _no_extras
     not_weights: tuple[str, ...] = ()
-    extra_lr: Callable[[Spec], dict[str, float]] = lambda spec: {}
+    extra_rates: Callable[[Spec], dict[str, Rate]] = lambda spec: {}

@@ -164,8 +164,8 @@ def initial_state(
     exits = sections.exits
     if exits is not None:
         params = {**params, EXITS: early_exit.init_exits(bert_config, params, exits.layers)}
-    extra_lr = {k: v for method, spec in methods for k, v in method.extra_lr(spec).items()}
-    tx = make_optimizer(config.train, total_steps, NOT_WEIGHTS, extra_lr)
+    rates = {k: v for method, spec in methods for k, v in method.extra_rates(spec).items()}
+    tx = make_optimizer(config.train, total_steps, NOT_WEIGHTS, rates)
     if exits is not None and exits.freeze_backbone:
         tx = early_exit.frozen_backbone_optimizer(tx)
     params, specs = sharding.place_params(bert_config, params, mesh)

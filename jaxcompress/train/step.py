@@ -17,7 +17,7 @@ from jaxcompress.compress.distill.objective import (
     LossFn,
     model_params,
 )
-from jaxcompress.compress.method import Plan
+from jaxcompress.compress.method import Plan, Rate
 from jaxcompress.train import grads
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def make_optimizer(
     train: ml_collections.ConfigDict,
     total_steps: int,
     not_weights: tuple[str, ...] = (),
-    extra_lr: dict[str, float] | None = None,
+    rates: dict[str, Rate] | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with linear warmup and linear decay, global-norm clipping.
 
@@ -51,8 +51,8 @@ def make_optimizer(
       not_weights: key suffixes of leaves with no weight decay (training-time methods'
         extras such as LSQ step sizes or movement scores: they are not weights); biases and
         LayerNorm scales have none either.
-      extra_lr: {key suffix: peak learning rate} of leaves trained at their own rate (their
-        updates scaled by it over `train.lr`, under the same warmup and decay).
+      rates: {key suffix: `Rate`} of leaves trained at their own rate or by their own rule
+        (methods' extras: `TrainingMethod.extra_rates`).
 
     Returns:
       The optax transformation.
@@ -75,26 +75,32 @@ def make_optimizer(
             params,
         )
 
-    def suffix_mask(suffix: str):
+    def suffix_mask(suffixes: tuple[str, ...], inverse: bool = False):
         return lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: str(path[-1].key).endswith(suffix), params
+            lambda path, _: str(path[-1].key).endswith(suffixes) != inverse, params
         )
 
-    own_rates = [
-        optax.masked(optax.scale(lr / train.lr), suffix_mask(suffix))
-        for suffix, lr in sorted((extra_lr or {}).items())
+    rates = sorted((rates or {}).items())
+    summed = tuple(suffix for suffix, rate in rates if rate.rule == "sum")
+    adamw = optax.adamw(
+        schedule,
+        b1=train.b1,
+        b2=train.b2,
+        eps=train.eps,
+        weight_decay=train.weight_decay,
+        mask=decay_mask,
+    )
+    own = [  # a masked-out leaf passes its update through: summed leaves get the gradient
+        optax.masked(
+            optax.scale(-rate.lr if rate.rule == "sum" else rate.lr / train.lr),
+            suffix_mask((suffix,)),
+        )
+        for suffix, rate in rates
     ]
     return optax.chain(
         optax.clip_by_global_norm(train.clip_norm),
-        optax.adamw(
-            schedule,
-            b1=train.b1,
-            b2=train.b2,
-            eps=train.eps,
-            weight_decay=train.weight_decay,
-            mask=decay_mask,
-        ),
-        *own_rates,
+        optax.masked(adamw, suffix_mask(summed, inverse=True)) if summed else adamw,
+        *own,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxcompress import core
-from jaxcompress.compress.method import Plan, Setup, TrainingMethod
+from jaxcompress.compress.method import Plan, Rate, Setup, TrainingMethod
 from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
 
@@ -30,7 +30,9 @@ class PruneSpec:
       movement: 'hard' or 'soft'.
       score_l1: the weight of the mean sigmoid(score) penalty.
       score_init: movement scores' initial value.
-      score_lr: movement scores' peak learning rate; 0 = the run's.
+      score_lr: movement scores' peak learning rate; 0 = the run's ("sum": 1).
+      score_update: "adam" (scores train as the weights, at `score_lr`) or "sum" (each
+        step adds -score_lr * their gradient).
       masks_from: the pruned model whose zeros fix the masks ('fixed').
     """
 
@@ -46,6 +48,7 @@ class PruneSpec:
     score_l1: float = 0.0
     score_init: float = 0.0
     score_lr: float = 0.0
+    score_update: str = "adam"
     masks_from: str = ""
 
     def schedule(self, total_steps: int) -> prune.Schedule:
@@ -99,6 +102,7 @@ def parse(cfg: Any) -> PruneSpec | None:
         score_l1=cfg.score_l1,
         score_init=cfg.score_init,
         score_lr=cfg.score_lr,
+        score_update=cfg.score_update,
     )
 
 
@@ -143,12 +147,18 @@ def plan(spec: PruneSpec, params: core.Params, setup: Setup) -> Plan:
     )
 
 
-def score_lr(spec: PruneSpec) -> dict[str, float]:
-    """Movement scores' own learning rate, if set (Sanh et al. train them at 1e-2, a hundred
-    times the weights' rate: Adam moves each score about its rate a step, and a sigmoid
-    threshold needs scores that move)."""
-    if spec.method == "movement" and spec.score_lr > 0:
-        return {prune.SCORE_SUFFIX: spec.score_lr}
+def score_rates(spec: PruneSpec) -> dict[str, Rate]:
+    """How movement scores train, if not as the weights: at their own AdamW rate
+    (`score_lr`; Sanh et al.'s code: 1e-2, a hundred times the weights' rate, since Adam moves
+    each score about its rate a step and a sigmoid threshold needs scores that move), or
+    summed (`score_update='sum'`): S = -score_lr * sum over steps of dL/dW' * W, the paper's
+    definition, whose ranking weighs each weight's size; Adam divides that size out."""
+    if spec.method != "movement":
+        return {}
+    if spec.score_update == "sum":
+        return {prune.SCORE_SUFFIX: Rate(spec.score_lr or 1.0, "sum")}
+    if spec.score_lr > 0:
+        return {prune.SCORE_SUFFIX: Rate(spec.score_lr)}
     return {}
 
 
@@ -158,5 +168,5 @@ PRUNING = TrainingMethod(
     plan=plan,
     prepare=prepare,
     not_weights=(prune.SCORE_SUFFIX,),
-    extra_lr=score_lr,
+    extra_rates=score_rates,
 )

@@ -9,6 +9,7 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
 from jaxcompress import core
+from jaxcompress.compress.method import Rate
 from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
 from jaxcompress.compress.prune.method import PRUNING
@@ -241,28 +242,41 @@ def test_weight_decay_spares_movement_scores_and_lsq_steps():
     np.testing.assert_array_equal(tree["dense"]["kernel@lsq_step"], 1.0)
 
 
-def test_movement_scores_train_at_their_own_learning_rate():
+def test_movement_scores_train_at_their_own_rate_or_sum_their_gradients():
     config = finetune_defaults()
     with config.unlocked():
         config.prune.method, config.prune.sparsity, config.prune.end = "movement", 0.5, 0.5
         config.prune.score_lr = 1e-2
         config.train.weight_decay = 0.0
-    spec = PRUNING.parse(config.prune)
-    assert PRUNING.extra_lr(spec) == {prune.SCORE_SUFFIX: 1e-2}
-    tree = {"dense": {"kernel": jnp.ones((2, 2)), "kernel" + prune.SCORE_SUFFIX: jnp.ones((2, 2))}}
-    tx = make_optimizer(config.train, 10, NOT_WEIGHTS, PRUNING.extra_lr(spec))
-    opt = tx.init(tree)
-    grads = jax.tree.map(jnp.ones_like, tree)  # the same gradient for both
-    for _ in range(3):
-        updates, opt = tx.update(grads, opt, tree)
-    step = updates["dense"]
-    np.testing.assert_allclose(
-        step["kernel" + prune.SCORE_SUFFIX], step["kernel"] * 1e-2 / config.train.lr, rtol=1e-6
-    )
+    score = "kernel" + prune.SCORE_SUFFIX
+    tree = {"dense": {"kernel": jnp.ones((2, 2)), score: jnp.ones((2, 2))}}
+    grads = [jax.tree.map(lambda x, i=i: (i + 1.0) * x, tree) for i in range(4)]
+
+    def last_update(rates):
+        tx = make_optimizer(config.train, 10, NOT_WEIGHTS, rates)
+        opt = tx.init(tree)
+        for g in grads:
+            updates, opt = tx.update(g, opt, tree)
+        return updates["dense"], opt
+
+    rates = PRUNING.extra_rates(PRUNING.parse(config.prune))
+    assert rates == {prune.SCORE_SUFFIX: Rate(1e-2, "adam")}
+    step, _ = last_update(rates)
+    np.testing.assert_allclose(step[score], step["kernel"] * 1e-2 / config.train.lr, rtol=1e-6)
     assert np.all(step["kernel"] < 0)
+
     with config.unlocked():
-        config.prune.score_lr = 0.0  # the run's rate, as before
-    assert PRUNING.extra_lr(PRUNING.parse(config.prune)) == {}
+        config.prune.score_update, config.prune.score_lr = "sum", 0.5
+    rates = PRUNING.extra_rates(PRUNING.parse(config.prune))
+    assert rates == {prune.SCORE_SUFFIX: Rate(0.5, "sum")}
+    step, _ = last_update(rates)
+    clipped = 4.0 * config.train.clip_norm / np.sqrt(8 * 4.0**2)  # global norm clipping
+    np.testing.assert_allclose(step[score], -0.5 * clipped, rtol=1e-6)  # -lr * gradient
+    assert np.all(step["kernel"] < 0) and not np.allclose(step["kernel"], step[score])
+
+    with config.unlocked():
+        config.prune.score_update, config.prune.score_lr = "adam", 0.0  # as the weights
+    assert PRUNING.extra_rates(PRUNING.parse(config.prune)) == {}
 
 
 @pytest.mark.slow
