@@ -9,6 +9,8 @@ first of `--seeds` and the second) up to its first pruning step (`prune.begin` o
 and compares the weights each would keep at 50% and 90% sparsity, per pruned matrix:
 - seed vs seed: the share of one seed's kept weights the other also keeps;
 - scores vs magnitude: the share of the score-kept weights that magnitude pruning keeps.
+Rows are named by the start model, the score rule (`prune.score_update`: 'adam' trains
+scores as the weights, 'sum' accumulates -dL/dW' * W) and the sparsity.
 Rankings unrelated to each other overlap by the kept fraction (0.5 and 0.1). Writes
 benchmarks/results/movement_scores.json.
 """
@@ -81,9 +83,13 @@ def compare(config_file: Path, seeds: tuple[int, int], workdir: Path) -> list[di
             seed_overlaps.append(overlap(mine, kept(scores_b[path], sparsity)))
             magnitude_overlaps.append(overlap(mine, kept(np.abs(weights_a[path]), sparsity)))
         agreement = float(np.mean(seed_overlaps))
+        rule = config.prune.score_update
         rows.append(
             {
-                "name": f"{config.model} s{sparsity:g}",
+                # earlier rows (scores trained by Adam, the only rule then) have no rule in
+                # their name
+                "name": f"{config.model} {rule} s{sparsity:g}",
+                "score_update": rule,
                 "metric": "seed_vs_seed",  # shared share of kept weights; chance = 1 - sparsity
                 "value": agreement,
                 "start": config.model,
@@ -113,7 +119,11 @@ def main() -> None:
             f"{row['name']}: chance {row['chance']:.3f}, seed vs seed {row['seed_vs_seed']:.3f}, "
             f"scores vs magnitude {row['scores_vs_magnitude']:.3f}"
         )
-    write_result(args.out / "movement_scores.json", "movement_scores", {"rows": rows})
+    out = args.out / "movement_scores.json"
+    if out.exists():  # keep the rows of other configs
+        measured = {r["name"] for r in rows}
+        rows += [r for r in json.loads(out.read_text())["rows"] if r["name"] not in measured]
+    write_result(out, "movement_scores", {"rows": rows})
 
 
 if __name__ == "__main__":

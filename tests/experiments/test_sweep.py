@@ -365,3 +365,34 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
     assert sweep.finished_runs(config, tmp_path / "sweep") == json.loads(json.dumps(summaries))
     table = report.write_report([tmp_path / "sweep"], tmp_path / "report", plots=False)["table"]
     assert len(table.splitlines()) == 3 + len(summaries)
+
+
+@pytest.mark.slow
+def test_glue_configs_build_their_students_and_gobo_runs_on_a_regression_task(
+    tmp_path, minilm_dir, glue_dir, monkeypatch
+):
+    """configs/ablations/glue.py: each task's students take their shapes from a tiny teacher
+    (STS-B's one output included), and the no-training GOBO sweep runs and reports on STS-B."""
+    monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
+    teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_hidden_layers=4, num_labels=1)
+    config = sweep.load_sweep(f"{REPO}/configs/ablations/glue.py:stsb,quick,teacher={teacher}")
+    assert config["recipe"]["task"] == "stsb" and len(sweep.expand(config)) == 7
+    model = load_any(str(teacher))
+    for strengths in config["variants"].values():
+        for changes in strengths.values():
+            recipe = sweep.apply_variant(config["recipe"], changes, seed=0, seeded=())
+            stage = recipes.merged_stage_config(recipe, recipe["stages"][0])
+            bert_config, params = transforms.from_specs(stage.transforms, transform_context(stage))(
+                *model
+            )
+            assert bert_config.num_labels == 1
+            if QUANTIZATION.parse(stage.quantize) is None:
+                assert artefact.count_params(params) < artefact.count_params(model[1])
+    gobo = sweep.load_sweep(f"{REPO}/configs/ablations/glue.py:stsb,gobo,quick,teacher={teacher}")
+    (summary,) = sweep.run_sweep(gobo, tmp_path / "gobo")
+    assert summary["metric"] == "pearson" and summary["bytes"] < summary["reference"]["bytes"]
+    assert -1.0 <= summary["value"] <= 1.0
+    written = report.write_report([tmp_path / "gobo"], tmp_path / "report")["written"]
+    assert [p.name for p in written] == ["report.md", "report.csv", "report_stsb.png"]
+    with pytest.raises(ValueError, match="unknown task 'qqp'"):
+        sweep.load_sweep(f"{REPO}/configs/ablations/glue.py:qqp,quick")
