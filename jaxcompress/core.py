@@ -476,16 +476,22 @@ def with_reparam(
             )
             zeros.append(keep)
         for keep in zeros:
+            # A masked inner transform (`optax.masked`) holds no moments where it is masked.
             inner_state = optax.tree_utils.tree_map_params(
                 inner,
-                lambda x, m: jnp.where(m, x, jnp.zeros_like(x)),
+                lambda x, m: x if _is_masked(x) else jnp.where(m, x, jnp.zeros_like(x)),
                 inner_state,
                 keep,
                 transform_non_params=lambda x: x,
+                is_leaf=_is_masked,
             )
         return updates, ReparamState(inner_state, new_state, step, reparam)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def reparam_state(opt_state: Any) -> ReparamState:

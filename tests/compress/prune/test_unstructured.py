@@ -135,6 +135,30 @@ def test_movement_scores_learn_from_the_straight_through_gradient():
     assert np.min(np.asarray(scores)[kept]) > np.max(np.asarray(scores)[~kept])
 
 
+def test_summed_movement_scores_are_minus_the_sum_of_gradient_times_weight():
+    """score_update='sum' inside the loop's optimizer (the reparam zeroing held weights'
+    moments beside a masked AdamW): each score is -lr * the sum of its dL/dW' * W."""
+    tree = prune.add_movement_scores(params(), RULES)
+    reparam = prune.movement_pruning(RULES, prune.Schedule(final=0.5), "hard")
+    train = finetune_defaults().train
+    with train.unlocked():
+        train.clip_norm = 1e9  # no clipping: the sum is exact
+    rates = {prune.SCORE_SUFFIX: Rate(0.5, "sum")}
+    tx = core.with_reparam(reparam, make_optimizer(train, 10, NOT_WEIGHTS, rates))
+    opt = tx.init(tree)
+    expected = jnp.zeros_like(tree["enc"]["a"]["kernel" + prune.SCORE_SUFFIX])
+    for _ in range(3):
+        seen = core.reparam_apply(tree, opt)
+        g_seen = jax.grad(loss)(seen)["enc"]["a"]["kernel"]
+        expected -= 0.5 * g_seen * tree["enc"]["a"]["kernel"]
+        grads = jax.grad(lambda p, o=opt: loss(core.reparam_apply(p, o)))(tree)
+        updates, opt = tx.update(grads, opt, tree)
+        tree = optax.apply_updates(tree, updates)
+    np.testing.assert_allclose(
+        tree["enc"]["a"]["kernel" + prune.SCORE_SUFFIX], expected, rtol=1e-5, atol=1e-7
+    )
+
+
 def test_soft_movement_thresholds_sigmoid_scores_and_penalises_them():
     tree = prune.add_movement_scores(params(), RULES, init=-1.0)
     tree["enc"]["b"]["kernel" + prune.SCORE_SUFFIX] = jnp.full((16, 8), 2.0)
