@@ -4,9 +4,10 @@
     python benchmarks/quantize.py --workdir runs/quantize [--qat]
 
 Post-training rows (no training): W8A8 with calibrated activation ranges, 8-bit weights
-only, GOBO at 3 bits (float embeddings, and 4-bit embeddings); an integer-execution row runs
-the W8 artefact with int8 x int8 -> int32 matmuls (dynamic per-tensor activation scales) and
-is timed against the float teacher, paired in the same process, at batch 1 and 32 (x 128).
+only, GOBO at 3 bits (float embeddings, and 4-bit embeddings); two integer-execution rows run
+the W8 artefact with int8 x int8 -> int32 matmuls, with dynamic per-tensor activation scales
+and with the W8A8 stage's calibrated ranges, each timed against the float teacher, paired in
+the same process, at batch 1 and 32 (x 128). `--integer` measures only those two rows.
 `--qat` adds the quantization-aware training sweeps of configs/ablations/sst2.py
 (`quantization`: Q8BERT, group-wise 4-bit, Q-BERT mixed precision, TernaryBERT; then
 `binarybert`, which splits the TernaryBERT runs into binary halves), 3 seeds, resumable.
@@ -63,28 +64,67 @@ QAT_BITS = {
 }
 
 
-def integer_row(workdir: Path, teacher: dict) -> dict:
-    """The W8 artefact run on integers: its dev accuracy and paired CPU latency."""
+def integer_rows(workdir: Path, teacher: dict) -> list[dict]:
+    """The W8 weights run on integers, with dynamic per-tensor activation scales and with
+    the W8A8 stage's calibrated (static) ranges: dev accuracy and paired CPU latency."""
     config = recipes.task_config("sst2", TEACHER)
     bert_config, params = load_any(TEACHER)
     weights = int8_exec.int8_weights(workdir / "ptq_w8" / "quantized" / "params.safetensors")
-    integer = int8_exec.IntegerModel(Bert(bert_config), weights)
+    record = json.loads((workdir / "ptq_w8a8" / "quantized" / "quantization.json").read_text())
     dev = load_eval_splits(config, load_tokenizer(config))
-    results = evaluate_splits(config, make_eval_step(integer), params, dev)
-    value = results["validation"]["accuracy"]
-    latency = {
-        f"batch_{b}": paired_latency((bert_config, params), (integer, params), batch_size=b)
-        for b in (1, 32)
-    }
-    return {
-        "name": "int8_execution_w8a8_dynamic",
-        "bits": "W8A8 (int8 matmul)",
-        "value": value,
-        "relative": value / teacher["value"],
-        "latency_ratio": {"cpu": latency["batch_32"]["speedup"], "gpu": None},
-        "latency": latency,
-        "note": "XLA's CPU backend has no int8 GEMM library kernel; see the README",
-    }
+    rows = []
+    for name, ranges, how in (
+        ("int8_execution_w8a8_dynamic", None, "each input's own absmax, per tensor"),
+        ("int8_execution_w8a8_static", record["activations"]["ranges"], "ptq_w8a8's ranges"),
+    ):
+        integer = int8_exec.IntegerModel(Bert(bert_config), weights, ranges=ranges)
+        results = evaluate_splits(config, make_eval_step(integer), params, dev)
+        value = results["validation"]["accuracy"]
+        latency = {
+            f"batch_{b}": paired_latency((bert_config, params), (integer, params), batch_size=b)
+            for b in (1, 32)
+        }
+        rows.append(
+            {
+                "name": name,
+                "bits": "W8A8 (int8 matmul)",
+                "task": "sst2",
+                "metric": "accuracy",
+                "value": value,
+                "seeds": 1,
+                "relative": value / teacher["value"],
+                "activation_scales": how,
+                "latency_ratio": {"cpu": latency["batch_32"]["speedup"], "gpu": None},
+                "latency": latency,
+                "note": "XLA's CPU backend has no int8 GEMM library kernel; see the README",
+            }
+        )
+        print(name, f"{value:.4f}", f"{value / teacher['value']:.4f}", latency)
+    return rows
+
+
+def update_integer(workdir: Path, t0: float) -> None:
+    """Rewrite the result file with fresh integer-execution rows (running the two
+    post-training stages they read, if not done); other rows are kept as they were, with the
+    commit, date and CPU that measured them."""
+    target = REPO / "benchmarks/results/quantize.json"
+    old = json.loads(target.read_text())
+    stages = [s for s in POST_TRAINING["stages"] if s["name"] in ("ptq_w8a8", "ptq_w8")]
+    recipes.run_recipe({**POST_TRAINING, "stages": tuple(stages)}, workdir / "ptq")
+    keep(target, old, integer_rows(workdir / "ptq", old["teacher"]), t0)
+
+
+def keep(target: Path, old: dict, fresh: list[dict], t0: float) -> None:
+    """Write `fresh` rows over the old file's rows of the same name; the others stay, with
+    the commit, date and CPU that measured them."""
+    new = {row["name"]: row for row in fresh}
+    carried = {"commit": old["commit"], "date": old["date"], "cpu": old["machine"]["cpu"]}
+    rows = [new.pop(row["name"], {**carried, **row}) for row in old["rows"]]
+    rows += new.values()  # rows the file did not have yet
+    body = {"teacher": old["teacher"], "rows": rows, "wall_s": time.perf_counter() - t0}
+    write_result(target, "quantize", body)
+    for row in rows:
+        print(row["name"], f"{row['value']:.4f}", f"{row['relative']:.3f}", row.get("commit", ""))
 
 
 def qbert_bits(workdir: Path, runs: list[dict]) -> dict:
@@ -151,20 +191,12 @@ def update(workdir: Path, t0: float) -> None:
     rows it does not recompute are kept as they were, with the commit, date and CPU that
     measured them."""
     target = REPO / "benchmarks/results/quantize.json"
-    old = json.loads(target.read_text())
     fresh = [
         row
         for family in ("quantization", "binarybert")
         for row in qat_rows(family, workdir / "qat", run=False)
     ]
-    new = {row["name"]: row for row in fresh}
-    carried = {"commit": old["commit"], "date": old["date"], "cpu": old["machine"]["cpu"]}
-    rows = [new.pop(row["name"], {**carried, **row}) for row in old["rows"]]
-    rows += new.values()  # QAT variants the file did not have yet
-    body = {"teacher": old["teacher"], "rows": rows, "wall_s": time.perf_counter() - t0}
-    write_result(target, "quantize", body)
-    for row in rows:
-        print(row["name"], f"{row['value']:.4f}", f"{row['relative']:.3f}", row.get("commit", ""))
+    keep(target, json.loads(target.read_text()), fresh, t0)
 
 
 def main() -> None:
@@ -180,6 +212,12 @@ def main() -> None:
         help="only the QAT rows of the runs finished in WORKDIR; every other row is kept from "
         "the existing result file, tagged with the commit, date and CPU that measured it",
     )
+    parser.add_argument(
+        "--integer",
+        action="store_true",
+        help="only the integer-execution rows (dynamic and calibrated activation scales); "
+        "every other row is kept, as --update keeps them",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -187,6 +225,9 @@ def main() -> None:
     workdir = Path(args.workdir)
     if args.update:
         update(workdir, t0)
+        return
+    if args.integer:
+        update_integer(workdir, t0)
         return
     summaries = {s["stage"]: s for s in recipes.run_recipe(POST_TRAINING, workdir / "ptq")}
     teacher = summaries.pop("teacher")["rows"][0]
@@ -206,7 +247,7 @@ def main() -> None:
         }
         for name, s in summaries.items()
     ]
-    rows.append(integer_row(workdir / "ptq", teacher))
+    rows += integer_rows(workdir / "ptq", teacher)
     body = {"teacher": {"model": TEACHER, "task": "sst2", "metric": "accuracy", **teacher}}
     if args.qat or args.qat_finished:
         for family in ("quantization", "binarybert"):  # binarybert reuses the ternary stages

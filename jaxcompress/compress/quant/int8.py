@@ -77,37 +77,46 @@ def fp8_weight(qt: QTensor, spec: QuantSpec) -> Fp8Weight:
     return Fp8Weight(qt.codes.astype(FP8), jnp.asarray(qt.scale, jnp.float32))
 
 
-def quantize_activations(x: jax.Array, per_token: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 codes of `x` and their scale: one per token (last axis) or per tensor."""
-    x = x.astype(jnp.float32)
+def _input_absmax(x: jax.Array, per_token: bool, absmax: jax.Array | None) -> jax.Array:
+    """The clip range of a layer input: static (`absmax`, per tensor), else its own absmax
+    per token or per tensor; shaped to broadcast against `x`."""
+    if absmax is not None:
+        return jnp.asarray(absmax, jnp.float32).reshape((1,) * x.ndim)
     if per_token:
-        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    else:
-        amax = jnp.max(jnp.abs(x)).reshape((1,) * x.ndim)
-    scale = amax / ACT_QMAX
+        return jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    return jnp.max(jnp.abs(x)).reshape((1,) * x.ndim)
+
+
+def quantize_activations(
+    x: jax.Array, per_token: bool = True, absmax: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes of `x` and their scale: one per token (last axis), one per
+    tensor, or from a static clip range `absmax` (calibrated; values beyond it clip), the
+    quantization of `activations.fake_quant_input` at 8 bits."""
+    x = x.astype(jnp.float32)
+    scale = _input_absmax(x, per_token, absmax) / ACT_QMAX
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     codes = jnp.clip(jnp.round(x / scale), -ACT_QMAX, ACT_QMAX).astype(jnp.int8)
     return codes, scale
 
 
-def quantize_activations_fp8(x: jax.Array, per_token: bool = True) -> tuple[jax.Array, jax.Array]:
+def quantize_activations_fp8(
+    x: jax.Array, per_token: bool = True, absmax: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """E4m3 values of `x` / scale and their scale (absmax * float32(1 / 448)): one per token
     or per tensor (the scale of `activations.fake_quant_input_fp8`).
 
     Args:
       x: the layer input, any float dtype, features on the last axis.
       per_token: one scale per token (row of the last axis); False: one for the tensor.
+      absmax: a static clip range (calibrated, per tensor) instead of the input's own.
 
     Returns:
       The float8_e4m3fn values in `x`'s shape, and the float32 scale shaped to broadcast
       against them ([..., 1], or all ones per tensor); an all-zero input gets scale 1.
     """
     x = x.astype(jnp.float32)
-    if per_token:
-        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    else:
-        amax = jnp.max(jnp.abs(x)).reshape((1,) * x.ndim)
-    scale = amax * FP8_INV_MAX
+    scale = _input_absmax(x, per_token, absmax) * FP8_INV_MAX
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     values = jnp.clip(x / scale, -FP8_MAX, FP8_MAX).astype(FP8)
     return values, scale
@@ -168,7 +177,11 @@ def fp8_matmul(x_values: jax.Array, x_scale: jax.Array, weight: Fp8Weight) -> ja
 
 
 def int8_dense(
-    x: jax.Array, weight: Int8Weight, bias: jax.Array | None = None, per_token: bool = True
+    x: jax.Array,
+    weight: Int8Weight,
+    bias: jax.Array | None = None,
+    per_token: bool = True,
+    absmax: jax.Array | None = None,
 ) -> jax.Array:
     """A Dense layer run on integers: quantize `x` to int8, int8 matmul, rescale, add bias.
 
@@ -177,17 +190,22 @@ def int8_dense(
       weight: the kernel as int8 codes and scales (`int8_weight`, `int8_weights`).
       bias: the float bias [out], or None.
       per_token: one activation scale per token; False: one per tensor.
+      absmax: a static clip range of `x` (calibrated, per tensor): no reduction over `x`.
 
     Returns:
       The float32 output [..., out].
     """
-    x_codes, x_scale = quantize_activations(x, per_token)
+    x_codes, x_scale = quantize_activations(x, per_token, absmax)
     y = int8_matmul(x_codes, x_scale, weight)
     return y if bias is None else y + bias.astype(jnp.float32)
 
 
 def fp8_dense(
-    x: jax.Array, weight: Fp8Weight, bias: jax.Array | None = None, per_token: bool = True
+    x: jax.Array,
+    weight: Fp8Weight,
+    bias: jax.Array | None = None,
+    per_token: bool = True,
+    absmax: jax.Array | None = None,
 ) -> jax.Array:
     """A Dense layer run on fp8: `x` to e4m3 with an absmax scale, e4m3 x e4m3 matmul
     accumulated in float32, rescale, add bias.
@@ -197,11 +215,12 @@ def fp8_dense(
       weight: the kernel as e4m3 values and scales (`fp8_weight`, `fp8_weights`).
       bias: the float bias [out], or None.
       per_token: one activation scale per token; False: one per tensor.
+      absmax: a static clip range of `x` (calibrated, per tensor): no reduction over `x`.
 
     Returns:
       The float32 output [..., out].
     """
-    x_values, x_scale = quantize_activations_fp8(x, per_token)
+    x_values, x_scale = quantize_activations_fp8(x, per_token, absmax)
     y = fp8_matmul(x_values, x_scale, weight)
     return y if bias is None else y + bias.astype(jnp.float32)
 
@@ -211,13 +230,14 @@ def fake_quant_dense(
     weight: Int8Weight | Fp8Weight,
     bias: jax.Array | None = None,
     per_token: bool = True,
+    absmax: jax.Array | None = None,
 ) -> jax.Array:
     """The float computation `int8_dense` (or `fp8_dense`, for an `Fp8Weight`) stands for:
     dequantized operands, float32 matmul."""
     quantize_input = (
         quantize_activations_fp8 if isinstance(weight, Fp8Weight) else quantize_activations
     )
-    x_codes, x_scale = quantize_input(x, per_token)
+    x_codes, x_scale = quantize_input(x, per_token, absmax)
     k, n = weight.codes.shape
     scale = (
         weight.scale
@@ -322,6 +342,7 @@ def integer_dense_layers(
     per_token: bool = False,
     layer_types: tuple[str, ...] = ("Linear", "Dense"),
     scheme: str = "int8",
+    ranges: Mapping[str, float] | None = None,
 ) -> Iterator[None]:
     """Within this context every dense layer whose kernel path is in `weights` runs quantized
     instead of its float computation; the model itself is not edited (Flax method
@@ -335,6 +356,9 @@ def integer_dense_layers(
       scheme: 'int8' (`int8_dense`: int8 activations, int8 x int8 -> int32 matmul, rescale,
         float bias) or 'fp8' (`fp8_dense`: e4m3 activations, e4m3 x e4m3 -> float32 matmul,
         rescale, float bias).
+      ranges: static clip ranges of the layers' inputs by layer path (the kernel path
+        without '/kernel': what `activations.calibrate` returns and a quantize stage's
+        quantization.json records); None: each input's own absmax, computed as it runs.
 
     Yields:
       None; the selected layers called inside the context run on `scheme`.
@@ -353,7 +377,16 @@ def integer_dense_layers(
             return next_fun(*args, **kwargs)
         bias = module.variables["params"].get("bias")
         x = args[0]
-        return dense(x, weights[path], bias, per_token).astype(x.dtype)
+        absmax = None
+        if ranges is not None:
+            layer = path.removesuffix("/kernel")
+            if layer not in ranges:
+                raise ValueError(
+                    f"no calibrated range for {layer}: calibrate the model whose weights these "
+                    "are, or pass ranges=None for dynamic ranges"
+                )
+            absmax = ranges[layer]
+        return dense(x, weights[path], bias, per_token, absmax).astype(x.dtype)
 
     with nn.intercept_methods(interceptor):
         yield
@@ -369,12 +402,14 @@ class IntegerModel:
       weights: `Int8Weight`s or `Fp8Weight`s by kernel path, matching `scheme`.
       per_token: one activation scale per token; False: one per layer input.
       scheme: 'int8' or 'fp8' (see `integer_dense_layers`).
+      ranges: static input clip ranges by layer path, or None (dynamic).
     """
 
     model: nn.Module
     weights: dict[str, Int8Weight | Fp8Weight]
     per_token: bool = False
     scheme: str = "int8"
+    ranges: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         _dense_fn(self.weights, self.scheme)
@@ -384,5 +419,7 @@ class IntegerModel:
         return self.model.config
 
     def apply(self, variables: dict, *args, **kwargs):
-        with integer_dense_layers(self.weights, self.per_token, scheme=self.scheme):
+        with integer_dense_layers(
+            self.weights, self.per_token, scheme=self.scheme, ranges=self.ranges
+        ):
             return self.model.apply(variables, *args, **kwargs)

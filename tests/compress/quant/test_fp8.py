@@ -14,6 +14,7 @@ from jaxcompress.compress.quant import method, qat
 from jaxcompress.compress.quant import pack as quant_pack
 from jaxcompress.compress.quant.activations import (
     QuantizedModel,
+    calibrate,
     fake_quant_input_fp8,
     quantized_inputs,
 )
@@ -340,3 +341,51 @@ def test_fp8_qat_run_exports_an_fp8_artefact_that_runs_on_fp8(tmp_path, minilm_d
     fp8_logits = _logits(execution.IntegerModel(model, weights, scheme="fp8"), params, batch)
     float_logits = _logits(model, params, batch)  # the exported (fake-quantized) weights
     assert float(jnp.max(jnp.abs(fp8_logits - float_logits))) < 0.05
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_static_ranges_run_the_calibrated_ptq_model_on_integers(scheme):
+    """With calibrated ranges (the W8A8 post-training recipe's), the integer (or fp8) model
+    is the fake-quantized model with the same ranges: no per-batch reduction over inputs."""
+    config = tiny_config(num_labels=2)
+    params = init_params(config, jax.random.key(0))
+    spec = qat.INT8 if scheme == "int8" else qat.FP8
+    rules = bert_rules.weight_rules(spec, None)
+    model = Bert(config)
+    calibration = [_batch(s) for s in (1, 2)]
+    ranges = calibrate(
+        lambda b: model.apply({"params": params}, b["input_ids"], b["attention_mask"]),
+        calibration,
+        layer_types=(Linear,),
+    )
+    flat = flatten_dict(params, sep="/")
+    kernels = {p: v for p, v in flat.items() if p.endswith("kernel") and v.ndim == 2}
+    build = execution.int8_weights if scheme == "int8" else execution.fp8_weights
+    weights = build(kernels)
+    fake = QuantizedModel(
+        model,
+        qat.qat(rules),
+        activation_bits=8,
+        ranges=ranges,
+        layer_types=(Linear,),
+        activation_scheme="symmetric" if scheme == "int8" else "fp8",
+    )
+    batch = _batch(3)  # not a calibration batch: some inputs clip at the calibrated range
+    expected = jax.jit(lambda p: _logits(fake, p, batch))(params)
+    integer = execution.IntegerModel(model, weights, scheme=scheme, ranges=ranges)
+    got = jax.jit(lambda p: _logits(integer, p, batch))(params)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    dynamic_model = execution.IntegerModel(model, weights, scheme=scheme)
+    dynamic = jax.jit(lambda p: _logits(dynamic_model, p, batch))(params)
+    assert float(jnp.max(jnp.abs(dynamic - expected))) > 1e-4  # the ranges are in use
+
+    def reductions(m) -> int:
+        return str(jax.make_jaxpr(lambda p: _logits(m, p, batch))(params)).count("reduce_max")
+
+    # no absmax of any layer input is computed (softmax's max remains)
+    assert reductions(dynamic_model) - reductions(integer) == len(weights)
+    missing = {k: v for k, v in ranges.items() if not k.endswith("query")}
+    with pytest.raises(ValueError, match="no calibrated range for .*query"):
+        _logits(
+            execution.IntegerModel(model, weights, scheme=scheme, ranges=missing), params, batch
+        )
