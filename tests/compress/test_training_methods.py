@@ -37,6 +37,12 @@ CASES = {
             "calibration_batches": 2,
         },
         "lsq_w4": {"kernels": "bits=4,scale_method='lsq'", "embeddings": "bits=8"},
+        "fp8_w_a8": {
+            "kernels": "scheme='fp8'",
+            "activation_bits": 8,
+            "activation_scheme": "fp8",
+            "calibration_batches": 2,
+        },
     },
 }
 # A config of each section that switches the method off, and one at zero strength that must
@@ -96,7 +102,10 @@ def test_method_trains_through_the_loop_step_and_exports(name, changes, tmp_path
     plan = method.plan(spec, prepared, setup(config, batch))
     # As the loop does: the plans' reparams chained (here one) inside the optimizer state.
     reparam = core.chain(plan.reparam)
-    tx = core.with_reparam(reparam, make_optimizer(finetune_defaults().train, 4, NOT_WEIGHTS))
+    rates = method.extra_rates(spec)
+    tx = core.with_reparam(
+        reparam, make_optimizer(finetune_defaults().train, 4, NOT_WEIGHTS, rates)
+    )
     state = TrainState(jnp.array(0), prepared, tx.init(prepared), new_rng(0))
     seen = core.reparam_apply(state.params, state.opt_state)
     assert core.leaf_paths(core.strip_extra_leaves(seen)) == core.leaf_paths(params)

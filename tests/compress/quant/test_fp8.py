@@ -1,7 +1,5 @@
 """FP8 (e4m3): the quantizer's definition and STE, packing, fp8_dense, a BERT run on fp8."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +25,7 @@ from jaxcompress.compress.quant.quantizers import (
 )
 from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, Linear, init_params
-from tests.helpers import tiny_config, tiny_model_run_config
+from tests.helpers import tiny_config
 
 F32_U = np.finfo(np.float32).eps / 2
 
@@ -316,31 +314,6 @@ def test_bert_on_fp8_matches_fake_quantized_bert_and_stays_close_to_float(tmp_pa
         execution.IntegerModel(model, weights, scheme="fp16")
     with pytest.raises(ValueError, match="activation_bits=4 but fp8"):
         QuantizedModel(model, qat.qat(rules), activation_bits=4, activation_scheme="fp8")
-
-
-@pytest.mark.slow
-def test_fp8_qat_run_exports_an_fp8_artefact_that_runs_on_fp8(tmp_path, minilm_dir, glue_dir):
-    from jaxcompress.train.loop import train  # a training run: this test only
-
-    config = tiny_model_run_config(tmp_path, minilm_dir, glue_dir, steps=2)
-    with config.unlocked():
-        config.quantize.kernels = "scheme='fp8'"
-        config.quantize.activation_bits = 8
-        config.quantize.activation_scheme = "fp8"
-        config.quantize.calibration_batches = 1
-    summary = train(config, tmp_path / "run")
-    packed = tmp_path / "run" / "quantized" / "params.safetensors"
-    assert summary["bytes"] == packed.stat().st_size
-    record = json.loads((tmp_path / "run" / "quantized" / "quantization.json").read_text())
-    assert record["activations"]["scheme"] == "fp8"
-    weights = execution.fp8_weights(packed)
-    assert len(weights) == 6 * 2 + 2
-    params = quant_pack.load(packed)
-    model = Bert(tiny_config(num_labels=2))
-    batch = _batch(0)
-    fp8_logits = _logits(execution.IntegerModel(model, weights, scheme="fp8"), params, batch)
-    float_logits = _logits(model, params, batch)  # the exported (fake-quantized) weights
-    assert float(jnp.max(jnp.abs(fp8_logits - float_logits))) < 0.05
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
