@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
@@ -124,3 +125,20 @@ def simulated_devices_env(count: int) -> dict[str, str]:
         + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     ).strip()
     return {**os.environ, "XLA_FLAGS": flags, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def token_batch(seed: int = 0, batch: int = 4, length: int = 12) -> dict:
+    """A full-length batch of random token ids (no padding), as a model's apply takes it."""
+    ids = jax.random.randint(jax.random.key(seed), (batch, length), 1000, 2000)
+    return {
+        "input_ids": ids,
+        "attention_mask": jnp.ones_like(ids),
+        "token_type_ids": jnp.zeros_like(ids),
+    }
+
+
+def batch_logits(model, params, batch: dict):
+    """`model`'s logits on a `token_batch` (any object with a linen-style `apply`)."""
+    return model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    ).logits

@@ -19,27 +19,19 @@ from jaxcompress.experiments import recipes
 from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, Linear, init_params
 from jaxcompress.train.loop import train
-from tests.helpers import save_tiny_model, tiny_config, tiny_model_run_config, tiny_run_config
-
-
-def _batch(seed=0, batch=4, length=12):
-    ids = jax.random.randint(jax.random.key(seed), (batch, length), 1000, 2000)
-    return {
-        "input_ids": ids,
-        "attention_mask": jnp.ones_like(ids),
-        "token_type_ids": jnp.zeros_like(ids),
-    }
-
-
-def _logits(model, params, batch):
-    return model.apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    ).logits
+from tests.helpers import (
+    batch_logits,
+    save_tiny_model,
+    tiny_config,
+    tiny_model_run_config,
+    tiny_run_config,
+    token_batch,
+)
 
 
 def calibrate_bert(model, params, batches):
     """`calibrate` of BERT's own dense layers, its params kept as jit arguments."""
-    logits = jax.jit(lambda p, batch: _logits(model, p, batch))  # traced in the context
+    logits = jax.jit(lambda p, batch: batch_logits(model, p, batch))  # traced in the context
     return calibrate(lambda b: logits(params, b), batches, layer_types=(Linear,), jit=False)
 
 
@@ -58,7 +50,7 @@ def test_calibrated_ranges_cover_every_dense_layer(shared):
     config = tiny_config(num_labels=2, **changes)
     params = init_params(config, jax.random.key(0))
     model = Bert(config)
-    batches = [_batch(0), _batch(1)]
+    batches = [token_batch(0), token_batch(1)]
     ranges = calibrate_bert(model, params, batches)
     # q, k, v, attention output, intermediate, output per stored layer; pooler; classifier.
     stored_layers = 1 if shared else 2
@@ -68,15 +60,15 @@ def test_calibrated_ranges_cover_every_dense_layer(shared):
     first = calibrate_bert(model, params, batches[:1])
     assert all(float(first[k]) <= float(ranges[k]) for k in ranges)  # a max over batches
 
-    float_logits = _logits(model, params, batches[0])
+    float_logits = batch_logits(model, params, batches[0])
     for bits, tolerance in ((8, 0.05), (4, 1.0)):
         q = QuantizedModel(
             model, core.identity(), activation_bits=bits, ranges=ranges, layer_types=(Linear,)
         )
-        error = float(jnp.max(jnp.abs(_logits(q, params, batches[0]) - float_logits)))
+        error = float(jnp.max(jnp.abs(batch_logits(q, params, batches[0]) - float_logits)))
         assert 0 < error < tolerance
     dynamic = QuantizedModel(model, core.identity(), activation_bits=8, layer_types=(Linear,))
-    assert float(jnp.max(jnp.abs(_logits(dynamic, params, batches[0]) - float_logits))) < 0.05
+    assert float(jnp.max(jnp.abs(batch_logits(dynamic, params, batches[0]) - float_logits))) < 0.05
 
 
 def test_quantized_model_quantizes_weights_but_not_projections():
@@ -180,21 +172,21 @@ def test_integer_bert_matches_fake_quantized_bert(tmp_path):
     packed = quant_pack.save(tmp_path / "w8.safetensors", params, rules)
     weights = int8_exec.int8_weights(packed)
     assert len(weights) == 6 * 2 + 2  # every dense kernel of the tiny model
-    batch = _batch(3)
+    batch = token_batch(3)
     # dynamic ranges
     fake = QuantizedModel(Bert(config), qat.qat(rules), activation_bits=8, layer_types=(Linear,))
-    expected = _logits(fake, params, batch)
+    expected = batch_logits(fake, params, batch)
 
     @jax.jit
     def integer_logits(params, batch):
         with int8_exec.integer_dense_layers(weights):
-            return _logits(Bert(config), params, batch)
+            return batch_logits(Bert(config), params, batch)
 
     got = integer_logits(quant_pack.load(packed), batch)
     np.testing.assert_allclose(got, expected, atol=2e-4)
     hlo = jax.jit(integer_logits).lower(params, batch).as_text()
     assert "i8" in hlo and "i32" in hlo  # the matmuls really run on integers
-    assert float(jnp.max(jnp.abs(got - _logits(Bert(config), params, batch)))) > 0
+    assert float(jnp.max(jnp.abs(got - batch_logits(Bert(config), params, batch)))) > 0
 
 
 @pytest.mark.slow

@@ -195,9 +195,7 @@ def int8_dense(
     Returns:
       The float32 output [..., out].
     """
-    x_codes, x_scale = quantize_activations(x, per_token, absmax)
-    y = int8_matmul(x_codes, x_scale, weight)
-    return y if bias is None else y + bias.astype(jnp.float32)
+    return _quantized_dense(quantize_activations, int8_matmul, x, weight, bias, per_token, absmax)
 
 
 def fp8_dense(
@@ -220,8 +218,14 @@ def fp8_dense(
     Returns:
       The float32 output [..., out].
     """
-    x_values, x_scale = quantize_activations_fp8(x, per_token, absmax)
-    y = fp8_matmul(x_values, x_scale, weight)
+    return _quantized_dense(
+        quantize_activations_fp8, fp8_matmul, x, weight, bias, per_token, absmax
+    )
+
+
+def _quantized_dense(quantize_input, matmul, x, weight, bias, per_token, absmax) -> jax.Array:
+    values, scale = quantize_input(x, per_token, absmax)
+    y = matmul(values, scale, weight)
     return y if bias is None else y + bias.astype(jnp.float32)
 
 

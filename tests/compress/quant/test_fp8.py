@@ -25,7 +25,7 @@ from jaxcompress.compress.quant.quantizers import (
 )
 from jaxcompress.models import bert_rules
 from jaxcompress.models.bert import Bert, Linear, init_params
-from tests.helpers import tiny_config
+from tests.helpers import batch_logits, tiny_config, token_batch
 
 F32_U = np.finfo(np.float32).eps / 2
 
@@ -257,21 +257,6 @@ def test_fp8_weights_from_a_packed_file_and_from_kernels(tmp_path):
         execution.int8_weight(quantize(kernel, QuantSpec(scheme="fp8")), QuantSpec(scheme="fp8"))
 
 
-def _batch(seed=0, batch=4, length=12):
-    ids = jax.random.randint(jax.random.key(seed), (batch, length), 1000, 2000)
-    return {
-        "input_ids": ids,
-        "attention_mask": jnp.ones_like(ids),
-        "token_type_ids": jnp.zeros_like(ids),
-    }
-
-
-def _logits(model, params, batch):
-    return model.apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    ).logits
-
-
 def test_bert_on_fp8_matches_fake_quantized_bert_and_stays_close_to_float(tmp_path):
     config = tiny_config(num_labels=2)
     params = init_params(config, jax.random.key(0))
@@ -287,22 +272,22 @@ def test_bert_on_fp8_matches_fake_quantized_bert_and_stays_close_to_float(tmp_pa
             weights,
         )
     )
-    batch = _batch(3)
+    batch = token_batch(3)
     model = Bert(config)
     # The QAT view: fp8 weights and fp8 inputs (dynamic per-tensor ranges).
     fake = QuantizedModel(
         model, qat.qat(rules), activation_bits=8, layer_types=(Linear,), activation_scheme="fp8"
     )
-    expected = _logits(fake, params, batch)
+    expected = batch_logits(fake, params, batch)
     fp8_model = execution.IntegerModel(model, weights, scheme="fp8")
 
     @jax.jit
     def fp8_logits(params, batch):
-        return _logits(fp8_model, params, batch)
+        return batch_logits(fp8_model, params, batch)
 
     got = fp8_logits(quant_pack.load(packed), batch)
     np.testing.assert_allclose(got, expected, atol=2e-4)
-    float_logits = _logits(model, params, batch)
+    float_logits = batch_logits(model, params, batch)
     error = float(jnp.max(jnp.abs(got - float_logits)))
     assert 0 < error < 0.05 * float(jnp.max(jnp.abs(float_logits))) + 0.01
     hlo = jax.jit(fp8_logits).lower(params, batch).as_text()
@@ -325,7 +310,7 @@ def test_static_ranges_run_the_calibrated_ptq_model_on_integers(scheme):
     spec = qat.INT8 if scheme == "int8" else qat.FP8
     rules = bert_rules.weight_rules(spec, None)
     model = Bert(config)
-    calibration = [_batch(s) for s in (1, 2)]
+    calibration = [token_batch(s) for s in (1, 2)]
     ranges = calibrate(
         lambda b: model.apply({"params": params}, b["input_ids"], b["attention_mask"]),
         calibration,
@@ -343,22 +328,22 @@ def test_static_ranges_run_the_calibrated_ptq_model_on_integers(scheme):
         layer_types=(Linear,),
         activation_scheme="symmetric" if scheme == "int8" else "fp8",
     )
-    batch = _batch(3)  # not a calibration batch: some inputs clip at the calibrated range
-    expected = jax.jit(lambda p: _logits(fake, p, batch))(params)
+    batch = token_batch(3)  # not a calibration batch: some inputs clip at the calibrated range
+    expected = jax.jit(lambda p: batch_logits(fake, p, batch))(params)
     integer = execution.IntegerModel(model, weights, scheme=scheme, ranges=ranges)
-    got = jax.jit(lambda p: _logits(integer, p, batch))(params)
+    got = jax.jit(lambda p: batch_logits(integer, p, batch))(params)
     np.testing.assert_allclose(got, expected, atol=2e-4)
     dynamic_model = execution.IntegerModel(model, weights, scheme=scheme)
-    dynamic = jax.jit(lambda p: _logits(dynamic_model, p, batch))(params)
+    dynamic = jax.jit(lambda p: batch_logits(dynamic_model, p, batch))(params)
     assert float(jnp.max(jnp.abs(dynamic - expected))) > 1e-4  # the ranges are in use
 
     def reductions(m) -> int:
-        return str(jax.make_jaxpr(lambda p: _logits(m, p, batch))(params)).count("reduce_max")
+        return str(jax.make_jaxpr(lambda p: batch_logits(m, p, batch))(params)).count("reduce_max")
 
     # no absmax of any layer input is computed (softmax's max remains)
     assert reductions(dynamic_model) - reductions(integer) == len(weights)
     missing = {k: v for k, v in ranges.items() if not k.endswith("query")}
     with pytest.raises(ValueError, match="no calibrated range for .*query"):
-        _logits(
+        batch_logits(
             execution.IntegerModel(model, weights, scheme=scheme, ranges=missing), params, batch
         )
