@@ -14,8 +14,8 @@ precision at 3 bits on average; TernaryBERT's ternary weights and
 TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
 weight splitting into binary halves and trained on as binary weights, embeddings too, with
 8-bit activations and layer distillation), `pruning` (magnitude pruning to 50% and 90%
-sparsity, movement pruning to 10% remaining (from the teacher, and Sanh et al.'s way: from the
-pre-trained model, 1,200 steps), 50% of heads by Michel et al.'s importance, 50%
+sparsity, movement pruning to 10% remaining (from the teacher, with scores trained by Adam and
+with summed scores, and Sanh et al.'s way: from the pre-trained model, 1,200 steps), 50% of heads by Michel et al.'s importance, 50%
 of FFN neurons, 6 -> 3 layers by four of Poor Man's BERT's strategies, and heads + FFN +
 layers combined, trained 1,200 steps, by logits and also with hidden-state terms; all
 distilled from the teacher), and `main` (the committed
@@ -71,6 +71,10 @@ def families(quick: bool) -> dict[str, dict]:
             "end": end,
             "frequency": 2 if quick else 10,
         }
+        return variant
+
+    def summed(variant: dict) -> dict:
+        variant["student"]["prune"]["score_update"] = "sum"
         return variant
 
     def pretrained(variant: dict) -> dict:
@@ -143,6 +147,9 @@ def families(quick: bool) -> dict[str, dict]:
             },
             "movement_kd": {
                 "r10": pruned("movement", 0.9, begin=0.1, end=0.7, lr=1e-4),
+                # Scores as Sanh et al. define them, -sum of dL/dW' * W (not trained by Adam,
+                # which divides each weight's size out of its score's steps)
+                "r10_summed": summed(pruned("movement", 0.9, begin=0.1, end=0.7, lr=1e-4)),
                 # Sanh et al. prune while fine-tuning the pre-trained model: from the
                 # fine-tuned teacher itself the distillation gradient starts at zero, so
                 # movement scores see only noise.
