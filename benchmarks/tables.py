@@ -41,6 +41,18 @@ HEADLINES = [
 
 # Columns shown per benchmark; others fall back to the standard row fields of DESIGN.md.
 COLUMNS = {
+    "glue_teachers": [
+        "task",
+        "name",
+        "metric",
+        "value",
+        "hf_pytorch_value",
+        "eval",
+        "steps",
+        "train_s",
+        "tokens_per_s",
+        "dev_examples",
+    ],
     "sst2_teacher": [
         "name",
         "task",
@@ -143,6 +155,7 @@ COLUMNS["dynamic"] = [
 ]
 COLUMNS["movement_scores"] = [
     "name",
+    "score_update",
     "steps_trained",
     "chance",
     "seed_vs_seed",
@@ -161,6 +174,10 @@ COLUMNS["compile_time"] = [
     "seq_len",
     "train_step_s",
     "eval_step_s",
+    "lengths",
+    "one_by_one_s",
+    "ahead_parallel_s",
+    "value",
 ]
 STANDARD = [
     "name",
