@@ -12,7 +12,13 @@ from jaxcompress.errors import UserError
 from jaxcompress.experiments.results import markdown_table
 from jaxcompress.experiments.summary import read_run_summary
 
-TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
+TASK_NAMES = {
+    "sst2": "SST-2",
+    "cola": "CoLA",
+    "mrpc": "MRPC",
+    "stsb": "STS-B",
+    "rte": "RTE",
+}
 READS = "`jaxcompress report` reads the --workdir of a `jaxcompress sweep`"
 
 
@@ -132,6 +138,42 @@ def aggregate(summaries: Sequence[dict]) -> list[dict]:
             row["remaining_params"] = round(statistics.fmean(r["remaining_params"] for r in runs))
         rows.append(row)
     return rows
+
+
+def average_rows(rows: Sequence[dict], references: dict[str, dict]) -> tuple[list[dict], dict]:
+    """The survey's average over tasks: one row per model that has every task (its metrics'
+    mean, sizes and speed-up averaged over tasks), and the reference's average alike.
+
+    Args:
+      rows: `aggregate`'s rows.
+      references: `reference_rows`'s references by task.
+
+    Returns:
+      The average rows (task 'average'; metric 'average') and the reference's average.
+    """
+    tasks = sorted(references)
+    models: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        models.setdefault((r["technique"], r["strength"]), {})[r["task"]] = r
+    averaged = []
+    for (technique, strength), by_task in models.items():
+        if sorted(by_task) != tasks:
+            continue
+        runs = list(by_task.values())
+        row = {
+            "technique": technique,
+            "strength": strength,
+            "task": "average",
+            "metric": "average",
+            "mean": statistics.fmean(r["mean"] for r in runs),
+            "std": 0.0,  # tasks differ in kind: no spread over them is shown
+            "size": statistics.fmean(r["size"] for r in runs),
+        }
+        if all("speedup" in r for r in runs):
+            row["speedup"] = statistics.fmean(r["speedup"] for r in runs)
+        averaged.append(row)
+    reference = {"value": statistics.fmean(references[t]["value"] for t in tasks)}
+    return averaged, reference
 
 
 def reference_rows(summaries: Sequence[dict]) -> dict[str, dict]:
@@ -269,7 +311,9 @@ def plot(rows: Sequence[dict], reference: dict, task: str, path: str | Path) -> 
         for x, y, name in zip(cost, quality, names, strict=True):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{TASK_NAMES.get(task, task)} dev {rows[0]['metric'] if rows else ''}")
+        metric = rows[0]["metric"] if rows else ""
+        named = f"{TASK_NAMES.get(task, task)} dev {metric}"
+        ax.set_ylabel("average dev score over tasks" if task == "average" else named)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
@@ -298,4 +342,7 @@ def write_report(
     if plots:
         for task in sorted(references):
             written.append(plot(rows, references[task], task, f"{prefix}_{task}.png"))
+        averaged, reference = average_rows(rows, references)
+        if len(references) > 1 and averaged:  # the survey's average score over tasks
+            written.append(plot(averaged, reference, "average", f"{prefix}_average.png"))
     return {"rows": rows, "references": references, "table": markdown, "written": written}

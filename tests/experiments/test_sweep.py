@@ -275,6 +275,29 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert written["written"][2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_averages_the_models_that_have_every_task(tmp_path):
+    runs = [
+        _summary("t", "big", 0, 0.8, task="sst2", speedup=2.0),
+        _summary("t", "big", 0, 0.4, task="cola", speedup=4.0),
+        _summary("t", "small", 0, 0.7, task="sst2", speedup=3.0),  # no cola: not averaged
+    ]
+    runs[1]["reference"] = {**runs[1]["reference"], "value": 0.5}
+    written = report.write_report(
+        [_write_runs(tmp_path / "a", runs)], tmp_path / "out", allow_mixed=True
+    )
+    averaged, reference = report.average_rows(written["rows"], written["references"])
+    assert [(r["technique"], r["strength"]) for r in averaged] == [("t", "big")]
+    assert averaged[0]["mean"] == pytest.approx(0.6) and averaged[0]["speedup"] == 3.0
+    assert reference["value"] == pytest.approx(0.7)
+    assert [p.name for p in written["written"][2:]] == [
+        "out_cola.png",
+        "out_sst2.png",
+        "out_average.png",
+    ]
+    big = next(x for x in written["table"].splitlines() if x.startswith("| t big"))
+    assert big.endswith("| 10.00 |")  # drops 10 (sst2) and 10 (cola) points
+
+
 def test_report_counts_the_parameters_pruning_kept(tmp_path):
     runs = [
         _summary("magnitude", "big", s, 0.8, remaining_params=kept * 1_000_000)
