@@ -72,11 +72,12 @@ from flax.traverse_util import flatten_dict
 from jaxcompress import assets
 from jaxcompress.compress import transforms
 from jaxcompress.compress.quant import int8 as int8_exec
+from jaxcompress.compress.quant.activations import calibrate
 from jaxcompress.compress.quant.quantizers import QuantSpec, quantize
 from jaxcompress.config import load_config, with_device_defaults
 from jaxcompress.experiments.latency import jitted_forward
 from jaxcompress.experiments.results import write_result
-from jaxcompress.models.bert import Bert, BertConfig, init_params
+from jaxcompress.models.bert import Bert, BertConfig, Linear, init_params
 from jaxcompress.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,6 +382,30 @@ def fp8_model(config: BertConfig, params: dict) -> tuple[int8_exec.IntegerModel,
     return int8_exec.IntegerModel(Bert(config), weights, scheme="fp8"), len(weights)
 
 
+def static_ranges(config: BertConfig, params: dict) -> dict:
+    """Calibrated input ranges of every encoder Dense layer (one random batch, as the W8A8
+    post-training stage calibrates on train batches): static scales, no absmax at run time."""
+    length = min(128, config.max_position_embeddings)
+    ids = jax.random.randint(jax.random.key(7), (8, length), 1000, 29000)
+    model = Bert(config)
+    return calibrate(
+        lambda b: model.apply({"params": params}, b, jnp.ones_like(b)),
+        [ids],
+        [(r"bert/encoder/.*", True), (".*", None)],
+        layer_types=(Linear,),
+    )
+
+
+def with_static_ranges(make: Callable) -> Callable:
+    """`make` (int8_model or fp8_model) with calibrated static input ranges."""
+
+    def build(config: BertConfig, params: dict) -> tuple[int8_exec.IntegerModel, int]:
+        model, kernels = make(config, params)
+        return dataclasses.replace(model, ranges=static_ranges(config, params)), kernels
+
+    return build
+
+
 def quantized_dots(model: int8_exec.IntegerModel, params: dict, seq_len: int) -> int:
     """How many int8 x int8 -> int32 (or float8 x float8) matmuls a forward of `model` runs
     (traced, not run)."""
@@ -502,10 +527,21 @@ def candidates(
             quantized(int8_model),
         ),
         (
+            "int8_execution_w8a8_static",
+            "as int8_execution_w8a8_dynamic, with calibrated (static) input scales: no "
+            "absmax reduction at run time, as the W8A8 post-training artefact runs",
+            quantized(with_static_ranges(int8_model)),
+        ),
+        (
             "fp8_execution_e4m3_dynamic",
             "the teacher's encoder kernels e4m3 per channel, activations e4m3 per tensor, "
             "float8 x float8 matmuls (IntegerModel, scheme 'fp8')",
             quantized(fp8_model),
+        ),
+        (
+            "fp8_execution_e4m3_static",
+            "as fp8_execution_e4m3_dynamic, with calibrated (static) input scales",
+            quantized(with_static_ranges(fp8_model)),
         ),
         ("power_mild", f"PoWER-BERT retention {power_keep('power_mild')}", power("power_mild")),
         (
