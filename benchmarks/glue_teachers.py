@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/glue_teachers")
     parser.add_argument("--torch", action="store_true", help="also fine-tune in HF PyTorch")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/glue_teachers.json"))
+    parser.add_argument("--note", default="", help="a note for the result file (how it ran)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -220,7 +221,8 @@ def main() -> None:
         if ours and theirs:
             ours["hf_pytorch_value"] = theirs["value"]
         ordered = sorted(rows.values(), key=lambda r: (r["task"], r["name"]))
-        write_result(args.out, "glue_teachers", {"rows": ordered})
+        body = {"rows": ordered, **({"note": args.note} if args.note else {})}
+        write_result(args.out, "glue_teachers", body)
         log.info("wrote %s", args.out)
 
 

@@ -25,6 +25,7 @@ RESULTS_PAGE = RESULTS.parents[1] / "docs" / "results.md"
 # The summary's rows: (result file's benchmark, row name, what the row is).
 HEADLINES = [
     ("quantize", "ptq_w8a8", "post-training W8A8, calibrated"),
+    ("quantize", "int8_execution_w8a8_static", "W8A8 run on int8 matmuls, calibrated scales"),
     ("quantize", "gobo_w3_e4", "GOBO: 3-bit weights, 4-bit embeddings, no data"),
     ("quantize", "qat_weights w4_group", "QAT: 4-bit group-wise weights"),
     ("quantize", "qat_ternary_kd w2a8", "TernaryBERT: ternary weights and embeddings"),
