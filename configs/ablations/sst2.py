@@ -14,11 +14,11 @@ precision at 3 bits on average; TernaryBERT's ternary weights and
 TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
 weight splitting into binary halves and trained on as binary weights, embeddings too, with
 8-bit activations and layer distillation), `pruning` (magnitude pruning to 50% and 90%
-sparsity, movement pruning to 10% remaining (from the teacher, with scores trained by Adam and
-with summed scores, and Sanh et al.'s way: from the pre-trained model, 1,200 steps), 50% of heads by Michel et al.'s importance, 50%
-of FFN neurons, 6 -> 3 layers by four of Poor Man's BERT's strategies, and heads + FFN +
-layers combined, trained 1,200 steps, by logits and also with hidden-state terms; all
-distilled from the teacher), and `main` (the committed
+sparsity, movement pruning to 10% remaining (from the teacher, with scores trained by Adam
+and with summed scores, and Sanh et al.'s way: from the pre-trained model, 1,200 steps), 50%
+of heads by Michel et al.'s importance, 50% of FFN neurons, 6 -> 3 layers by four of Poor
+Man's BERT's strategies, and heads + FFN + layers combined, trained 1,200 steps, by logits
+and also with hidden-state terms; all distilled from the teacher), and `main` (the committed
 comparison: factorized embeddings,
 low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
 or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
