@@ -197,7 +197,6 @@ def main() -> None:
             "task": task,
             "metric": metrics.main_metric(task),
             "seeds": 1,
-            "dev_examples": None,
             "recipe": recipe,
         }
         made = {"jaxcompress": lambda c=config, d=workdir / task / "jax": jax_row(c, d)}

@@ -39,6 +39,10 @@ class EvalStep:
             lambda params, batch: forward(model, params, batch, None).logits, **replicated
         )
         self._announce = announce
+        self._run = self._jitted if self.mesh is None else sharding.within(mesh, self._jitted)
+        self._lower = (
+            self._jitted.lower if self.mesh is None else sharding.within(mesh, self._jitted.lower)
+        )
         self.programs: dict[tuple[int, ...], Callable] = {}
 
     def placed(self, batch: dict) -> dict:
@@ -48,17 +52,14 @@ class EvalStep:
     def lower(self, params, batch: dict):
         """The program for `batch`'s shapes (arrays or `jax.ShapeDtypeStruct`s laid out as
         `placed` lays them), lowered; `.compile()` it and put it in `programs`."""
-        if self.mesh is None:
-            return self._jitted.lower(params, batch)
-        return sharding.within(self.mesh, self._jitted.lower)(params, batch)
+        return self._lower(params, batch)
 
     def __call__(self, params, batch: dict) -> jax.Array:
         shape = batch["input_ids"].shape
         program = self.programs.get(shape)
         if program is not None:
             return program(params, self.placed(batch))
-        run = self._jitted if self.mesh is None else sharding.within(self.mesh, self._jitted)
-        return self._announce(shape, lambda: run(params, self.placed(batch)))
+        return self._announce(shape, lambda: self._run(params, self.placed(batch)))
 
 
 def make_eval_step(

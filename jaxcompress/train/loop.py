@@ -365,11 +365,12 @@ def _train(
             range(start, last),
         )
         jobs = {
-            ("train", n): (jitted_step.lower, (state, precompile.batch_like(template, n), None))
+            ("train", n): (
+                jitted_step.lower,
+                (state, precompile.batch_like(template, n), teacher_params),
+            )
             for n in lengths
         }
-        if teacher_params is not None:
-            jobs = {k: (lower, (*args[:2], teacher_params)) for k, (lower, args) in jobs.items()}
         eval_params = seen_params(state)
         size = config.eval.batch_size
         for split in eval_splits.values():
