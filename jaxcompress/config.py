@@ -144,6 +144,10 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # How scores train: "adam" (as the weights, at score_lr) or "sum" (S = -score_lr * the sum
     # of dL/dW' * W over steps, the paper's definition; Adam divides each weight's size out)
     c.prune.score_update = "adam"
+    # The model that `model` was fine-tuned from (hub id or directory): scores start at each
+    # weight's movement away from zero in that fine-tune, |W| - |W_from| (Adam-trained scores
+    # grow as |W| does), instead of a short run's noisy first gradients. '' = score_init.
+    c.prune.scores_from = ""
     # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""

@@ -77,6 +77,12 @@ def families(quick: bool) -> dict[str, dict]:
         variant["student"]["prune"]["score_update"] = "sum"
         return variant
 
+    def from_fine_tune(variant: dict) -> dict:
+        """Movement scores start at each weight's movement in the teacher's own fine-tune
+        from BASE (|W| - |W_base|): the paper's score warm-up, already paid for."""
+        variant["student"]["prune"]["scores_from"] = BASE
+        return variant
+
     def pretrained(variant: dict) -> dict:
         """Start the student from the pre-trained model (a fresh classifier), not the teacher."""
         variant["student"]["model"] = BASE
@@ -158,6 +164,8 @@ def families(quick: bool) -> dict[str, dict]:
                 ),
             },
             "heads_kd": {"h50": student((heads(0.5),))},
+            # Scores from the teacher's fine-tune; the `sparsity` family has the whole curve.
+            "movement_ft_kd": {"r10": from_fine_tune(pruned("movement", 0.9, 0.1, 0.7, 1e-4))},
             "ffn_kd": {"f50": student((neurons(0.5),))},
             "layers_kd": {
                 s: student((keep(3, s),), 1e-4)
@@ -178,6 +186,18 @@ def families(quick: bool) -> dict[str, dict]:
                     )
                 ),
             },
+        },
+        # Accuracy against weights kept, magnitude and movement (scores from the teacher's
+        # fine-tune) on one schedule: 10% warm-up, cubic to the target by 70% of the run.
+        "sparsity": {
+            technique: {
+                f"r{round(100 * (1 - s))}": score(pruned(method, s, 0.1, 0.7, 1e-4))
+                for s in (0.9, 0.95, 0.97, 0.8, 0.5)
+            }
+            for technique, method, score in (
+                ("movement_ft_kd", "movement", from_fine_tune),
+                ("magnitude_kd", "magnitude", lambda variant: variant),
+            )
         },
         "main": {
             "factorize": {

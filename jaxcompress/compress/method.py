@@ -5,8 +5,9 @@ A training loop (ours: `jaxcompress.train.loop`) runs every method of
 
 1. `parse(section)` turns the method's config section into a typed spec, once, at the
    boundary (None: the method is off). Bad values raise ValueError naming the key.
-2. `prepare(spec, params)` adds the method's trainable extras beside their weights
-   (movement scores, LSQ step sizes, binary-split halves).
+2. `prepare(spec, params, load_params)` adds the method's trainable extras beside their
+   weights (movement scores, LSQ step sizes, binary-split halves), reading saved models
+   with `load_params` where they start from one.
 3. `plan(spec, params, setup)` builds what the method contributes to the run, a `Plan`:
    its `core.Reparam` (chained in registry order and kept inside the optimizer state by
    `core.with_reparam`), and optional hooks: a model wrapper, a loss penalty, per-step
@@ -29,6 +30,7 @@ from jaxcompress import core
 
 Spec = Any
 Model = Any  # anything with the `.apply` and `.config` of a flax linen model
+LoadParams = Callable[[str], core.Params]  # a saved model's params by its path (or hub id)
 
 
 class Setup(NamedTuple):
@@ -52,7 +54,7 @@ class Setup(NamedTuple):
     apply_fn: Callable[[core.Params, Any], Any]
     loss_fn: Callable[[core.Params, Any], jax.Array]
     layer_types: tuple[type, ...] | None
-    load_params: Callable[[str], core.Params]
+    load_params: LoadParams
 
 
 def _unchanged(model: Model) -> Model:
@@ -94,7 +96,7 @@ class Rate(NamedTuple):
     rule: str = "adam"
 
 
-def _no_extras(spec: Spec, params: core.Params) -> core.Params:
+def _no_extras(spec: Spec, params: core.Params, load_params: LoadParams) -> core.Params:
     return params
 
 
@@ -107,7 +109,8 @@ class TrainingMethod:
       parse: `section -> spec or None` (off); raises ValueError for bad values.
       plan: `(spec, params, setup) -> Plan`; `params` are the step-0 params as the
         method's reparam receives them (earlier methods' `apply` done, own extras present).
-      prepare: `(spec, params) -> params` with the method's trainable extras added.
+      prepare: `(spec, params, load_params) -> params` with the method's trainable extras
+        added; `load_params(path)` gives a saved model's params (as `Setup.load_params`).
       not_weights: key suffixes of its extras that are not weights (movement scores, LSQ
         step sizes): the optimizer gives them no weight decay.
       extra_rates: `spec -> {key suffix: Rate}` of extras that train at their own rate or
@@ -117,6 +120,6 @@ class TrainingMethod:
     section: str
     parse: Callable[[Any], Spec | None]
     plan: Callable[[Spec, core.Params, Setup], Plan]
-    prepare: Callable[[Spec, core.Params], core.Params] = _no_extras
+    prepare: Callable[[Spec, core.Params, LoadParams], core.Params] = _no_extras
     not_weights: tuple[str, ...] = ()
     extra_rates: Callable[[Spec], dict[str, Rate]] = lambda spec: {}

@@ -99,8 +99,13 @@ def run_setup(
         apply_fn=apply_fn,
         loss_fn=loss_fn,
         layer_types=(Linear,),
-        load_params=lambda path: load_any(path)[1],
+        load_params=saved_params,
     )
+
+
+def saved_params(path: str) -> dict:
+    """A saved model's params (jaxcompress or Hugging Face directory, or hub id)."""
+    return load_any(path)[1]
 
 
 class Sections(NamedTuple):
@@ -156,7 +161,7 @@ def initial_state(
     bert_config, params = load_model(config, sections.transform)
     methods = sections.methods
     for method, spec in methods:
-        params = method.prepare(spec, params)
+        params = method.prepare(spec, params, saved_params)
     if teacher_config is not None:
         projections = init_distill_params(sections.objective, bert_config, teacher_config)
         if projections:

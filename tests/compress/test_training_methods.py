@@ -61,6 +61,10 @@ def section(name: str, changes: dict):
     return cfg
 
 
+def no_saved_model(path):
+    pytest.fail(f"no saved model in this test ({path})")
+
+
 def setup(config, batch) -> Setup:
     model = Bert(config)
     return Setup(
@@ -70,7 +74,7 @@ def setup(config, batch) -> Setup:
         apply_fn=lambda p, b: logits(config, p, b),
         loss_fn=lambda p, b: objectives.finetune_loss(model)(p, b, None)[0],
         layer_types=(Linear,),
-        load_params=lambda path: pytest.fail(f"no saved model in this test ({path})"),
+        load_params=no_saved_model,
     )
 
 
@@ -86,7 +90,7 @@ def test_the_default_section_is_off_and_zero_strength_is_identity(name):
         return
     config, params, batch = model_and_batch()
     spec = method.parse(section(name, ZERO[name]))
-    prepared = method.prepare(spec, params)
+    prepared = method.prepare(spec, params, no_saved_model)
     plan = method.plan(spec, prepared, setup(config, batch))
     seen = plan.reparam.apply(prepared, plan.reparam.init(prepared))
     jax.tree.map(np.testing.assert_array_equal, seen, params)
@@ -98,7 +102,7 @@ def test_method_trains_through_the_loop_step_and_exports(name, changes, tmp_path
     method = METHODS[name]
     config, params, batch = model_and_batch()
     spec = method.parse(section(name, changes))
-    prepared = method.prepare(spec, params)
+    prepared = method.prepare(spec, params, no_saved_model)
     plan = method.plan(spec, prepared, setup(config, batch))
     # As the loop does: the plans' reparams chained (here one) inside the optimizer state.
     reparam = core.chain(plan.reparam)

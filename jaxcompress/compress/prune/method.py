@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxcompress import core
-from jaxcompress.compress.method import Plan, Rate, Setup, TrainingMethod
+from jaxcompress.compress.method import LoadParams, Plan, Rate, Setup, TrainingMethod
 from jaxcompress.compress.prune import sparse
 from jaxcompress.compress.prune import unstructured as prune
 
@@ -33,6 +33,8 @@ class PruneSpec:
       score_lr: movement scores' peak learning rate; 0 = the run's ("sum": 1).
       score_update: "adam" (scores train as the weights, at `score_lr`) or "sum" (each
         step adds -score_lr * their gradient).
+      scores_from: the model the run's start model was fine-tuned from: scores start at
+        each weight's movement away from zero in that fine-tune, |W| - |W_from|.
       masks_from: the pruned model whose zeros fix the masks ('fixed').
     """
 
@@ -49,6 +51,7 @@ class PruneSpec:
     score_init: float = 0.0
     score_lr: float = 0.0
     score_update: str = "adam"
+    scores_from: str = ""
     masks_from: str = ""
 
     def schedule(self, total_steps: int) -> prune.Schedule:
@@ -83,6 +86,11 @@ def parse(cfg: Any) -> PruneSpec | None:
         return PruneSpec("fixed", rules, masks_from=cfg.masks_from)
     if not cfg.method:
         return None
+    if cfg.scores_from and cfg.method != "movement":
+        raise ValueError(
+            f"prune.scores_from starts movement scores; prune.method is {cfg.method!r}: "
+            "set it to 'movement' or leave scores_from empty"
+        )
     if not 0.0 <= cfg.begin <= cfg.end <= 1.0:
         raise ValueError(f"prune: need 0 <= begin <= end <= 1, got {cfg.begin}, {cfg.end}")
     soft = (cfg.method, cfg.movement) == ("movement", "soft")
@@ -103,14 +111,17 @@ def parse(cfg: Any) -> PruneSpec | None:
         score_init=cfg.score_init,
         score_lr=cfg.score_lr,
         score_update=cfg.score_update,
+        scores_from=cfg.scores_from,
     )
 
 
-def prepare(spec: PruneSpec, params: core.Params) -> core.Params:
-    """`params` with movement scores beside the pruned weights (movement pruning only)."""
+def prepare(spec: PruneSpec, params: core.Params, load_params: LoadParams) -> core.Params:
+    """`params` with movement scores beside the pruned weights (movement pruning only),
+    started from the fine-tune from `spec.scores_from` if set."""
     if spec.method != "movement":
         return params
-    return prune.add_movement_scores(params, spec.rules, spec.score_init)
+    start = load_params(spec.scores_from) if spec.scores_from else None
+    return prune.add_movement_scores(params, spec.rules, spec.score_init, start)
 
 
 def reparam(spec: PruneSpec, total_steps: int, load_params=None) -> core.Reparam:

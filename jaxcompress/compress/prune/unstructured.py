@@ -21,7 +21,10 @@ tree beside their weight (key + `SCORE_SUFFIX`) and are trained by the straight-
 estimator, dL/dS = dL/dW' * W, i.e. the accumulated movement -W * dL/dW with the sign of a
 gradient. 'hard' keeps the top-scored weights at the scheduled sparsity; 'soft' keeps
 weights with sigmoid(S) above a scheduled threshold, with an L1 penalty on sigmoid(S)
-(`movement_penalty`) that sets how much is pruned.
+(`movement_penalty`) that sets how much is pruned. Scores can start from the movement of
+the fine-tune that produced the start model (`add_movement_scores(fine_tuned_from=...)`):
+from a fine-tuned model, a short run's own minibatch gradients rank weights no better
+than chance when pruning starts (benchmarks/results/movement_scores.json).
 """
 
 from __future__ import annotations
@@ -342,8 +345,13 @@ def pruning_stats(params: core.Params, rules: core.Rules) -> dict[str, float | i
     return {"sparsity": _sparsity(masks), "remaining_params": int(total - pruned)}
 
 
-def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.0) -> core.Params:
-    """`params` with a trainable movement score (constant `init`) beside each selected weight.
+def add_movement_scores(
+    params: core.Params,
+    rules: core.Rules,
+    init: float = 0.0,
+    fine_tuned_from: core.Params | None = None,
+) -> core.Params:
+    """`params` with a trainable movement score beside each selected weight.
 
     In a mapping the score is the entry `<name>@movement_score` (an `nnx.Variable` of the
     weight's type in an `nnx.State`); the rest of the tree keeps its structure.
@@ -353,19 +361,39 @@ def add_movement_scores(params: core.Params, rules: core.Rules, init: float = 0.
       rules: pruning rules as for `movement_pruning`; a score is added beside each weight a
         rule selects with a value other than False/None.
       init: the initial value of every score.
+      fine_tuned_from: the params `params` were fine-tuned from (same paths and shapes for
+        the selected weights), or None. Each score then starts at `init + |W| - |W_from|`,
+        the movement away from zero of that fine-tune: scores trained by Adam at the
+        weights' rate grow as |W| does (both steps are normalised per entry), so this is
+        the score a movement run over that fine-tune would have accumulated, without its
+        minibatch noise, and the pruning run continues it.
 
     Returns:
       The tree with the scores added, ready for `movement_pruning`.
 
     Raises:
-      ValueError: the params already hold scores, or a selected weight sits in a list or
-        tuple (a score needs a key beside it).
+      ValueError: the params already hold scores, a selected weight sits in a list or tuple
+        (a score needs a key beside it), or `fine_tuned_from` lacks a selected weight or
+        holds it in another shape.
     """
     model, old = split_scores(params)
     if old:
         raise ValueError(f"params already hold movement scores (e.g. {min(old)})")
     flat = core.leaves_by_path(model)
-    scores = {path: jnp.full_like(flat[path], init) for path in _selected(model, rules)}
+    selected = _selected(model, rules)
+    scores = {path: jnp.full_like(flat[path], init) for path in selected}
+    if fine_tuned_from is not None:
+        before = core.leaves_by_path(split_scores(fine_tuned_from)[0])
+        for path in selected:
+            if path not in before or jnp.shape(before[path]) != jnp.shape(flat[path]):
+                found = jnp.shape(before[path]) if path in before else "nothing"
+                raise ValueError(
+                    f"movement scores from a fine-tune: its start model has {found} at "
+                    f"{path!r}, the model {jnp.shape(flat[path])}; give the model it was "
+                    "fine-tuned from, before any structure transform"
+                )
+            moved = jnp.abs(flat[path]) - jnp.abs(jnp.asarray(before[path], flat[path].dtype))
+            scores[path] = scores[path] + moved
     return tree.add_beside(model, scores, SCORE_SUFFIX)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from jaxcompress import core
-from jaxcompress.compress.method import Plan, Setup, TrainingMethod
+from jaxcompress.compress.method import LoadParams, Plan, Setup, TrainingMethod
 from jaxcompress.compress.quant import hessian, qat
 from jaxcompress.compress.quant import pack as quant_pack
 from jaxcompress.compress.quant.activations import ACTIVATION_SCHEMES, QuantizedModel, calibrate
@@ -129,7 +129,7 @@ def parse(cfg: Any) -> QuantizeSpec | None:
     )
 
 
-def prepare(spec: QuantizeSpec, params: core.Params) -> core.Params:
+def prepare(spec: QuantizeSpec, params: core.Params, load_params: LoadParams) -> core.Params:
     """`params` with learned step sizes (LSQ) beside their weights and BinaryBERT's halves."""
     if spec.rules is None:
         return params

@@ -135,6 +135,37 @@ def test_movement_scores_learn_from_the_straight_through_gradient():
     assert np.min(np.asarray(scores)[kept]) > np.max(np.asarray(scores)[~kept])
 
 
+def test_movement_scores_can_start_from_the_movement_of_a_fine_tune():
+    before, after = params(0), params(1)
+    tree = prune.add_movement_scores(after, RULES, init=0.5, fine_tuned_from=before)
+    for name in ("a", "b"):
+        expected = (
+            0.5 + jnp.abs(after["enc"][name]["kernel"]) - jnp.abs(before["enc"][name]["kernel"])
+        )
+        np.testing.assert_allclose(
+            tree["enc"][name]["kernel" + prune.SCORE_SUFFIX], expected, 1e-6, atol=1e-6
+        )
+    assert "scale" + prune.SCORE_SUFFIX not in tree["LayerNorm"]
+    # Through the method: `scores_from` is loaded with the loop's loader, by its path.
+    cfg = finetune_defaults().prune
+    cfg.method, cfg.params, cfg.sparsity, cfg.scores_from = "movement", ".*/kernel", 0.5, "base"
+    spec = PRUNING.parse(cfg)
+    prepared = PRUNING.prepare(spec, after, {"base": before}.__getitem__)
+    np.testing.assert_allclose(
+        prepared["enc"]["b"]["kernel" + prune.SCORE_SUFFIX],
+        jnp.abs(after["enc"]["b"]["kernel"]) - jnp.abs(before["enc"]["b"]["kernel"]),
+        1e-6,
+        atol=1e-6,
+    )
+    other = params(2)
+    other["enc"]["b"]["kernel"] = jnp.ones((16, 4))
+    with pytest.raises(ValueError, match="'enc/b/kernel'.*fine-tuned from"):
+        prune.add_movement_scores(after, RULES, fine_tuned_from=other)
+    del other["enc"]["b"]
+    with pytest.raises(ValueError, match="has nothing at 'enc/b/kernel'"):
+        prune.add_movement_scores(after, RULES, fine_tuned_from=other)
+
+
 def test_summed_movement_scores_are_minus_the_sum_of_gradient_times_weight():
     """score_update='sum' inside the loop's optimizer (the reparam zeroing held weights'
     moments beside a masked AdamW): each score is -lr * the sum of its dL/dW' * W."""
@@ -218,6 +249,9 @@ def test_bad_prune_configs_fail_clearly():
         PRUNING.parse(cfg)
     cfg.sparsity, cfg.masks_from = 0.5, "somewhere"
     with pytest.raises(ValueError, match="leave prune.method empty"):
+        PRUNING.parse(cfg)
+    cfg.masks_from, cfg.scores_from = "", "base"
+    with pytest.raises(ValueError, match="prune.scores_from starts movement scores"):
         PRUNING.parse(cfg)
 
 
@@ -311,6 +345,7 @@ def test_movement_pruning_run_exports_the_pruned_model_without_scores(
     with config.unlocked():
         config.prune.method, config.prune.movement = "movement", "hard"
         config.prune.sparsity, config.prune.end, config.prune.frequency = 0.5, 0.5, 1
+        config.prune.scores_from = config.model  # loaded and matched by path (all zero here)
     summary = train(config, tmp_path / "run")
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-4)
     exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
