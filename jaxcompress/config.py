@@ -148,6 +148,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # weight's movement away from zero in that fine-tune, |W| - |W_from| (Adam-trained scores
     # grow as |W| does), instead of a short run's noisy first gradients. '' = score_init.
     c.prune.scores_from = ""
+    # Scores also start at this multiple of |W_from| (of |W| without scores_from): a magnitude
+    # prior beside the movement, which alone would rank large, unmoved weights last.
+    c.prune.score_magnitude = 0.0
     # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""

@@ -1,9 +1,9 @@
 """Run in a subprocess (`python -m tests.sharded_training MODEL TEACHER GLUE WORKDIR MODE`)
 with XLA's host device count set: trains tiny runs under several meshes, prints their losses.
 
-MODE "reference" (1 device): each case once. MODE "meshes" (8 devices): fine-tuning under an
-FSDP mesh; QAT with pruning, and distillation, under a 2 x 2 x 2 mesh; a fine-tuning run started
-data-parallel, stopped after 2 steps and resumed under a 4-way tensor-parallel mesh; and fresh
+MODE "reference" (1 device): each case once. MODE "meshes" (8 devices): QAT, pruning and
+distillation at once under a 2 x 2 x 2 mesh; a fine-tuning run started under an 8-way FSDP
+mesh, stopped after 2 steps and resumed under a 2 x 4 data x tensor mesh; and fresh
 parameters initialised directly split over an FSDP mesh.
 """
 
@@ -21,18 +21,18 @@ from tests.helpers import tiny_config, tiny_run_config
 
 CASES = {
     "finetune": {},
-    # QAT and pruning in one run: both training-time methods at once, one compile fewer
-    "qat_prune": {
+    # QAT, pruning and layer distillation in one run: each compiled run costs seconds
+    "methods": {
         "quantize.kernels": "bits=4",
         "quantize.activation_bits": 8,
         "prune.method": "magnitude",
         "prune.sparsity": 0.5,
         "prune.end": 0.5,
+        "distill.hidden": 1.0,
     },
-    "distill": {"distill.hidden": 1.0},
 }
 STEPS = 3
-MESHES = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (2, 1, 4), "mixed": (2, 2, 2)}
+MESHES = {"fsdp": (1, 8, 1), "tensor": (2, 1, 4), "mixed": (2, 2, 2)}
 
 
 def run(model_dir, teacher_dir, glue_dir, workdir, case, mesh, stop_after_step=None):
@@ -44,7 +44,7 @@ def run(model_dir, teacher_dir, glue_dir, workdir, case, mesh, stop_after_step=N
         # split runs compile their train and eval programs ahead: the same numbers as the
         # one-device reference, which compiles each when it is first called
         config.precompile = "off" if mesh == (1, 1, 1) else "on"
-        config.distill.teacher = str(teacher_dir) if case == "distill" else ""
+        config.distill.teacher = str(teacher_dir) if case == "methods" else ""
         for key, value in CASES[case].items():
             section, name = key.split(".")
             config[section][name] = value
@@ -63,13 +63,9 @@ def main(model_dir, teacher_dir, glue_dir, workdir, mode):
         for case in CASES:
             report[case] = run(model_dir, teacher_dir, glue_dir, workdir / case, case, (1, 1, 1))
     else:
-        report["finetune/fsdp"] = run(
-            model_dir, teacher_dir, glue_dir, workdir / "fsdp", "finetune", MESHES["fsdp"]
+        report["methods/mixed"] = run(
+            model_dir, teacher_dir, glue_dir, workdir / "methods", "methods", MESHES["mixed"]
         )
-        for case in ("qat_prune", "distill"):
-            report[f"{case}/mixed"] = run(
-                model_dir, teacher_dir, glue_dir, workdir / case, case, MESHES["mixed"]
-            )
         config = tiny_config(num_labels=2)
         mesh = sharding.make_mesh(1, 8, 1)
         fresh = sharding.init_sharded(config, jax.random.key(0), mesh)
@@ -85,8 +81,8 @@ def main(model_dir, teacher_dir, glue_dir, workdir, mode):
             "leaves": len(split),
         }
         resumed = workdir / "resumed"
-        run(model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["data"], 2)
-        report["finetune/data-then-tensor"] = run(
+        run(model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["fsdp"], 2)
+        report["finetune/fsdp-then-tensor"] = run(
             model_dir, teacher_dir, glue_dir, resumed, "finetune", MESHES["tensor"]
         )
     print("REPORT " + json.dumps(report))

@@ -342,16 +342,17 @@ def test_pareto_front():
         "quantization",
         "binarybert",
         "pruning",
+        "sparsity",
         "main",
     ],
 )
 @pytest.mark.slow
 def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monkeypatch):
     """Every variant's transforms (or quantization or pruning settings) apply to a tiny
-    model; where a family trains in its own way (QAT, BinaryBERT's two stages, pruning) its
-    first variant runs end to end through sweep and report. The other families train as
-    the distillation runs of the kill-and-resume sweep test do (running each would add
-    minutes to CI)."""
+    model; where a family trains in its own way (BinaryBERT's two stages, the first of which
+    is the quantization family's TernaryBERT QAT; pruning) its first variant runs end to
+    end through sweep and report. The other families train as the distillation runs of the
+    kill-and-resume sweep test do (running each would add minutes to CI)."""
     monkeypatch.setenv("JAXCOMPRESS_GLUE_DIR", str(glue_dir))
     teacher = save_tiny_model(tmp_path / "teacher", minilm_dir, num_hidden_layers=4, num_labels=2)
     config = sweep.load_sweep(f"{REPO}/configs/ablations/sst2.py:{family},quick,teacher={teacher}")
@@ -370,7 +371,7 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
                 assert PRUNING.parse(stage.prune) is not None
             else:
                 assert artefact.count_params(params) < artefact.count_params(model[1])
-    if family not in ("quantization", "binarybert", "pruning"):
+    if family not in ("binarybert", "pruning"):
         return
     # End to end on a 2-layer teacher (the layer-dropping variants above need 4): half the
     # compile time of every program.

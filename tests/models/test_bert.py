@@ -1,5 +1,7 @@
 """The Flax BERT: parity with Hugging Face PyTorch, compressed shapes, axes, dropout."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +164,8 @@ def test_fused_attention_equals_the_explicit_path(shared):
     ids = jax.random.randint(jax.random.key(1), (3, 9), 1, 1000)
     mask = jnp.array([[1] * 9, [1] * 5 + [0] * 4, [0] * 9])  # the last: a padding row
 
+    # jitted: eager dispatch of each small op costs more than one compile here
+    @functools.partial(jax.jit, static_argnums=1)
     def logits(p, explicit):
         out = Bert(config).apply({"params": p}, ids, mask, output_attentions=explicit)
         assert (out.attentions is None) != explicit
@@ -170,11 +174,18 @@ def test_fused_attention_equals_the_explicit_path(shared):
     fused, explicit = logits(params, False), logits(params, True)
     assert np.all(np.isfinite(fused))  # the padding row too: its output is not used
     np.testing.assert_allclose(fused[:2], explicit[:2], rtol=1e-5, atol=1e-6)
-    grads = [jax.grad(lambda p, e=e: jnp.sum(logits(p, e)[:2] ** 2))(params) for e in (0, 1)]
+    grads = [
+        jax.jit(jax.grad(lambda p, e=e: jnp.sum(logits(p, e)[:2] ** 2)))(params) for e in (0, 1)
+    ]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     bf16 = Bert(config.replace(dtype="bfloat16"))
-    outs = [bf16.apply({"params": half}, ids, mask, output_attentions=e).logits for e in (0, 1)]
+    outs = [
+        jax.jit(lambda p, e=e: bf16.apply({"params": p}, ids, mask, output_attentions=e).logits)(
+            half
+        )
+        for e in (False, True)
+    ]
     np.testing.assert_allclose(outs[0][:2], outs[1][:2], atol=2e-2)
 
 

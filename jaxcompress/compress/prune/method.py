@@ -35,6 +35,8 @@ class PruneSpec:
         step adds -score_lr * their gradient).
       scores_from: the model the run's start model was fine-tuned from: scores start at
         each weight's movement away from zero in that fine-tune, |W| - |W_from|.
+      score_magnitude: scores also start at this multiple of |W_from| (|W| without
+        `scores_from`).
       masks_from: the pruned model whose zeros fix the masks ('fixed').
     """
 
@@ -52,6 +54,7 @@ class PruneSpec:
     score_lr: float = 0.0
     score_update: str = "adam"
     scores_from: str = ""
+    score_magnitude: float = 0.0
     masks_from: str = ""
 
     def schedule(self, total_steps: int) -> prune.Schedule:
@@ -86,11 +89,12 @@ def parse(cfg: Any) -> PruneSpec | None:
         return PruneSpec("fixed", rules, masks_from=cfg.masks_from)
     if not cfg.method:
         return None
-    if cfg.scores_from and cfg.method != "movement":
-        raise ValueError(
-            f"prune.scores_from starts movement scores; prune.method is {cfg.method!r}: "
-            "set it to 'movement' or leave scores_from empty"
-        )
+    for key in ("scores_from", "score_magnitude"):
+        if cfg[key] and cfg.method != "movement":
+            raise ValueError(
+                f"prune.{key} starts movement scores; prune.method is {cfg.method!r}: "
+                f"set it to 'movement' or leave {key} unset"
+            )
     if not 0.0 <= cfg.begin <= cfg.end <= 1.0:
         raise ValueError(f"prune: need 0 <= begin <= end <= 1, got {cfg.begin}, {cfg.end}")
     soft = (cfg.method, cfg.movement) == ("movement", "soft")
@@ -112,6 +116,7 @@ def parse(cfg: Any) -> PruneSpec | None:
         score_lr=cfg.score_lr,
         score_update=cfg.score_update,
         scores_from=cfg.scores_from,
+        score_magnitude=cfg.score_magnitude,
     )
 
 
@@ -121,7 +126,9 @@ def prepare(spec: PruneSpec, params: core.Params, load_params: LoadParams) -> co
     if spec.method != "movement":
         return params
     start = load_params(spec.scores_from) if spec.scores_from else None
-    return prune.add_movement_scores(params, spec.rules, spec.score_init, start)
+    return prune.add_movement_scores(
+        params, spec.rules, spec.score_init, start, spec.score_magnitude
+    )
 
 
 def reparam(spec: PruneSpec, total_steps: int, load_params=None) -> core.Reparam:

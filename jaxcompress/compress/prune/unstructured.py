@@ -350,6 +350,7 @@ def add_movement_scores(
     rules: core.Rules,
     init: float = 0.0,
     fine_tuned_from: core.Params | None = None,
+    magnitude: float = 0.0,
 ) -> core.Params:
     """`params` with a trainable movement score beside each selected weight.
 
@@ -367,6 +368,9 @@ def add_movement_scores(
         weights' rate grow as |W| does (both steps are normalised per entry), so this is
         the score a movement run over that fine-tune would have accumulated, without its
         minibatch noise, and the pruning run continues it.
+      magnitude: scores also start at this multiple of |W_from| (of |W| without
+        `fine_tuned_from`): a magnitude prior, so that weights that were large before the
+        fine-tune and stayed so are not ranked below ones that moved a little.
 
     Returns:
       The tree with the scores added, ready for `movement_pruning`.
@@ -381,7 +385,7 @@ def add_movement_scores(
         raise ValueError(f"params already hold movement scores (e.g. {min(old)})")
     flat = core.leaves_by_path(model)
     selected = _selected(model, rules)
-    scores = {path: jnp.full_like(flat[path], init) for path in selected}
+    scores = {path: init + magnitude * jnp.abs(flat[path]) for path in selected}
     if fine_tuned_from is not None:
         before = core.leaves_by_path(split_scores(fine_tuned_from)[0])
         for path in selected:
@@ -392,8 +396,8 @@ def add_movement_scores(
                     f"{path!r}, the model {jnp.shape(flat[path])}; give the model it was "
                     "fine-tuned from, before any structure transform"
                 )
-            moved = jnp.abs(flat[path]) - jnp.abs(jnp.asarray(before[path], flat[path].dtype))
-            scores[path] = scores[path] + moved
+            start = jnp.abs(jnp.asarray(before[path], flat[path].dtype))
+            scores[path] = init + magnitude * start + jnp.abs(flat[path]) - start
     return tree.add_beside(model, scores, SCORE_SUFFIX)
 
 

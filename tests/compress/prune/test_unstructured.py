@@ -138,13 +138,14 @@ def test_movement_scores_learn_from_the_straight_through_gradient():
 def test_movement_scores_can_start_from_the_movement_of_a_fine_tune():
     before, after = params(0), params(1)
     tree = prune.add_movement_scores(after, RULES, init=0.5, fine_tuned_from=before)
+    primed = prune.add_movement_scores(after, RULES, 0.5, before, magnitude=0.25)
+    alone = prune.add_movement_scores(after, RULES, 0.5, magnitude=0.25)
     for name in ("a", "b"):
-        expected = (
-            0.5 + jnp.abs(after["enc"][name]["kernel"]) - jnp.abs(before["enc"][name]["kernel"])
-        )
-        np.testing.assert_allclose(
-            tree["enc"][name]["kernel" + prune.SCORE_SUFFIX], expected, 1e-6, atol=1e-6
-        )
+        w, w0 = jnp.abs(after["enc"][name]["kernel"]), jnp.abs(before["enc"][name]["kernel"])
+        key = "kernel" + prune.SCORE_SUFFIX
+        np.testing.assert_allclose(tree["enc"][name][key], 0.5 + w - w0, 1e-6, atol=1e-6)
+        np.testing.assert_allclose(primed["enc"][name][key], 0.5 + w - 0.75 * w0, 1e-6, atol=1e-6)
+        np.testing.assert_allclose(alone["enc"][name][key], 0.5 + 0.25 * w, 1e-6, atol=1e-6)
     assert "scale" + prune.SCORE_SUFFIX not in tree["LayerNorm"]
     # Through the method: `scores_from` is loaded with the loop's loader, by its path.
     cfg = finetune_defaults().prune
@@ -252,6 +253,9 @@ def test_bad_prune_configs_fail_clearly():
         PRUNING.parse(cfg)
     cfg.masks_from, cfg.scores_from = "", "base"
     with pytest.raises(ValueError, match="prune.scores_from starts movement scores"):
+        PRUNING.parse(cfg)
+    cfg.scores_from, cfg.score_magnitude = "", 0.1
+    with pytest.raises(ValueError, match="leave score_magnitude unset"):
         PRUNING.parse(cfg)
 
 
