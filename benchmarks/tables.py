@@ -165,6 +165,7 @@ COLUMNS["movement_scores"] = [
     "scores_vs_magnitude",
     "matrices",
 ]
+COLUMNS["movement_oneshot"] = ["name", "ranking", "sparsity", "value", "relative", "dev_examples"]
 COLUMNS["compile_time"] = [
     "name",
     "device",

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -233,8 +234,17 @@ def load_split(
             f"or the config's glue_dir) at the folder holding the task folders "
             f"({spec.tsv_dir}/, ...)"
         )
-    columns = read_tsv(spec, path)
-    return datasets.Dataset.from_dict(columns, features=_features(spec))
+    stat = path.stat()
+    return _local_split(spec.name, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _local_split(task: str, path: str, mtime_ns: int, size: int) -> datasets.Dataset:
+    """A local TSV as a dataset, parsed once per process while the file is unchanged (every
+    stage of a sweep, and every run of a test process, reads the same train file; a
+    `Dataset` is immutable: `select` and `map` return new ones)."""
+    spec = get_task(task)
+    return datasets.Dataset.from_dict(read_tsv(spec, Path(path)), features=_features(spec))
 
 
 def read_tsv(spec: TaskSpec, path: Path) -> dict[str, list]:
