@@ -105,6 +105,21 @@ def families(quick: bool) -> dict[str, dict]:
         )
         return variant
 
+    def sparsity_curve() -> dict:
+        makers = {
+            "magnitude_kd": lambda s: pruned("magnitude", s, 0.1, 0.7, 1e-4),
+            "movement_ft_kd": lambda s: from_fine_tune(pruned("movement", s, 0.1, 0.7, 1e-4), 0.2),
+            "movement_ft_once_kd": lambda s: from_fine_tune(
+                pruned("movement", s, 0.0, 0.0, 1e-4), 0.05
+            ),
+        }
+        curve = {
+            technique: {f"r{round(100 * (1 - s))}": make(s) for s in (0.9, 0.95, 0.97, 0.8, 0.5)}
+            for technique, make in makers.items()
+        }
+        curve["movement_ft_once_kd"]["r10_long"] = longer(makers["movement_ft_once_kd"](0.9))
+        return curve
+
     layers = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
     return {
         "decomposition": {
@@ -193,20 +208,7 @@ def families(quick: bool) -> dict[str, dict]:
         # from the teacher's fine-tune, on the same schedule (magnitude prior 0.2) and all at
         # once when the run starts (prior 0.05): benchmarks/results/movement_oneshot.json
         # has how each prior ranks the teacher's weights at each sparsity.
-        "sparsity": {
-            technique: {f"r{round(100 * (1 - s))}": make(s) for s in (0.9, 0.95, 0.97, 0.8, 0.5)}
-            for technique, make in (
-                ("magnitude_kd", lambda s: pruned("magnitude", s, 0.1, 0.7, 1e-4)),
-                (
-                    "movement_ft_kd",
-                    lambda s: from_fine_tune(pruned("movement", s, 0.1, 0.7, 1e-4), 0.2),
-                ),
-                (
-                    "movement_ft_once_kd",
-                    lambda s: from_fine_tune(pruned("movement", s, 0.0, 0.0, 1e-4), 0.05),
-                ),
-            )
-        },
+        "sparsity": sparsity_curve(),
         "main": {
             "factorize": {
                 f"e{e_large}": student((factorize(e_large),)),
