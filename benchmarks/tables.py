@@ -30,6 +30,8 @@ HEADLINES = [
     ("quantize", "qat_weights w4_group", "QAT: 4-bit group-wise weights"),
     ("quantize", "qat_ternary_kd w2a8", "TernaryBERT: ternary weights and embeddings"),
     ("prune", "magnitude_kd s50", "magnitude pruning, 50% (sparse artefact)"),
+    ("sparsity", "movement_ft_once_kd r10", "movement pruning, 10% of weights kept (sparse)"),
+    ("sparsity", "magnitude_kd r10", "magnitude pruning, 10% of weights kept (sparse)"),
     ("prune", "heads_kd h50", "half the attention heads removed"),
     ("prune", "combined_kd l3_h50_f50", "3 layers, half the heads, half the FFN"),
     ("ablation_main_sst2", "factorize e128", "ALBERT's factorized embeddings, E = 128"),
