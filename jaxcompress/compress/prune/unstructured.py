@@ -384,11 +384,14 @@ def add_movement_scores(
     if old:
         raise ValueError(f"params already hold movement scores (e.g. {min(old)})")
     flat = core.leaves_by_path(model)
-    selected = _selected(model, rules)
-    scores = {path: init + magnitude * jnp.abs(flat[path]) for path in selected}
+    before = None
     if fine_tuned_from is not None:
         before = core.leaves_by_path(split_scores(fine_tuned_from)[0])
-        for path in selected:
+    scores = {}
+    for path in _selected(model, rules):
+        weight = jnp.abs(flat[path])
+        start = weight  # without a fine-tune: no movement, the prior on |W| itself
+        if before is not None:
             if path not in before or jnp.shape(before[path]) != jnp.shape(flat[path]):
                 found = jnp.shape(before[path]) if path in before else "nothing"
                 raise ValueError(
@@ -397,7 +400,7 @@ def add_movement_scores(
                     "fine-tuned from, before any structure transform"
                 )
             start = jnp.abs(jnp.asarray(before[path], flat[path].dtype))
-            scores[path] = init + magnitude * start + jnp.abs(flat[path]) - start
+        scores[path] = init + magnitude * start + (weight - start)
     return tree.add_beside(model, scores, SCORE_SUFFIX)
 
 
