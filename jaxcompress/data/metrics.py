@@ -14,7 +14,8 @@ _TASK_METRICS: dict[str, tuple[str, ...]] = {
     "rte": ("accuracy",),
     "wnli": ("accuracy",),
 }
-_MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
+# GLUE's headline metric per task (Devlin et al. Table 1): F1 for the paraphrase tasks.
+_MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
 
 
 def _check_pair(predictions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +108,6 @@ def task_metrics(task: str, logits_or_scores: np.ndarray, labels: np.ndarray) ->
 
 
 def main_metric(task: str) -> str:
-    """The single metric reported for a task (accuracy for mrpc/qqp, as in the survey tables)."""
+    """The single metric reported for a task: GLUE's headline one (F1 for mrpc and qqp)."""
     _check_task(task)
     return _MAIN_METRIC.get(task, "accuracy")

@@ -132,7 +132,8 @@ def test_task_metrics_bad_input():
 def test_main_metric():
     assert metrics.main_metric("cola") == "matthews_correlation"
     assert metrics.main_metric("stsb") == "pearson"
-    for task in ("sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli"):
+    assert metrics.main_metric("mrpc") == metrics.main_metric("qqp") == "f1"
+    for task in ("sst2", "mnli", "qnli", "rte", "wnli"):
         assert metrics.main_metric(task) == "accuracy"
     with pytest.raises(ValueError, match="valid tasks: cola"):
         metrics.main_metric("glue")
