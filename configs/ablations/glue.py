@@ -5,6 +5,8 @@
   ...  (sst2, cola, mrpc, stsb, rte; each with and without `gobo`)
   jaxcompress report runs/glue/* --allow-mixed --out benchmarks/results/ablation_glue
 
+or all of it a run at a time, seed by seed, kept across sessions: benchmarks/glue_grid.py.
+
 The argument is `TASK[,gobo][,quick][,teacher=PATH]`. Each task's teacher is its own
 fine-tune of all-MiniLM-L6-v2 (`benchmarks/glue_teachers.py` writes it to
 runs/glue_teachers/TASK/jax/model; SST-2 uses the fixed minilm-l6-sst2-teacher of every
