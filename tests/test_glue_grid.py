@@ -1,0 +1,73 @@
+"""benchmarks/glue_grid.py's bookkeeping on archived RTE runs: restore, archive, report rows."""
+
+import importlib
+import json
+import shutil
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+glue_grid = importlib.import_module("glue_grid")
+
+ARCHIVE = REPO / "benchmarks" / "results" / "ablation_glue_runs"
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """The committed RTE runs, plus a second seed of heads_kd (value 0.02 lower)."""
+    out = tmp_path / "archive"
+    for sweep in ("rte", "rte_gobo"):
+        shutil.copytree(ARCHIVE / sweep, out / sweep)
+    (heads,) = (out / "rte").glob("heads_kd-h50-s0-*.json")
+    summary = json.loads(heads.read_text())
+    summary |= {"seed": 1, "label": "heads_kd-h50-s1", "value": summary["value"] - 0.02}
+    summary["relative"] = summary["value"] / summary["reference"]["value"]
+    (out / "rte" / heads.name.replace("-s0-", "-s1-")).write_text(json.dumps(summary))
+    return out
+
+
+def test_restore_fills_only_missing_runs_and_archive_copies_back(archive, tmp_path):
+    workdir = tmp_path / "runs"
+    count = len(list(archive.glob("*/*.json")))
+    assert glue_grid.restore(archive, workdir) == count
+    assert glue_grid.restore(archive, workdir) == 0
+    done = sorted(workdir.glob("*/runs/*/summary.json"))
+    assert [(p.parents[2].name, p.parent.name) for p in done] == sorted(
+        (p.parent.name, p.stem) for p in archive.glob("*/*.json")
+    )
+    first = done[0]
+    (archive / first.parents[2].name / f"{first.parent.name}.json").unlink()
+
+    class Run:
+        dir_name = first.parent.name
+
+    glue_grid.archive_run(workdir, archive, first.parents[2].name, Run)
+    assert (archive / first.parents[2].name / f"{first.parent.name}.json").read_bytes() == (
+        first.read_bytes()
+    )
+
+
+def test_report_counts_seeds_and_claims_only_at_three(archive, tmp_path):
+    workdir = tmp_path / "runs"
+    glue_grid.restore(archive, workdir)
+    table = glue_grid.write_grid_report(workdir, tmp_path / "grid", "a note")
+    result = json.loads((tmp_path / "grid.json").read_text())
+    assert result["table"] == table and result["note"] == "a note"
+    rows = {r["name"]: r for r in result["rows"]}
+    assert len(rows) == len(list((archive / "rte").glob("*-s0-*.json"))) + 1
+    heads = rows["heads_kd h50"]
+    assert heads["seeds"] == 2 and not heads["claim"] and len(heads["values"]) == 2
+    assert heads["value"] == pytest.approx(sum(heads["values"]) / 2, abs=1e-12)
+    assert heads["values"][0] - heads["values"][1] == pytest.approx(0.02, abs=1e-9)
+    assert heads["drop_points"] == pytest.approx(100 * (heads["reference"] - heads["value"]))
+    assert rows["gobo w3"]["claim"] and rows["gobo w3"]["budget"] == {"training": "none"}
+    assert rows["qat_w8a8 q8bert"]["seeds"] == 1 and not rows["qat_w8a8 q8bert"]["claim"]
+    assert (
+        rows["combined_kd l3_h50_f50"]["budget"]["epochs"]
+        == 3 * (rows["heads_kd h50"]["budget"]["epochs"])
+    )
+    assert result["teachers"]["rte"]["consistent"] and result["average"]["tasks"] == ["rte"]
+    assert "RTE" in table.splitlines()[0] and len(table.splitlines()) == 3 + len(rows)
