@@ -3,27 +3,28 @@
   jaxcompress sweep configs/ablations/sst2.py:main --workdir runs/ablation_sst2
   jaxcompress report runs/ablation_sst2 --out benchmarks/results/ablation_sst2
 
-Families (the argument): `decomposition` (factorized embeddings E=128/64 with
-token-frequency-weighted SVD init; low-rank FFN at 50%/25% of full rank), `sharing`
-(cross-layer sharing of all layers, pairs, triples), `distillation` (6 -> 3 and 6 -> 2
-layers by logit KD and by TinyBERT's layer terms), `combined` (a 3-layer student that is
-also factorized or low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit
-weights and activations; 4-bit group-wise weights; Q-BERT's Hessian-chosen mixed
-precision at 3 bits on average; TernaryBERT's ternary weights and
-8-bit activations with layer distillation), `binarybert` (binary weights the BinaryBERT way: the
-TernaryBERT run of `quantization`, shared when both run in one workdir, split by ternary
-weight splitting into binary halves and trained on as binary weights, embeddings too, with
-8-bit activations and layer distillation), `pruning` (magnitude pruning to 50% and 90%
-sparsity, movement pruning to 10% remaining (from the teacher, with scores trained by Adam
-and with summed scores, and Sanh et al.'s way: from the pre-trained model, 1,200 steps), 50%
-of heads by Michel et al.'s importance, 50% of FFN neurons, 6 -> 3 layers by four of Poor
-Man's BERT's strategies, and heads + FFN + layers combined, trained 1,200 steps, by logits
-and also with hidden-state terms; all distilled from the teacher), and `main` (the committed
-comparison: factorized embeddings,
-low-rank FFN and layer dropping with distillation, two strengths each). Every run recovers
-or trains by distillation from the teacher for 400 steps of batch 32: one pass over a fixed
-random 12,800-example subset of the train set (a fifth of it), on seeds 0, 1, 2; it is
-measured on the full dev set with paired CPU latency.
+Families (the argument): `decomposition` (factorized embeddings E=128/64 with token-
+frequency-weighted SVD init; low-rank FFN at 50%/25% of full rank), `sharing` (cross-layer
+sharing of all layers, pairs, triples), `distillation` (6 -> 3 and 6 -> 2 layers by logit KD
+and by TinyBERT's layer terms), `combined` (a 3-layer student that is also factorized or
+low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit weights and
+activations; 4-bit group-wise weights; Q-BERT's Hessian-chosen mixed precision at 3 bits on
+average; TernaryBERT's ternary weights and 8-bit activations with layer distillation),
+`combined_staged` (the `combined_kd` student built depth first: 3 layers distilled
+TinyBERT's way, then half the heads and FFN neurons removed and recovered), `binarybert`
+(binary weights the BinaryBERT way: the TernaryBERT run of `quantization`, shared when both
+run in one workdir, split by ternary weight splitting into binary halves and trained on as
+binary weights, embeddings too, with 8-bit activations and layer distillation), `pruning`
+(magnitude pruning to 50% and 90% sparsity, movement pruning to 10% remaining (from the
+teacher, with scores trained by Adam and with summed scores, and Sanh et al.'s way: from the
+pre-trained model, 1,200 steps), 50% of heads by Michel et al.'s importance, 50% of FFN
+neurons, 6 -> 3 layers by four of Poor Man's BERT's strategies, and heads + FFN + layers
+combined, trained 1,200 steps, by logits and also with hidden-state terms; all distilled
+from the teacher), and `main` (the committed comparison: factorized embeddings, low-rank FFN
+and layer dropping with distillation, two strengths each). Every run recovers or trains by
+distillation from the teacher for 400 steps of batch 32: one pass over a fixed random
+12,800-example subset of the train set (a fifth of it), on seeds 0, 1, 2; it is measured on
+the full dev set with paired CPU latency.
 
 Flags after the family: `quick` (runlocal: 2 steps on 64 examples, one seed, small
 strengths, one padded length of 64, the first 256 dev sentences, no latency: what the tests
@@ -236,7 +237,7 @@ def get_config(arg: str = "main") -> dict:
     quick = "quick" in options
     teacher = options.get("teacher") or TEACHER
     variants = families(quick)
-    known = sorted([*variants, "binarybert"])
+    known = sorted([*variants, "binarybert", "combined_staged"])
     if family not in known:
         raise ValueError(f"unknown family {family!r}; choose from {known}")
     train = {"batch_size": 32, "steps": 400, "examples": 12800, "warmup_ratio": 0.06}
@@ -263,7 +264,44 @@ def get_config(arg: str = "main") -> dict:
         "reference": teacher,
         "latency": not quick,
     }
+    if family == "combined_staged":
+        return combined_staged(sweep, quick)
     return binarybert(sweep, variants["quantization"]) if family == "binarybert" else sweep
+
+
+def combined_staged(sweep: dict, quick: bool) -> dict:
+    """Depth first, then width: `layers` distils the teacher's layers 2, 4, 6 TinyBERT's way
+    (hidden states, attention, embeddings and logits) for 1,200 steps, while the student
+    still has every head, so the attention term applies; `student` then removes half its
+    heads and half its FFN neurons and recovers for 1,200 steps by logit distillation."""
+    (stage,) = sweep["recipe"]["stages"]
+    steps = 6 if quick else 1200
+    tinybert = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
+    layers = deep_merge(
+        stage["config"],
+        {
+            "transforms": ("keep_layers(keep=3, strategy='every_other')",),
+            "train": {"lr": 1e-4, "steps": steps},
+            "distill": tinybert,
+        },
+    )
+    width = ("prune_heads(fraction=0.5, steps=5)", "prune_ffn(fraction=0.5, scope='layer')")
+    student = deep_merge(
+        stage["config"],
+        {"model": "@layers", "transforms": width, "train": {"lr": 1e-4, "steps": steps}},
+    )
+    return {
+        **sweep,
+        "recipe": {
+            "task": "sst2",
+            "stages": (
+                {"name": "layers", "kind": "finetune", "config": layers},
+                {**stage, "config": student},
+            ),
+        },
+        "variants": {"combined_staged": {"l3_h50_f50": {"student": {}}}},
+        "seeded": ("layers", "student"),
+    }
 
 
 def binarybert(sweep: dict, quantization: dict) -> dict:

@@ -339,6 +339,7 @@ def test_pareto_front():
         "sharing",
         "distillation",
         "combined",
+        "combined_staged",
         "quantization",
         "binarybert",
         "pruning",
