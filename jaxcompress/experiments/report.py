@@ -190,9 +190,11 @@ def table(rows: Sequence[dict], references: dict[str, dict]) -> str:
     headers = [TASK_NAMES.get(t, t) for t in tasks]
     columns = ["model", "params", "size %", "size % (no emb.)", "speedup", *headers, "avg drop"]
     first = references[tasks[0]]
+    models = {str(references[t]["model"]) for t in tasks}
+    name = Path(models.pop()).name if len(models) == 1 else "each task's teacher"
     lines = [
         {
-            "model": f"reference ({Path(str(first['model'])).name})",
+            "model": f"reference ({name})",
             "params": f"{first['params'] / 1e6:.1f}M",
             "size %": "100",
             "size % (no emb.)": "100",

@@ -281,7 +281,7 @@ def test_report_averages_the_models_that_have_every_task(tmp_path):
         _summary("t", "big", 0, 0.4, task="cola", speedup=4.0),
         _summary("t", "small", 0, 0.7, task="sst2", speedup=3.0),  # no cola: not averaged
     ]
-    runs[1]["reference"] = {**runs[1]["reference"], "value": 0.5}
+    runs[1]["reference"] = {**runs[1]["reference"], "value": 0.5, "model": "cola_teacher"}
     written = report.write_report(
         [_write_runs(tmp_path / "a", runs)], tmp_path / "out", allow_mixed=True
     )
@@ -294,7 +294,9 @@ def test_report_averages_the_models_that_have_every_task(tmp_path):
         "out_sst2.png",
         "out_average.png",
     ]
-    big = next(x for x in written["table"].splitlines() if x.startswith("| t big"))
+    lines = written["table"].splitlines()
+    assert lines[2].startswith("| reference (each task's teacher) | 0.0M | 100 |")
+    big = next(x for x in lines if x.startswith("| t big"))
     assert big.endswith("| 10.00 |")  # drops 10 (sst2) and 10 (cola) points
 
 
