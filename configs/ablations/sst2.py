@@ -273,7 +273,8 @@ def combined_staged(sweep: dict, quick: bool) -> dict:
     """Depth first, then width: `layers` distils the teacher's layers 2, 4, 6 TinyBERT's way
     (hidden states, attention, embeddings and logits) for 1,200 steps, while the student
     still has every head, so the attention term applies; `student` then removes half its
-    heads and half its FFN neurons and recovers for 1,200 steps by logit distillation."""
+    heads and half its FFN neurons and recovers for 1,200 steps by logit distillation.
+    `l3_h50_f50_all` draws the `layers` stage's examples from the whole train set."""
     (stage,) = sweep["recipe"]["stages"]
     steps = 6 if quick else 1200
     tinybert = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
@@ -299,7 +300,14 @@ def combined_staged(sweep: dict, quick: bool) -> dict:
                 {**stage, "config": student},
             ),
         },
-        "variants": {"combined_staged": {"l3_h50_f50": {"student": {}}}},
+        "variants": {
+            "combined_staged": {
+                "l3_h50_f50": {"student": {}},
+                # TinyBERT distils over the whole train set: the same 1,200 steps, new examples
+                # throughout instead of three passes over the 12,800-example subset
+                "l3_h50_f50_all": {"layers": {"train": {"examples": -1}}},
+            }
+        },
         "seeded": ("layers", "student"),
     }
 
