@@ -55,24 +55,7 @@ def main() -> None:
         for s in summaries
     }
     rows = [
-        {
-            "name": f"{r['technique']} {r['strength']}",
-            "task": r["task"],
-            "metric": r["metric"],
-            "value": r["mean"],
-            "std": r["std"],
-            "seeds": len(r["seeds"]),
-            "relative": r["relative"],
-            "params": r["params"],
-            # Unstructured pruning stores zeros in a dense model: count what the sparse keeps.
-            "remaining_params": r.get("remaining_params", r["params"]),
-            "bytes": r["bytes"],
-            "bytes_no_embeddings": r["bytes_no_embeddings"],
-            "bytes_relative": r["size"],
-            "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
-            "values": r["values"],
-            "steps": steps[r["technique"], r["strength"]],
-        }
+        {**report.result_row(r), "steps": steps[r["technique"], r["strength"]]}
         for r in written["rows"]
     ]
     student = first["config"]["recipe"]["stages"][-1]["config"]

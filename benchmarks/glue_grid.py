@@ -85,22 +85,10 @@ def write_grid_report(workdir: Path, out: Path, command_note: str) -> str:
     budgets = {(s["technique"], s["strength"], s["task"]): budget(s) for s in summaries}
     rows = [
         {
-            "name": f"{r['technique']} {r['strength']}",
-            "task": r["task"],
-            "metric": r["metric"],
-            "value": r["mean"],
-            "std": r["std"],
-            "seeds": len(r["seeds"]),
+            **report.result_row(r),
             "claim": len(r["seeds"]) >= 3 or r["technique"] == "gobo",
-            "values": r["values"],
             "reference": r["reference"],
-            "relative": r["relative"],
             "drop_points": 100 * (r["reference"] - r["mean"]),
-            "params": r["params"],
-            "bytes": r["bytes"],
-            "bytes_relative": r["size"],
-            "bytes_relative_no_embeddings": r["size_no_embeddings"],
-            "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
             "budget": budgets[r["technique"], r["strength"], r["task"]],
         }
         for r in written["rows"]

@@ -140,6 +140,29 @@ def aggregate(summaries: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def result_row(row: dict) -> dict:
+    """An `aggregate` row in a result file's standard row fields (DESIGN.md); benchmarks add
+    their own fields to it."""
+    return {
+        "name": f"{row['technique']} {row['strength']}",
+        "task": row["task"],
+        "metric": row["metric"],
+        "value": row["mean"],
+        "std": row["std"],
+        "seeds": len(row["seeds"]),
+        "values": row["values"],
+        "relative": row["relative"],
+        "params": row["params"],
+        # Unstructured pruning stores zeros in a dense model: count what the sparse keeps.
+        "remaining_params": row.get("remaining_params", row["params"]),
+        "bytes": row["bytes"],
+        "bytes_no_embeddings": row["bytes_no_embeddings"],
+        "bytes_relative": row["size"],
+        "bytes_relative_no_embeddings": row["size_no_embeddings"],
+        "latency_ratio": {"cpu": row.get("speedup"), "gpu": None},
+    }
+
+
 def average_rows(rows: Sequence[dict], references: dict[str, dict]) -> tuple[list[dict], dict]:
     """The survey's average over tasks: one row per model that has every task (its metrics'
     mean, sizes and speed-up averaged over tasks), and the reference's average alike.

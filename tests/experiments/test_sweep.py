@@ -266,6 +266,16 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert big["mean"] == pytest.approx(0.85) and big["std"] == pytest.approx(0.0707107, 1e-5)
     assert big["relative"] == pytest.approx(0.85 / 0.9) and big["seeds"] == [0, 1]
     assert big["size"] == 0.5 and big["size_no_embeddings"] == 0.25 and big["speedup"] == 2.0
+    row = report.result_row(big)
+    assert (row["name"], row["value"], row["seeds"], row["values"]) == (
+        "t big",
+        big["mean"],
+        2,
+        [0.8, 0.9],
+    )
+    assert (row["bytes_relative"], row["bytes_relative_no_embeddings"]) == (0.5, 0.25)
+    assert row["latency_ratio"] == {"cpu": 2.0, "gpu": None}
+    assert row["remaining_params"] == row["params"] == big["params"]
     lines = written["table"].splitlines()
     assert lines[0].startswith("| model | params | size % | size % (no emb.) | speedup | SST-2")
     assert lines[2] == "| reference (teacher) | 0.0M | 100 | 100 | 1.00x | 90.00 | 0 |"
