@@ -10,6 +10,8 @@ parameter groups, the same warmup and linear decay, clipping, dropout, batch siz
 padding to each batch's longest sequence. Both are evaluated on the full dev set with
 `jaxcompress.data.metrics`. Each finished task is kept in WORKDIR, and the result file is
 rewritten after each, so an interrupted run loses at most the task it was in.
+`--spread-seeds 1,2` also fine-tunes those seeds (WORKDIR/TASK/jax_s<seed>) and records the
+metric over seeds as `seed_spread`; the teacher stays the recipe's seed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -159,6 +162,22 @@ def torch_row(config) -> dict:
     }
 
 
+def seed_spread(task: str, config, value: float, seeds: str, workdir: Path) -> dict:
+    """The task metric of the recipe's seed (`value`) and of each of `seeds` (fine-tuned in
+    WORKDIR/TASK/jax_s<seed>, resumable), with their mean and sample std."""
+    values = {config.seed: value}
+    for seed in map(int, seeds.split(",")):
+        other = load_config(f"{REPO}/configs/finetune.py:{task}", [f"seed={seed}"])
+        values[seed] = loop.train(other, workdir / task / f"jax_s{seed}")["value"]
+        log.info("%s seed %d: %.4f", task, seed, values[seed])
+    ordered = [values[s] for s in sorted(values)]
+    return {
+        **{f"s{s}": values[s] for s in sorted(values)},
+        "mean": statistics.fmean(ordered),
+        "std": statistics.stdev(ordered),
+    }
+
+
 def cached(path: Path, make) -> dict:
     """`make()`, kept as JSON at `path` so that a rerun reuses it."""
     if path.exists():
@@ -175,6 +194,12 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="also fine-tune in HF PyTorch")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/glue_teachers.json"))
     parser.add_argument("--note", default="", help="a note for the result file (how it ran)")
+    parser.add_argument(
+        "--spread-seeds",
+        default="",
+        help="more seeds of the JAX fine-tune (e.g. 1,2), trained only to measure the spread "
+        "of the metric over seeds; the teacher stays the recipe's seed",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -216,6 +241,10 @@ def main() -> None:
             split = spec.eval_splits[0]
             dev = len(glue.load_split(task, split, glue_dir(config)))
             rows[(task, name)] = {**common, "name": name, **row, "dev_examples": dev}
+        if args.spread_seeds:
+            rows[(task, "jaxcompress")]["seed_spread"] = seed_spread(
+                task, config, rows[(task, "jaxcompress")]["value"], args.spread_seeds, workdir
+            )
         ours, theirs = rows.get((task, "jaxcompress")), rows.get((task, "hf_pytorch"))
         if ours and theirs:
             ours["hf_pytorch_value"] = theirs["value"]

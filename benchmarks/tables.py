@@ -51,6 +51,7 @@ COLUMNS = {
         "value",
         "hf_pytorch_value",
         "eval",
+        "seed_spread",
         "steps",
         "train_s",
         "tokens_per_s",
