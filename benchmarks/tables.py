@@ -34,6 +34,11 @@ HEADLINES = [
     ("sparsity", "magnitude_kd r10", "magnitude pruning, 10% of weights kept (sparse)"),
     ("prune", "heads_kd h50", "half the attention heads removed"),
     ("prune", "combined_kd l3_h50_f50", "3 layers, half the heads, half the FFN"),
+    (
+        "combined_staged",
+        "combined_staged l3_h50_f50_all",
+        "the same, 3 layers by TinyBERT's terms first",
+    ),
     ("ablation_main_sst2", "factorize e128", "ALBERT's factorized embeddings, E = 128"),
     ("ablation_main_sst2", "low_rank_ffn r50", "low-rank FFN, half rank"),
     ("ablation_main_sst2", "layer_drop_kd l3", "3 of 6 layers, logit distillation"),
