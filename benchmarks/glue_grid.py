@@ -41,11 +41,16 @@ def sweeps(task: str) -> dict[str, dict]:
     }
 
 
+def finished(workdir: Path, name: str, run_dir: str) -> Path:
+    """Where sweep `name` keeps the summary of its finished run `run_dir`."""
+    return workdir / name / "runs" / run_dir / "summary.json"
+
+
 def restore(archive: Path, workdir: Path) -> int:
     """Puts every archived run summary back as WORKDIR/<sweep>/runs/<run>/summary.json."""
     restored = 0
     for path in sorted(archive.glob("*/*.json")):
-        done = workdir / path.parent.name / "runs" / path.stem / "summary.json"
+        done = finished(workdir, path.parent.name, path.stem)
         if not done.exists():
             done.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, done)
@@ -54,7 +59,7 @@ def restore(archive: Path, workdir: Path) -> int:
 
 
 def archive_run(workdir: Path, archive: Path, name: str, run: sweep.Run) -> None:
-    done = workdir / name / "runs" / run.dir_name / "summary.json"
+    done = finished(workdir, name, run.dir_name)
     target = archive / name / f"{run.dir_name}.json"
     if done.exists() and not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +79,7 @@ def write_grid_report(workdir: Path, out: Path, command_note: str) -> str:
     """The Table-1 report of every finished run under WORKDIR; returns its Markdown table."""
     dirs = sorted(d for d in workdir.iterdir() if (d / "runs").is_dir())
     written = report.write_report(dirs, out, allow_mixed=True)
-    summaries = report.collect(dirs, allow_mixed=True)
+    summaries = written["summaries"]
     teachers: dict[str, dict] = {}
     for s in summaries:
         ref = s["reference"]
@@ -94,6 +99,9 @@ def write_grid_report(workdir: Path, out: Path, command_note: str) -> str:
         for r in written["rows"]
     ]
     averaged, reference = report.average_rows(written["rows"], written["references"])
+    seeds: dict[tuple, list[int]] = {}
+    for r in written["rows"]:
+        seeds.setdefault((r["technique"], r["strength"]), []).append(len(r["seeds"]))
     body = {
         "sweep": "configs/ablations/glue.py:TASK and TASK,gobo",
         "teachers": {
@@ -117,11 +125,7 @@ def write_grid_report(workdir: Path, out: Path, command_note: str) -> str:
                     "drop_points": 100 * (reference["value"] - a["mean"]),
                     "bytes_relative": a["size"],
                     "latency_ratio_cpu": a.get("speedup"),
-                    "min_seeds": min(
-                        len(r["seeds"])
-                        for r in written["rows"]
-                        if (r["technique"], r["strength"]) == (a["technique"], a["strength"])
-                    ),
+                    "min_seeds": min(seeds[a["technique"], a["strength"]]),
                 }
                 for a in averaged
             ],
@@ -157,7 +161,7 @@ def main() -> None:
                             "strength": [run.strength],
                             "seed": [str(run.seed)],
                         }
-                        if (workdir / name / "runs" / run.dir_name / "summary.json").exists():
+                        if finished(workdir, name, run.dir_name).exists():
                             continue
                         t0 = time.perf_counter()
                         log.info("%s: %s", name, run.label)

@@ -355,7 +355,8 @@ def write_report(
     base: str | None = None,
 ) -> dict:
     """Writes `<prefix>.md`, `<prefix>.csv` and `<prefix>_<task>.png` (of the runs of
-    `base` only, if given); returns the rows, references, table and written paths."""
+    `base` only, if given); returns the rows, references, table, written paths and the run
+    summaries they came from."""
     summaries = collect(directories, allow_mixed, base)
     rows = aggregate(summaries)
     references = reference_rows(summaries)
@@ -370,4 +371,10 @@ def write_report(
         averaged, reference = average_rows(rows, references)
         if len(references) > 1 and averaged:  # the survey's average score over tasks
             written.append(plot(averaged, reference, "average", f"{prefix}_average.png"))
-    return {"rows": rows, "references": references, "table": markdown, "written": written}
+    return {
+        "rows": rows,
+        "references": references,
+        "table": markdown,
+        "written": written,
+        "summaries": summaries,
+    }
