@@ -196,8 +196,8 @@ def test_a_scanned_stack_equals_the_per_layer_one():
     scanned = config.replace(scan_layers=True)
     assert scans_every_layer(scanned) and not scans_every_layer(config)
     assert not scans_every_layer(scanned.replace(heads_per_layer=(4, 2, 4)))
-    params = init_params(config, jax.random.key(0))
-    fresh = init_params(scanned, jax.random.key(0))
+    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    fresh = jax.eval_shape(lambda key: init_params(scanned, key), jax.random.key(0))
     assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
     assert param_logical_axes(scanned) == param_logical_axes(config)
     ids = jax.random.randint(jax.random.key(1), (2, 7), 1, 1000)
@@ -217,7 +217,7 @@ def test_a_scanned_stack_equals_the_per_layer_one():
     projections = [layer_projections(c, s) for c, s in zip(both, sown, strict=True)]
     for x, y in zip(*projections, strict=True):
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), x, y)
-    grads = [jax.grad(lambda p, c=c: jnp.sum(run(c, p).logits ** 2))(params) for c in both]
+    grads = [jax.jit(jax.grad(lambda p, c=c: jnp.sum(run(c, p).logits ** 2)))(params) for c in both]
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), *grads)
     # Training: dropout, LayerDrop and remat inside the scan run and are deterministic in the key.
     train = scanned.replace(layerdrop=0.3, remat=True)

@@ -171,7 +171,7 @@ def plan(spec: QuantizeSpec, params: core.Params, setup: Setup) -> Plan:
     weights = qat.qat(rules) if rules is not None else core.identity()
     ranges = None
     if spec.activation_bits and spec.activation_ranges == "calibrated":
-        seen = weights.apply(params, weights.init(params))
+        seen = jax.jit(weights.apply)(params, weights.init(params))  # one program, not per op
         forward = jax.jit(lambda p, batch: setup.apply_fn(p, batch))  # traced in the context
         batches = setup.batches(spec.calibration_batches)
         ranges = calibrate(
