@@ -48,17 +48,16 @@ def main() -> None:
     prefix = REPO / "benchmarks" / "results" / name
     written = report.write_report([args.workdir], prefix, base=sweep.base_key(config))
     first = summaries[0]
-    steps = {  # a variant may train longer than the base (e.g. the combined pruning row)
-        (s["technique"], s["strength"]): s["config"]["recipe"]["stages"][-1]["config"]["train"][
-            "steps"
-        ]
-        for s in summaries
-    }
-    rows = [
-        {**report.result_row(r), "steps": steps[r["technique"], r["strength"]]}
-        for r in written["rows"]
-    ]
-    student = first["config"]["recipe"]["stages"][-1]["config"]
+    stages = {(s["technique"], s["strength"]): training_stages(s) for s in summaries}
+    rows = []
+    for r in written["rows"]:
+        own = stages[r["technique"], r["strength"]]
+        # a variant may train longer than the base (e.g. the combined pruning row)
+        row = {**report.result_row(r), "steps": own[-1]["steps"]}
+        if len(own) > 1:
+            row["stages"] = own
+        rows.append(row)
+    base = training_stages(first)
     write_result(
         prefix.with_suffix(".json"),
         name,
@@ -71,11 +70,11 @@ def main() -> None:
                 "value": first["reference"]["value"],
             },
             "training": {
-                "steps": student["train"]["steps"],
-                "batch_size": student["train"]["batch_size"],
-                "train_examples": student["train"].get("examples"),
+                **base[-1],
+                **({"stages": base} if len(base) > 1 else {}),
                 "note": "a fixed random subset of the SST-2 train set (one pass at the base "
-                "steps; each row's `steps` says its own); full dev",
+                "steps; each row's `steps` says its own, and a row of several stages its "
+                "`stages`; train_examples -1: the whole train set); full dev",
             },
             "latency": "paired CPU latency, batch 32 x 128, median of 10 alternating rounds",
             "table": written["table"],
@@ -85,6 +84,19 @@ def main() -> None:
         },
     )
     print(written["table"])
+
+
+def training_stages(summary: dict) -> list[dict]:
+    """What each stage of a run's recipe trained: its name, steps, batch size and examples."""
+    return [
+        {
+            "stage": stage["name"],
+            "steps": stage["config"]["train"]["steps"],
+            "batch_size": stage["config"]["train"]["batch_size"],
+            "train_examples": stage["config"]["train"].get("examples"),
+        }
+        for stage in summary["config"]["recipe"]["stages"]
+    ]
 
 
 if __name__ == "__main__":

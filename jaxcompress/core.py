@@ -101,6 +101,9 @@ def _unused_rule_message(pattern: str, regex: re.Pattern, paths: list[str]) -> s
     )
 
 
+_REPORTED: set[tuple[str, str, str, int]] = set()
+
+
 def match_rules(params: Params, rules: Rules, name: str = "rules") -> dict[str, Any]:
     """The spec of every selected leaf path: first `re.fullmatch` wins, `None` skips.
 
@@ -143,7 +146,10 @@ def match_rules(params: Params, rules: Rules, name: str = "rules") -> dict[str, 
             f"(re.fullmatch on '/'-joined paths): {reasons}"
         )
     for (pattern, spec), n in zip(rules, hits, strict=True):
-        log.info("%s: %r -> %s matched %d parameter(s)", name, pattern, spec, n)
+        line = (name, pattern, repr(spec), n)
+        if line not in _REPORTED:  # trees are matched again at every apply: say each rule once
+            _REPORTED.add(line)
+            log.info("%s: %r -> %s matched %d parameter(s)", name, pattern, spec, n)
     return selected
 
 
