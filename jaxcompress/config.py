@@ -6,6 +6,7 @@ import ast
 import copy
 import difflib
 import importlib.util
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -154,6 +155,16 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # Fixed masks from this model's zeros (lottery tickets: a pruned run's output, with
     # `model` the weights to rewind to); excludes `method`.
     c.prune.masks_from = ""
+
+    # Gradual cross-layer sharing (jaxcompress/compress/gradual_sharing.py): between `begin`
+    # and `end` (fractions of training) each layer's weights blend linearly into the mean of
+    # its group's; from `end` on the layers of a group are one (ALBERT's sharing, reached
+    # while training instead of imposed at once; `share_layers` then stores each group once).
+    c.share = ml_collections.ConfigDict()
+    c.share.groups = ""  # "" = off, "all" (one shared layer) or "every:K"
+    c.share.params = r"bert/encoder/layer/\d+/.*"  # regex of the per-layer leaves shared
+    c.share.begin = 0.0
+    c.share.end = 0.0
 
     # Early exit (jaxcompress/compress/dynamic/early_exit.py): a head after each of these layers
     # (1-based; () = off), trained on `targets` ("labels", "final": the model's own last-layer
@@ -413,6 +424,15 @@ VALUE_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = tuple(
         ("prune.score_l1", _WEIGHT),
         ("prune.score_lr", _WEIGHT),
         ("prune.score_update", _choice("adam", "sum")),
+        (
+            "share.groups",
+            (
+                lambda v: isinstance(v, str) and bool(re.fullmatch(r"|all|every:[1-9]\d*", v)),
+                "'' (off), 'all' or 'every:K' with K >= 1",
+            ),
+        ),
+        ("share.begin", _range(0.0, 1.0)),
+        ("share.end", _range(0.0, 1.0)),
         ("early_exit.layers", _each(_at_least(1))),
         ("early_exit.targets", _choice("labels", "final", "teacher")),
         ("early_exit.weighting", _choice("equal", "layer")),
@@ -578,10 +598,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{length!r} tokens: add {length} to buckets, or set --set buckets=() for the "
             "device's default"
         )
-    prune = _lookup(config, "prune")
-    if prune is not _MISSING and prune.get("begin", 0.0) > prune.get("end", 0.0):
-        raise ConfigValueError(
-            f"config key prune.begin={prune.begin!r} is after prune.end={prune.end!r}: the "
-            "schedule must start before it ends (begin == end prunes in one shot); "
-            "set prune.end >= prune.begin"
-        )
+    for name, at_once in (("prune", "prunes"), ("share", "shares")):
+        section = _lookup(config, name)
+        if section is not _MISSING and section.get("begin", 0.0) > section.get("end", 0.0):
+            raise ConfigValueError(
+                f"config key {name}.begin={section.begin!r} is after {name}.end="
+                f"{section.end!r}: the schedule must start before it ends (begin == end "
+                f"{at_once} in one shot); set {name}.end >= {name}.begin"
+            )

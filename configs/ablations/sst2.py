@@ -11,7 +11,9 @@ low-rank), `quantization` (quantization-aware training: Q8BERT's 8-bit weights a
 activations; 4-bit group-wise weights; Q-BERT's Hessian-chosen mixed precision at 3 bits on
 average; TernaryBERT's ternary weights and 8-bit activations with layer distillation),
 `combined_staged` (the `combined_kd` student built depth first: 3 layers distilled
-TinyBERT's way, then half the heads and FFN neurons removed and recovered), `binarybert`
+TinyBERT's way, then half the heads and FFN neurons removed and recovered),
+`sharing_gradual` (all-layer sharing imposed at once or reached gradually while
+distilling TinyBERT's way), `binarybert`
 (binary weights the BinaryBERT way: the TernaryBERT run of `quantization`, shared when both
 run in one workdir, split by ternary weight splitting into binary halves and trained on as
 binary weights, embeddings too, with 8-bit activations and layer distillation), `pruning`
@@ -237,7 +239,7 @@ def get_config(arg: str = "main") -> dict:
     quick = "quick" in options
     teacher = options.get("teacher") or TEACHER
     variants = families(quick)
-    known = sorted([*variants, "binarybert", "combined_staged"])
+    known = sorted([*variants, "binarybert", "combined_staged", "sharing_gradual"])
     if family not in known:
         raise ValueError(f"unknown family {family!r}; choose from {known}")
     train = {"batch_size": 32, "steps": 400, "examples": 12800, "warmup_ratio": 0.06}
@@ -266,6 +268,8 @@ def get_config(arg: str = "main") -> dict:
     }
     if family == "combined_staged":
         return combined_staged(sweep, quick)
+    if family == "sharing_gradual":
+        return sharing_gradual(sweep, quick)
     return binarybert(sweep, variants["quantization"]) if family == "binarybert" else sweep
 
 
@@ -309,6 +313,40 @@ def combined_staged(sweep: dict, quick: bool) -> dict:
             }
         },
         "seeded": ("layers", "student"),
+    }
+
+
+def sharing_gradual(sweep: dict, quick: bool) -> dict:
+    """ALBERT's all-layer sharing reached while training: `student` distils the teacher
+    TinyBERT's way (logits, hidden states, attention, embeddings) for 800 steps at lr 1e-4
+    (the best post-hoc sharing run's recipe) while each layer blends into the mean of all
+    six (`share` section); `shared` stores the six identical layers as one. `at_once` shares
+    from the first step (post-hoc sharing, trained the same way), `gradual` blends linearly
+    over the first 10-60% of training."""
+    (stage,) = sweep["recipe"]["stages"]
+    tinybert = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
+    steps = 6 if quick else 800
+    student = deep_merge(
+        stage["config"],
+        {"train": {"lr": 1e-4, "steps": steps}, "distill": tinybert, "share": {"groups": "all"}},
+    )
+    shared = {
+        "name": "shared",
+        "kind": "transform",
+        "model": "@student",
+        "transforms": ("share_layers(groups='all')",),
+    }
+    return {
+        **sweep,
+        "recipe": {"task": "sst2", "stages": ({**stage, "config": student}, shared)},
+        "variants": {
+            "share_all": {
+                "at_once": {"student": {"share": {"begin": 0.0, "end": 0.0}}},
+                "gradual": {"student": {"share": {"begin": 0.1, "end": 0.6}}},
+            }
+        },
+        "seeded": ("student",),
+        "measure": "shared",
     }
 
 

@@ -21,6 +21,7 @@ from tests.conformance_cases import logits, model_and_batch
 
 # section -> {case: config changes of that section}; each case is a real strength.
 CASES = {
+    "share": {"all_at_once": {"groups": "all"}},
     "prune": {
         "magnitude": {"method": "magnitude", "sparsity": 0.5, "frequency": 1},
         "movement_penalised": {
@@ -47,7 +48,11 @@ CASES = {
 }
 # A config of each section that switches the method off, and one at zero strength that must
 # leave the model exactly as it is (None: the method has no zero strength but "off").
-ZERO = {"prune": {"method": "magnitude", "sparsity": 0.0}, "quantize": None}
+ZERO = {
+    "share": {"groups": "every:1"},  # each layer its own group
+    "prune": {"method": "magnitude", "sparsity": 0.0},
+    "quantize": None,
+}
 METHODS = {m.section: m for m in TRAINING_METHODS}
 IDS = [f"{section}-{name}" for section, cases in CASES.items() for name in cases]
 PARAMS = [(section, changes) for section, cases in CASES.items() for changes in cases.values()]

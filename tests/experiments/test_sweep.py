@@ -12,6 +12,7 @@ import pytest
 
 from jaxcompress import config as config_module
 from jaxcompress.compress import transforms
+from jaxcompress.compress.gradual_sharing import SHARING
 from jaxcompress.compress.prune.method import PRUNING
 from jaxcompress.compress.quant.method import QUANTIZATION
 from jaxcompress.experiments import recipes, report, sweep
@@ -352,6 +353,7 @@ def test_pareto_front():
         "distillation",
         "combined",
         "combined_staged",
+        "sharing_gradual",
         "quantization",
         "binarybert",
         "pruning",
@@ -380,7 +382,13 @@ def test_ablation_configs_run_quick(family, tmp_path, minilm_dir, glue_dir, monk
             bert_config, params = transforms.from_specs(stage.transforms, context)(*model)
             if QUANTIZATION.parse(stage.quantize) is not None:
                 continue
-            if stage.prune.method:  # unstructured: same shapes, zeros come in training
+            if stage.share.groups:  # shared while training, stored once by a later stage
+                assert SHARING.parse(stage.share) is not None
+                assert (
+                    len(recipe["stages"]) == 2
+                    and "share_layers" in recipe["stages"][1]["transforms"][0]
+                )
+            elif stage.prune.method:  # unstructured: same shapes, zeros come in training
                 assert PRUNING.parse(stage.prune) is not None
             else:
                 assert artefact.count_params(params) < artefact.count_params(model[1])
