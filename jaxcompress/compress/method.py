@@ -13,8 +13,8 @@ A training loop (ours: `jaxcompress.train.loop`) runs every method of
    `core.with_reparam`), and optional hooks: a model wrapper, a loss penalty, per-step
    metrics and an export of its artefact.
 
-A new method is a folder under `jaxcompress/compress/`, a `TrainingMethod` there, its line in
-the registry and a conformance case; the loop is not edited.
+A new method is a module or folder under `jaxcompress/compress/`, a `TrainingMethod` there,
+its line in the registry and a conformance case; the loop is not edited.
 """
 
 from __future__ import annotations
