@@ -438,7 +438,20 @@ def _train(
             # None when every step of the window compiled a new shape
             rate = window_tokens / (now - window_t) if window_tokens else None
             loss = float(np.mean([m["loss"] for m in window]))
-            run.log(step=done, loss=loss, grad_norm=window[-1]["grad_norm"], tokens_per_s=rate)
+            # the window's mean of every other term the step reports (distillation terms,
+            # penalties, the methods' schedules), so a run's metrics say what its loss is made of
+            terms = {
+                k: float(np.mean([m[k] for m in window]))
+                for k in window[-1]
+                if k not in ("loss", "grad_norm", "finite")
+            }
+            run.log(
+                step=done,
+                loss=loss,
+                grad_norm=window[-1]["grad_norm"],
+                tokens_per_s=rate,
+                **terms,
+            )
             shown = "-" if rate is None else f"{rate:.0f}"
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=shown)
             if bar.disable and main:  # no terminal: progress goes to the log instead
