@@ -322,7 +322,8 @@ def sharing_gradual(sweep: dict, quick: bool) -> dict:
     (the best post-hoc sharing run's recipe) while each layer blends into the mean of all
     six (`share` section); `shared` stores the six identical layers as one. `at_once` shares
     from the first step (post-hoc sharing, trained the same way), `gradual` blends linearly
-    over the first 10-60% of training, `gradual_logits` too but by logit distillation only."""
+    over the first 10-60% of training, `gradual_logits` too but by logit distillation only;
+    `at_once_long` trains 2,400 steps on the whole train set."""
     (stage,) = sweep["recipe"]["stages"]
     tinybert = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
     steps = 6 if quick else 800
@@ -342,6 +343,13 @@ def sharing_gradual(sweep: dict, quick: bool) -> dict:
         "variants": {
             "share_all": {
                 "at_once": {"student": {"share": {"begin": 0.0, "end": 0.0}}},
+                # three times the steps, new examples throughout (the whole train set)
+                "at_once_long": {
+                    "student": {
+                        "share": {"begin": 0.0, "end": 0.0},
+                        "train": {"steps": 6 if quick else 2400, "examples": -1},
+                    }
+                },
                 "gradual": {"student": {"share": {"begin": 0.1, "end": 0.6}}},
                 # logit distillation only: one shared layer cannot match six teacher layers
                 "gradual_logits": {
