@@ -87,7 +87,8 @@ def main() -> None:
 
 
 def training_stages(summary: dict) -> list[dict]:
-    """What each stage of a run's recipe trained: its name, steps, batch size and examples."""
+    """What each training stage of a run's recipe trained: its name, steps, batch size and
+    examples (stages that train nothing, such as a transform, are left out)."""
     return [
         {
             "stage": stage["name"],
@@ -96,6 +97,7 @@ def training_stages(summary: dict) -> list[dict]:
             "train_examples": stage["config"]["train"].get("examples"),
         }
         for stage in summary["config"]["recipe"]["stages"]
+        if stage["kind"] == "finetune"
     ]
 
 

@@ -80,8 +80,8 @@ def test_gradients_of_the_shared_end_state_are_the_layer_mean():
     def loss(p, cfg=config):
         return jnp.sum(logits(cfg, p, batch) ** 2)
 
-    grads = jax.grad(lambda p: loss(reparam.apply(p, state)))(params)
-    seen_grads = jax.grad(loss)(reparam.apply(params, state))
+    grads = jax.jit(jax.grad(lambda p: loss(reparam.apply(p, state))))(params)
+    seen_grads = jax.jit(jax.grad(loss))(reparam.apply(params, state))
     mean = sum(_leaf(seen_grads, QUERY.format(i)) for i in range(3)) / 3
     for i in range(3):
         np.testing.assert_allclose(_leaf(grads, QUERY.format(i)), mean, rtol=1e-5, atol=1e-7)
