@@ -53,7 +53,11 @@ def main() -> None:
     for r in written["rows"]:
         own = stages[r["technique"], r["strength"]]
         # a variant may train longer than the base (e.g. the combined pruning row)
-        row = {**report.result_row(r), "steps": own[-1]["steps"]}
+        row = {
+            **report.result_row(r),
+            "steps": own[-1]["steps"],
+            "train_examples": own[-1]["train_examples"],
+        }
         if len(own) > 1:
             row["stages"] = own
         rows.append(row)
