@@ -598,6 +598,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{length!r} tokens: add {length} to buckets, or set --set buckets=() for the "
             "device's default"
         )
+    share, prune = _lookup(config, "share"), _lookup(config, "prune")
+    if _MISSING not in (share, prune) and share.get("groups") and prune.get("method"):
+        raise ConfigValueError(
+            f"config keys share.groups={share.groups!r} and prune.method={prune.method!r} "
+            "conflict: pruning masks each layer's copy of a shared weight differently, which "
+            "undoes the sharing; share in one stage and prune in a later one"
+        )
     for name, at_once in (("prune", "prunes"), ("share", "shares")):
         section = _lookup(config, name)
         if section is not _MISSING and section.get("begin", 0.0) > section.get("end", 0.0):

@@ -114,3 +114,22 @@ def test_buckets_must_hold_max_length():
     with config.unlocked():
         config.max_length = 64
     validate(config)
+
+
+def test_share_section_values_and_its_conflict_with_pruning():
+    config = finetune_defaults()
+    with config.unlocked():
+        config.share.groups = "every:0"
+    with pytest.raises(ConfigValueError, match="share.groups"):
+        validate(config)
+    with config.unlocked():
+        config.share.groups, config.share.begin, config.share.end = "every:2", 0.5, 0.2
+    with pytest.raises(ConfigValueError, match="share.begin=0.5 is after share.end=0.2"):
+        validate(config)
+    with config.unlocked():
+        config.share.end, config.prune.method = 0.5, "magnitude"
+    with pytest.raises(ConfigValueError, match="conflict: pruning masks each layer's copy"):
+        validate(config)
+    with config.unlocked():
+        config.prune.method = ""
+    validate(config)
