@@ -13,6 +13,8 @@ subpackage or module (`models`, `data`, `compress`, `train`, `experiments`, `ber
 
 from jaxcompress.compress.distill.losses import attention_kl, hidden_mse, soft_cross_entropy
 from jaxcompress.compress.factorize import LowRank, densify, low_rank_params, svd_factors
+from jaxcompress.compress.gradual_sharing import gradual_sharing as gradual_layer_sharing
+from jaxcompress.compress.gradual_sharing import load_tied, save_tied
 from jaxcompress.compress.intercept import low_rank_layers, use_low_rank
 from jaxcompress.compress.prune.sparse import load as load_sparse
 from jaxcompress.compress.prune.sparse import save as save_sparse
@@ -80,6 +82,7 @@ __all__ = [
     "fp8_weights",
     "gobo_dequantize",
     "gobo_quantize",
+    "gradual_layer_sharing",
     "hidden_mse",
     "hutchinson_trace",
     "identity",
@@ -90,6 +93,7 @@ __all__ = [
     "leaf_paths",
     "load_packed",
     "load_sparse",
+    "load_tied",
     "low_rank_layers",
     "low_rank_params",
     "magnitude_pruning",
@@ -102,6 +106,7 @@ __all__ = [
     "rewind",
     "save_packed",
     "save_sparse",
+    "save_tied",
     "soft_cross_entropy",
     "sparse_bytes",
     "svd_factors",

@@ -165,7 +165,17 @@ def save_tied(path: str | os.PathLike, params: core.Params, members: list[list[s
 
 
 def load_tied(path: str | os.PathLike) -> dict:
-    """The full nested-dict params of a file written by `save_tied`, every layer present."""
+    """The params of a file written by `save_tied`, every layer present.
+
+    Args:
+      path: a file written by `save_tied`.
+
+    Returns:
+      The params as nested dicts, each tied-away leaf a copy of the leaf it reads.
+
+    Raises:
+      ValueError: the file has no map of tied-away leaves (not written by `save_tied`).
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as f:

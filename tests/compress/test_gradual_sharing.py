@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxcompress import core
@@ -11,6 +12,7 @@ from jaxcompress.compress import gradual_sharing as gradual
 from jaxcompress.compress import share
 from jaxcompress.config import finetune_defaults
 from tests.conformance_cases import logits, model_and_batch
+from tests.foreign_models import foreign
 
 RULES = ((r"bert/encoder/layer/\d+/.*", True), (".*", None))
 QUERY = "bert/encoder/layer/{}/attention/self/query/kernel"
@@ -104,3 +106,20 @@ def test_bad_sections_and_trees_fail_with_the_key():
         gradual.layer_groups(params, no_index, "all")
     with pytest.raises(ValueError, match="begin_step <= end_step"):
         gradual.gradual_sharing(RULES, "all", begin_step=3, end_step=1)
+
+
+def test_an_nnx_model_blends_its_layers_and_keeps_its_state_type():
+    m = foreign("nnx_mlp")  # layers/0 and layers/1: two 16 x 16 Linear layers
+    rules = ((r"layers/\d+/.*", True), (".*", None))
+    reparam = gradual.gradual_sharing(rules, "all", begin_step=0, end_step=0)
+    seen = reparam.apply(m.params, reparam.init(m.params))
+    assert isinstance(seen, nnx.State)
+    flat, base = core.leaves_by_path(seen), core.leaves_by_path(m.params)
+    for leaf in ("kernel", "bias"):
+        mean = (base[f"layers/0/{leaf}"] + base[f"layers/1/{leaf}"]) / 2
+        for i in (0, 1):
+            np.testing.assert_allclose(flat[f"layers/{i}/{leaf}"], mean, rtol=1e-6, atol=1e-7)
+    tied, shared = share.tie(seen, [["layers/0", "layers/1"]], init="first")
+    np.testing.assert_allclose(
+        m.apply(seen, m.x), m.apply(share.expand(tied, shared), m.x), rtol=1e-6, atol=1e-6
+    )
