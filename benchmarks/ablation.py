@@ -61,7 +61,7 @@ def main() -> None:
         if len(own) > 1:
             row["stages"] = own
         rows.append(row)
-    base = training_stages(first)
+    base = stages[first["technique"], first["strength"]]
     write_result(
         prefix.with_suffix(".json"),
         name,

@@ -45,12 +45,14 @@ class ShareState(NamedTuple):
     blend: jax.Array
 
 
-def _group_map(groups: str, num_layers: int) -> tuple[int, ...]:
-    if groups == "all":
-        return share.all_layers(num_layers)
-    if groups.startswith("every:") and groups[6:].isdigit() and int(groups[6:]) >= 1:
-        return share.every_k(num_layers, int(groups[6:]))
-    raise ValueError(f"share.groups must be 'all' or 'every:K' with K >= 1, got {groups!r}")
+def _check_groups(groups: str) -> None:
+    """Raises the section's error for groups of neither string form (no explicit lists)."""
+    try:
+        valid = isinstance(groups, str) and bool(share.group_map(groups, 1))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"share.groups must be 'all' or 'every:K' with K >= 1, got {groups!r}")
 
 
 def layer_groups(params: core.Params, rules: core.Rules, groups: str) -> list[list[str]]:
@@ -86,7 +88,7 @@ def layer_groups(params: core.Params, rules: core.Rules, groups: str) -> list[li
         stacks.setdefault(key, {})[int(parts[at])] = path
     found = []
     for layers in stacks.values():
-        group_of = _group_map(groups, max(layers) + 1)
+        group_of = share.group_map(groups, max(layers) + 1)
         members: dict[int, list[str]] = {}
         for index in sorted(layers):
             members.setdefault(group_of[index], []).append(layers[index])
@@ -114,7 +116,7 @@ def gradual_sharing(rules: core.Rules, groups: str, begin_step: int, end_step: i
     """
     if not 0 <= begin_step <= end_step:
         raise ValueError(f"need 0 <= begin_step <= end_step, got {begin_step}, {end_step}")
-    _group_map(groups, 1)  # its error now, not at the first apply
+    _check_groups(groups)  # its error now, not at the first apply
 
     def blend(step) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
@@ -202,7 +204,7 @@ def parse(cfg: Any) -> ShareSpec | None:
     """
     if not cfg.groups:
         return None
-    _group_map(cfg.groups, 1)
+    _check_groups(cfg.groups)
     if not 0.0 <= cfg.begin <= cfg.end <= 1.0:
         raise ValueError(f"share: need 0 <= begin <= end <= 1, got {cfg.begin}, {cfg.end}")
     return ShareSpec(groups=cfg.groups, params=cfg.params, begin=cfg.begin, end=cfg.end)

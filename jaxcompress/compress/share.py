@@ -144,6 +144,33 @@ def every_k(num_layers: int, k: int) -> tuple[int, ...]:
     return tuple(i // k for i in range(num_layers))
 
 
+def group_map(groups: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The layer -> group map that `groups` names.
+
+    Args:
+      groups: 'all' (one group), 'every:K' (K >= 1 consecutive layers per group) or an
+        explicit layer -> group list, returned as it is.
+      num_layers: the number of layers.
+
+    Returns:
+      One group index per layer.
+
+    Raises:
+      ValueError: `groups` is none of these forms.
+    """
+    if groups == "all":
+        return all_layers(num_layers)
+    if isinstance(groups, str):
+        k = groups.removeprefix("every:")
+        if k != groups and k.isdigit() and int(k) >= 1:
+            return every_k(num_layers, int(k))
+    elif isinstance(groups, tuple | list):
+        return tuple(groups)
+    raise ValueError(
+        f"groups must be 'all' or 'every:K' with K >= 1, or a layer -> group list; got {groups!r}"
+    )
+
+
 def _normalise(groups: Sequence[int] | None, num_layers: int, name: str) -> tuple[int, ...] | None:
     """Renumber groups 0..k-1 by first use, so group g lives under encoder/layer/g."""
     if groups is None:

@@ -36,16 +36,6 @@ class TransformContext:
     gradients: structured.GradientFn | None = None
 
 
-def _group_map(groups: str | tuple | list, num_layers: int) -> tuple[int, ...]:
-    if groups == "all":
-        return share.all_layers(num_layers)
-    if isinstance(groups, str) and groups.startswith("every:"):
-        return share.every_k(num_layers, int(groups.split(":", 1)[1]))
-    if isinstance(groups, tuple | list):
-        return tuple(groups)
-    raise ValueError(f"groups must be 'all', 'every:K' or a layer -> group list, got {groups!r}")
-
-
 def share_layers(groups="all", scope: str = "layer", init="mean") -> StructureTransform:
     """Cross-layer sharing (ALBERT) of whole layers, attention only, or FFN only.
 
@@ -62,7 +52,7 @@ def share_layers(groups="all", scope: str = "layer", init="mean") -> StructureTr
         raise ValueError(f"scope must be 'layer', 'attention' or 'ffn', got {scope!r}")
 
     def transform(config: BertConfig, params: dict):
-        group_map = _group_map(groups, config.num_hidden_layers)
+        group_map = share.group_map(groups, config.num_hidden_layers)
         maps = {
             "attention_groups": group_map if scope in ("layer", "attention") else None,
             "ffn_groups": group_map if scope in ("layer", "ffn") else None,
