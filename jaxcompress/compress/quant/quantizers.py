@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -20,6 +21,11 @@ FP8_INV_MAX = np.float32(1.0 / FP8_MAX)  # fp8 scales are absmax * FP8_INV_MAX
 # Values up to half a step (16) above 448 round to 448 in e4m3 (464 ties to it): the fp8
 # scheme's clip range, the analogue of [qmin - 1/2, qmax + 1/2] on the integer grids.
 FP8_ROUNDS_TO_MAX = FP8_MAX + 16.0
+
+# The entry points are compiled once per shape and spec: called on a tree outside a jitted
+# program (export, calibration, splitting), each would otherwise compile its dozen ops one by
+# one; inside a jitted program they are inlined as before.
+_jit_by_spec = functools.partial(jax.jit, static_argnames="spec")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +375,7 @@ def _codes3(w3, axes, spec: QuantSpec, scale=None, zero_point=None):
     return q, s3, zp3, inside
 
 
+@_jit_by_spec
 def quantize(
     w: jax.Array,
     spec: QuantSpec,
@@ -396,6 +403,7 @@ def quantize(
     return QTensor(q.astype(spec.code_dtype).reshape(w.shape), _natural(s3, spec), zp)
 
 
+@_jit_by_spec
 def dequantize(qt: QTensor, spec: QuantSpec) -> jax.Array:
     """The float32 values `qt` stands for.
 
@@ -412,6 +420,7 @@ def dequantize(qt: QTensor, spec: QuantSpec) -> jax.Array:
     return _dequant(q3, _expand(qt.scale, spec), zp3).reshape(qt.codes.shape)
 
 
+@_jit_by_spec
 def fake_quant(
     w: jax.Array,
     spec: QuantSpec,
@@ -450,6 +459,7 @@ def fake_quant(
     return straight_through(w, wq, inside.reshape(w.shape))
 
 
+@_jit_by_spec
 def lsq_init(w: jax.Array, spec: QuantSpec) -> jax.Array:
     """LSQ's initial step, 2 * mean |w| / sqrt(Qp), in the spec's scale shape."""
     w3, axes = _view(w, spec)
@@ -474,6 +484,7 @@ def lsq_fake_quant(w: jax.Array, step: jax.Array, spec: QuantSpec) -> jax.Array:
     return _dequant(round_ste(clipped), s3, None).reshape(w.shape).astype(w.dtype)
 
 
+@_jit_by_spec
 def ternary_split(w: jax.Array, spec: QuantSpec) -> TernarySplit:
     """BinaryBERT's ternary weight splitting: w = latent_a + latent_b, with
 
