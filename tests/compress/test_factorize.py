@@ -11,7 +11,7 @@ from tests.helpers import param_count
 
 
 def test_factorized_embeddings_counts_and_exactness():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     V, H = config.vocab_size, config.hidden_size  # noqa: N806
     full_config, full = factorize.factorize_embeddings(config, params, H)
     np.testing.assert_allclose(
@@ -67,7 +67,7 @@ def test_weighted_svd_minimises_the_weighted_error():
 
 
 def test_frequency_svd_embeddings_use_the_callers_token_counts():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     counts = np.zeros(config.vocab_size)
     counts[np.asarray(batch["input_ids"]).ravel()] = 1000.0
     seen = []
@@ -90,7 +90,7 @@ def test_frequency_svd_embeddings_use_the_callers_token_counts():
 
 
 def test_low_rank_counts_flops_and_config():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     rule = [(r"bert/encoder/layer/\d+/intermediate/dense/kernel", factorize.LowRank(rank=4))]
     new_config, new_params = factorize.low_rank(config, params, rule)
     H, F = config.hidden_size, config.intermediate_size  # noqa: N806

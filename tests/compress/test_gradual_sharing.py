@@ -23,7 +23,7 @@ def _leaf(params, path):
 
 
 def test_layers_blend_linearly_into_their_group_mean():
-    _, params, _ = model_and_batch()  # 3 layers
+    _, params, _ = model_and_batch(layers=3)
     reparam = gradual.gradual_sharing(RULES, "all", begin_step=2, end_step=6)
     state = reparam.init(params)
     jax.tree.map(np.testing.assert_array_equal, reparam.apply(params, state), params)
@@ -44,7 +44,7 @@ def test_layers_blend_linearly_into_their_group_mean():
 
 
 def test_groups_every_k_share_within_runs_of_k():
-    _, params, _ = model_and_batch()
+    _, params, _ = model_and_batch(layers=3)
     groups = gradual.layer_groups(params, RULES, "every:2")
     query = [g for g in groups if g[0] == QUERY.format(0)]
     assert query == [[QUERY.format(0), QUERY.format(1)]]  # layer 2 is alone: not blended
@@ -53,7 +53,7 @@ def test_groups_every_k_share_within_runs_of_k():
 
 
 def test_finished_blend_ties_exactly_and_equals_albert_sharing(tmp_path):
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     reparam = gradual.gradual_sharing(RULES, "all", begin_step=0, end_step=0)
     seen = reparam.apply(params, reparam.init(params))
     for i in (1, 2):
@@ -107,7 +107,7 @@ def test_bad_sections_and_trees_fail_with_the_key():
         cfg.groups, cfg.begin, cfg.end = "all", 0.6, 0.2
     with pytest.raises(ValueError, match="begin <= end"):
         gradual.parse(cfg)
-    _, params, _ = model_and_batch()
+    _, params, _ = model_and_batch(layers=3)
     no_index = ((r"bert/embeddings/.*", True), (".*", None))
     with pytest.raises(ValueError, match="has no layer index"):
         gradual.layer_groups(params, no_index, "all")

@@ -25,7 +25,7 @@ def _identical_layers(config, params):
 
 @pytest.mark.parametrize("scope", ["layer", "attention", "ffn"])
 def test_sharing_identical_layers_reproduces_the_unshared_model(scope):
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     params = _identical_layers(config, params)
     groups = share.all_layers(3)
     maps = {
@@ -46,7 +46,7 @@ def test_sharing_identical_layers_reproduces_the_unshared_model(scope):
 
 
 def test_shared_gradient_is_the_sum_over_layers():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     params = _identical_layers(config, params)
     shared_config, shared = share.share_layers(
         config, params, attention_groups=share.all_layers(3), ffn_groups=share.all_layers(3)
@@ -67,7 +67,7 @@ def test_shared_gradient_is_the_sum_over_layers():
 
 
 def test_init_choices_and_groups():
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     layer = params["bert"]["encoder"]["layer"]
     q = [layer[str(i)]["attention"]["self"]["query"]["kernel"] for i in range(3)]
     groups = share.every_k(3, 2)
@@ -106,7 +106,7 @@ def test_all_layer_sharing_compiles_one_layer():
 
 
 def test_saved_bytes_match_the_parameter_count(tmp_path):
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     config, params = factorize.factorize_embeddings(config, params, 8)
     config, params = share.share_layers(config, params, attention_groups=(0, 0, 0))
     sizes = artefact.saved_bytes(params)
@@ -124,7 +124,7 @@ def test_saved_bytes_match_the_parameter_count(tmp_path):
 
 
 def test_unsharing_a_low_rank_shared_layer_keeps_its_outputs():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     shared_config, shared = share.share_layers(
         config, params, attention_groups=(0, 0, 0), ffn_groups=(0, 0, 0)
     )

@@ -53,8 +53,8 @@ def random_params(config, seed: int = 0) -> dict:
     return unflatten_dict(out, sep="/")
 
 
-def six_layer_model_and_batch():
-    _, _, batch = model_and_batch()
+def six_layer_model_and_batch(layers=3):
+    _, _, batch = model_and_batch(layers=3)
     config = tiny_config(num_hidden_layers=6, num_labels=2, vocab_size=512)
     return config, init_params(config, jax.random.key(0)), batch
 
@@ -76,7 +76,7 @@ def test_select_layers_strategies():
 
 
 def test_keeping_all_layers_reproduces_the_teacher_exactly():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     new_config, new_params = student.keep_layers(config, params, (0, 1, 2))
     assert new_config == config
     np.testing.assert_array_equal(
@@ -85,7 +85,7 @@ def test_keeping_all_layers_reproduces_the_teacher_exactly():
 
 
 def test_kept_layers_are_the_teachers_layers():
-    config, params, batch = six_layer_model_and_batch()
+    config, params, batch = six_layer_model_and_batch(layers=3)
     new_config, new_params = student.keep_layers(config, params, (1, 3, 5))
     assert new_config == config.replace(num_hidden_layers=3)
     assert_layers_taken(new_params, params, (1, 3, 5))
@@ -113,7 +113,7 @@ def test_keep_layers_subsets_pruned_and_low_rank_layers():
         low_rank=low_rank,
     )
     params = random_params(config)
-    _, _, batch = model_and_batch()
+    _, _, batch = model_and_batch(layers=3)
     new_config, new_params = student.keep_layers(config, params, (1, 3))
     assert new_config.num_hidden_layers == 2
     assert new_config.heads_per_layer == (2, 1)
@@ -140,7 +140,7 @@ def test_keep_layers_unshares_a_shared_teacher():
         low_rank=((f"{LAYER}1/intermediate/dense", 5), (f"{LAYER}1/attention/self/key", 4)),
     )
     params = random_params(config)
-    _, _, batch = model_and_batch()
+    _, _, batch = model_and_batch(layers=3)
     all_config, all_params = student.keep_layers(config, params, (0, 1, 2))
     assert all_config.attention_groups is None and all_config.ffn_groups is None
     assert all_config.low_rank == (
@@ -167,7 +167,7 @@ def test_keep_layers_unshares_a_shared_teacher():
 
 
 def test_keep_layers_after_share_layers_keeps_the_shared_values():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     shared_config, shared = share.share_layers(
         config, params, attention_groups=(0, 0, 0), ffn_groups=(0, 0, 0)
     )
@@ -180,7 +180,7 @@ def test_keep_layers_after_share_layers_keeps_the_shared_values():
 
 @pytest.mark.parametrize("layers", [(), (1, 1), (2, 1), (-1, 0), (0, 3)])
 def test_keep_layers_rejects_bad_layers(layers):
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     with pytest.raises(ValueError, match="strictly increasing"):
         student.keep_layers(config, params, layers)
 
@@ -204,7 +204,7 @@ def bert_count(config, heads_width: int) -> int:
     ],
 )
 def test_shrink_width_shapes_and_count(widths, head_size):
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     assert param_count(params) == bert_count(config, 32)
     new_config, new_params = student.shrink_width(config, params, **widths)
     assert new_config.head_size == head_size
@@ -218,7 +218,7 @@ def test_shrink_width_shapes_and_count(widths, head_size):
 
 
 def test_slice_keeps_the_leading_block_of_every_parameter():
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     _, new = student.shrink_width(config, params, hidden_size=16, num_heads=2, intermediate_size=24)
     bert, new_bert = params["bert"], new["bert"]
     np.testing.assert_array_equal(
@@ -250,7 +250,7 @@ def test_slice_keeps_the_leading_block_of_every_parameter():
 
 
 def test_shrink_width_without_shrinking_is_identity():
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     new_config, new_params = student.shrink_width(config, params)
     assert new_config == config
     jax.tree_util.tree_map(np.testing.assert_array_equal, new_params, params)
@@ -266,7 +266,7 @@ def _zero_rows(params, module: str, start: int) -> dict:
 
 
 def test_slicing_ffn_neurons_equals_zeroing_their_outputs():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     new_config, new_params = student.shrink_width(config, params, intermediate_size=24)
     masked = _zero_rows(params, "output/dense", 24)  # GELU(h) only reaches the model through here
     np.testing.assert_allclose(
@@ -275,7 +275,7 @@ def test_slicing_ffn_neurons_equals_zeroing_their_outputs():
 
 
 def test_slicing_heads_equals_zeroing_their_outputs():
-    config, params, batch = model_and_batch()
+    config, params, batch = model_and_batch(layers=3)
     new_config, new_params = student.shrink_width(config, params, num_heads=3)
     assert new_config.head_size == 8
     masked = _zero_rows(params, "attention/output/dense", 3 * 8)
@@ -304,7 +304,7 @@ def test_shrink_width_rejects_compressed_models(changes):
 
 
 def test_shrink_width_rejects_bad_widths():
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     with pytest.raises(ValueError, match="num_heads must be in 1..4"):
         student.shrink_width(config, params, num_heads=5)
     with pytest.raises(ValueError, match="hidden_size must be in 1..32"):
@@ -314,7 +314,7 @@ def test_shrink_width_rejects_bad_widths():
 
 
 def test_fresh_students_and_reinitialize_keep_dtypes():
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     small_config, small = student.shrink_width(
         config, bf16, hidden_size=16, num_heads=2, init="fresh", seed=3
@@ -335,7 +335,7 @@ def test_fresh_students_and_reinitialize_keep_dtypes():
 
 
 def test_student_transforms_by_name():
-    config, params, _ = six_layer_model_and_batch()
+    config, params, _ = six_layer_model_and_batch(layers=3)
     top_config, top = transforms.parse("keep_layers(keep=2, strategy='top')")(config, params)
     explicit_config, explicit = transforms.parse("keep_layers(layers=[4, 5])")(config, params)
     assert top_config == explicit_config
@@ -358,7 +358,7 @@ def test_student_transforms_by_name():
 
 
 def test_magnitude_width_keeps_the_heaviest_dimensions_heads_and_neurons():
-    config, params, _ = model_and_batch()
+    config, params, _ = model_and_batch(layers=3)
     hidden, head, neuron = [1, 5, 9, 13], 3, 7  # made heavy wherever they appear
     heavy = {}
     for path, x in flatten_dict(params, sep="/").items():
