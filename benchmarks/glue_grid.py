@@ -41,6 +41,17 @@ def sweeps(task: str) -> dict[str, dict]:
     }
 
 
+def runs_at(task: str, seed: int) -> list[tuple[str, dict, sweep.Run]]:
+    """`(sweep name, sweep config, run)` of every run of the task at `seed`; GOBO trains
+    nothing and runs at seed 0 only."""
+    return [
+        (name, config, run)
+        for name, config in sweeps(task).items()
+        if seed in config["seeds"]
+        for run in sweep.expand(config, {"seed": [str(seed)]})
+    ]
+
+
 def finished(workdir: Path, name: str, run_dir: str) -> Path:
     """Where sweep `name` keeps the summary of its finished run `run_dir`."""
     return workdir / name / "runs" / run_dir / "summary.json"
@@ -154,22 +165,21 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
             for task in tasks:
-                for name, config in sweeps(task).items():
-                    for run in sweep.expand(config, {"seed": [str(seed)]}):
-                        only = {
-                            "technique": [run.technique],
-                            "strength": [run.strength],
-                            "seed": [str(run.seed)],
-                        }
-                        if finished(workdir, name, run.dir_name).exists():
-                            continue
-                        t0 = time.perf_counter()
-                        log.info("%s: %s", name, run.label)
-                        if not sweep.run_sweep(config, workdir / name, only):
-                            raise SystemExit("interrupted: rerun the same command to resume")
-                        archive_run(workdir, archive, name, run)
-                        log.info("%s: %s done in %.0f s", name, run.label, time.perf_counter() - t0)
-                        write_grid_report(workdir, out, args.note)
+                for name, config, run in runs_at(task, seed):
+                    only = {
+                        "technique": [run.technique],
+                        "strength": [run.strength],
+                        "seed": [str(run.seed)],
+                    }
+                    if finished(workdir, name, run.dir_name).exists():
+                        continue
+                    t0 = time.perf_counter()
+                    log.info("%s: %s", name, run.label)
+                    if not sweep.run_sweep(config, workdir / name, only):
+                        raise SystemExit("interrupted: rerun the same command to resume")
+                    archive_run(workdir, archive, name, run)
+                    log.info("%s: %s done in %.0f s", name, run.label, time.perf_counter() - t0)
+                    write_grid_report(workdir, out, args.note)
     print(write_grid_report(workdir, out, args.note))
     found = {p.parent.name for p in archive.glob("*/*.json")}
     log.info("archive holds %d runs of %d sweeps", len(list(archive.glob("*/*.json"))), len(found))

@@ -73,3 +73,14 @@ def test_report_counts_seeds_and_claims_only_at_three(archive, tmp_path):
     )
     assert result["teachers"]["rte"]["consistent"] and result["average"]["tasks"] == ["rte"]
     assert "RTE" in table.splitlines()[0] and len(table.splitlines()) == 3 + len(rows)
+
+
+def test_later_seeds_train_the_main_comparison_and_skip_gobo(monkeypatch, model_root):
+    monkeypatch.setenv("JAXCOMPRESS_MODEL_ROOT", str(model_root))  # SST-2's fixed teacher
+    zero, one = glue_grid.runs_at("sst2", 0), glue_grid.runs_at("sst2", 1)
+    assert {name for name, _, _ in zero} == {"sst2", "sst2_gobo"}
+    assert {name for name, _, _ in one} == {"sst2"}
+    assert {run.seed for _, _, run in one} == {1}
+    main = sorted((r.technique, r.strength) for name, _, r in zero if name == "sst2")
+    assert len(main) == 7  # the eight rows but GOBO
+    assert sorted((r.technique, r.strength) for _, _, r in one) == main
