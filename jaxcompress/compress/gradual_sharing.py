@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,12 +48,11 @@ class ShareState(NamedTuple):
 
 def _check_groups(groups: str) -> None:
     """Raises the section's error for groups of neither string form (no explicit lists)."""
-    try:
-        valid = isinstance(groups, str) and bool(share.group_map(groups, 1))
-    except ValueError:
-        valid = False
-    if not valid:
-        raise ValueError(f"share.groups must be 'all' or 'every:K' with K >= 1, got {groups!r}")
+    if isinstance(groups, str):
+        with contextlib.suppress(ValueError):
+            share.group_map(groups, 1)
+            return
+    raise ValueError(f"share.groups must be 'all' or 'every:K' with K >= 1, got {groups!r}")
 
 
 def layer_groups(params: core.Params, rules: core.Rules, groups: str) -> list[list[str]]:

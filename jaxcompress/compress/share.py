@@ -160,9 +160,9 @@ def group_map(groups: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
     """
     if groups == "all":
         return all_layers(num_layers)
-    if isinstance(groups, str):
-        k = groups.removeprefix("every:")
-        if k != groups and k.isdigit() and int(k) >= 1:
+    if isinstance(groups, str) and groups.startswith("every:"):
+        k = groups[len("every:") :]
+        if k.isdigit() and int(k) >= 1:
             return every_k(num_layers, int(k))
     elif isinstance(groups, tuple | list):
         return tuple(groups)
