@@ -60,7 +60,9 @@ QAT_BITS = {
     "qat_weights w4_group": "W4 (g128) E8",
     "qat_qbert mixed3": "mixed, avg {average:.2f} (g128) E8",
     "qat_ternary_kd w2a8": "W2 E2 A8 (ternary)",
+    "qat_ternary_kd w2a8_epoch": "W2 E2 A8 (ternary)",
     "qat_binary_tws w1a8_tws": "2 x W1, 2 x E1, A8 (BinaryBERT split)",
+    "qat_binary_tws w1a8_tws_epoch": "2 x W1, 2 x E1, A8 (BinaryBERT split)",
 }
 
 
@@ -140,6 +142,24 @@ def qbert_bits(workdir: Path, runs: list[dict]) -> dict:
     return {"layer_bits": chosen, "average_bits": averages}
 
 
+def learning_curves(workdir: Path, runs: list[dict]) -> dict[str, dict]:
+    """Each variant's dev metric at the evaluations its measured stage made while training
+    (`eval.every_steps`), per seed: {variant: {seed: {step: value}}}; empty without them."""
+    curves: dict[str, dict] = {}
+    for run in runs:
+        stages = run["config"]["recipe"]["stages"]
+        measured = run["stages"][stages[-1]["name"]]
+        points = {}
+        for line in (workdir / measured / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "eval" in record:
+                points[record["step"]] = next(iter(record["eval"]["validation"].values()))
+        if len(points) > 1:
+            variant = f"{run['technique']} {run['strength']}"
+            curves.setdefault(variant, {})[run["seed"]] = points
+    return curves
+
+
 def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
     """The rows of one QAT sweep family of configs/ablations/sst2.py, run (or resumed) in
     `workdir`, or with `run=False` of its runs finished so far: mean and std over seeds of
@@ -156,8 +176,15 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
     written = report.write_report(
         [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
     )
-    train = runs[0]["config"]["recipe"]["stages"][-1]["config"]["train"]
+    # Each variant's training budget (its measured stage's), as the rows differ in it
+    trains = {
+        f"{run['technique']} {run['strength']}": run["config"]["recipe"]["stages"][-1]["config"][
+            "train"
+        ]
+        for run in runs
+    }
     mixed = qbert_bits(workdir, runs) if family == "quantization" else {}
+    curves = learning_curves(workdir, runs)
     average = statistics.fmean(mixed["average_bits"]) if mixed.get("average_bits") else 0.0
     return [
         {
@@ -177,13 +204,26 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
             # speed on this CPU is the int8 execution row's.
             "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
             "values": r["values"],
-            "steps": train["steps"],
-            "batch_size": train["batch_size"],
-            "train_examples": train["examples"],
+            **budget(trains[f"{r['technique']} {r['strength']}"]),
+            **(
+                {"dev_during_training": curves[name]}
+                if (name := f"{r['technique']} {r['strength']}") in curves
+                else {}
+            ),
             **(mixed if r["technique"] == "qat_qbert" else {}),
         }
         for r in written["rows"]
     ]
+
+
+def budget(train: dict) -> dict:
+    """A row's training budget from its stage's `train` config: -1 steps is one epoch of
+    the train set (2,104 steps of 32 on SST-2's 67,349 examples), -1 examples all of it."""
+    return {
+        "steps": train["steps"] if train["steps"] > 0 else "1 epoch",
+        "batch_size": train["batch_size"],
+        "train_examples": train["examples"] if train["examples"] > 0 else "all",
+    }
 
 
 def update(workdir: Path, t0: float) -> None:
