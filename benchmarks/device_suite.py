@@ -78,7 +78,7 @@ from jaxcompress.config import load_config, with_device_defaults
 from jaxcompress.experiments.latency import jitted_forward
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert, BertConfig, Linear, init_params
-from jaxcompress.train import loop
+from jaxcompress.train import loop, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks/results"
@@ -707,7 +707,7 @@ def epoch_section(suite: Suite, overrides: list[str]) -> None:
     summary = loop.train(config, workdir)
     wall = time.time() - started
     step = config.log_every
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = run_dir.read_metrics(workdir)
     at_step = next((r["time"] for r in logged if r.get("step") == step and "loss" in r), None)
     compile_s = summary["compile_seconds"]
     reference = json.loads((RESULTS / "sst2_teacher.json").read_text())["teacher"]

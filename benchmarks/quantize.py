@@ -32,6 +32,7 @@ from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
+from jaxcompress.train import run_dir
 from jaxcompress.train.evaluate import evaluate_splits, make_eval_step
 from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
 
@@ -142,22 +143,41 @@ def qbert_bits(workdir: Path, runs: list[dict]) -> dict:
     return {"layer_bits": chosen, "average_bits": averages}
 
 
+def variant(run: dict) -> str:
+    """A run's (or a report row's) variant: 'technique strength'."""
+    return f"{run['technique']} {run['strength']}"
+
+
+def measured_train(run: dict) -> dict:
+    """The `train` config of the stage a run measures."""
+    stages = run["config"]["recipe"]["stages"]
+    return next(s for s in stages if s["name"] == run["config"]["measure"])["config"]["train"]
+
+
 def learning_curves(workdir: Path, runs: list[dict]) -> dict[str, dict]:
     """Each variant's dev metric at the evaluations its measured stage made while training
     (`eval.every_steps`), per seed: {variant: {seed: {step: value}}}; empty without them."""
     curves: dict[str, dict] = {}
     for run in runs:
-        stages = run["config"]["recipe"]["stages"]
-        measured = run["stages"][stages[-1]["name"]]
-        points = {}
-        for line in (workdir / measured / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if "eval" in record:
-                points[record["step"]] = next(iter(record["eval"]["validation"].values()))
+        logged = run_dir.read_metrics(workdir / run["stages"][run["config"]["measure"]])
+        points = {
+            row["step"]: next(iter(row["eval"].values()))[run["metric"]]
+            for row in logged
+            if "eval" in row
+        }
         if len(points) > 1:
-            variant = f"{run['technique']} {run['strength']}"
-            curves.setdefault(variant, {})[run["seed"]] = points
+            curves.setdefault(variant(run), {})[run["seed"]] = points
     return curves
+
+
+def budget(train: dict) -> dict:
+    """A row's training budget from its stage's `train` config: -1 steps is `epochs` (the
+    default 1) over the train set, -1 examples all of it."""
+    return {
+        "steps": train["steps"] if train["steps"] > 0 else f"{train.get('epochs', 1):g} epoch",
+        "batch_size": train["batch_size"],
+        "train_examples": train["examples"] if train["examples"] > 0 else "all",
+    }
 
 
 def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
@@ -176,54 +196,37 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
     written = report.write_report(
         [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
     )
-    # Each variant's training budget (its measured stage's), as the rows differ in it
-    trains = {
-        f"{run['technique']} {run['strength']}": run["config"]["recipe"]["stages"][-1]["config"][
-            "train"
-        ]
-        for run in runs
-    }
-    mixed = qbert_bits(workdir, runs) if family == "quantization" else {}
+    budgets = {variant(run): budget(measured_train(run)) for run in runs}  # rows differ in it
     curves = learning_curves(workdir, runs)
+    mixed = qbert_bits(workdir, runs) if family == "quantization" else {}
     average = statistics.fmean(mixed["average_bits"]) if mixed.get("average_bits") else 0.0
-    return [
-        {
-            "name": f"{r['technique']} {r['strength']}",
-            "bits": QAT_BITS.get(f"{r['technique']} {r['strength']}", "").format(average=average),
-            "task": "sst2",
-            "metric": r["metric"],
-            "value": r["mean"],
-            "std": r["std"],
-            "seeds": len(r["seeds"]),
-            "relative": r["relative"],
-            "bytes": r["bytes"],
-            "bytes_no_embeddings": r["bytes_no_embeddings"],
-            "compression": 1 / r["size"],
-            "compression_no_embeddings": 1 / r["size_no_embeddings"],
-            # The trained model run in float (dequantized weights): quantization's own
-            # speed on this CPU is the int8 execution row's.
-            "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
-            "values": r["values"],
-            **budget(trains[f"{r['technique']} {r['strength']}"]),
-            **(
-                {"dev_during_training": curves[name]}
-                if (name := f"{r['technique']} {r['strength']}") in curves
-                else {}
-            ),
-            **(mixed if r["technique"] == "qat_qbert" else {}),
-        }
-        for r in written["rows"]
-    ]
-
-
-def budget(train: dict) -> dict:
-    """A row's training budget from its stage's `train` config: -1 steps is one epoch of
-    the train set (2,104 steps of 32 on SST-2's 67,349 examples), -1 examples all of it."""
-    return {
-        "steps": train["steps"] if train["steps"] > 0 else "1 epoch",
-        "batch_size": train["batch_size"],
-        "train_examples": train["examples"] if train["examples"] > 0 else "all",
-    }
+    rows = []
+    for r in written["rows"]:
+        name = variant(r)
+        rows.append(
+            {
+                "name": name,
+                "bits": QAT_BITS.get(name, "").format(average=average),
+                "task": "sst2",
+                "metric": r["metric"],
+                "value": r["mean"],
+                "std": r["std"],
+                "seeds": len(r["seeds"]),
+                "relative": r["relative"],
+                "bytes": r["bytes"],
+                "bytes_no_embeddings": r["bytes_no_embeddings"],
+                "compression": 1 / r["size"],
+                "compression_no_embeddings": 1 / r["size_no_embeddings"],
+                # The trained model run in float (dequantized weights): quantization's own
+                # speed on this CPU is the int8 execution row's.
+                "latency_ratio": {"cpu": r.get("speedup"), "gpu": None},
+                "values": r["values"],
+                **budgets[name],
+                **({"dev_during_training": curves[name]} if name in curves else {}),
+                **(mixed if r["technique"] == "qat_qbert" else {}),
+            }
+        )
+    return rows
 
 
 def update(workdir: Path, t0: float) -> None:

@@ -125,6 +125,21 @@ class RunDir:
         write_json(self.path / "summary.json", full)
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows `RunDir.log` wrote to the run directory `path`'s metrics.jsonl, in order.
+
+    Args:
+      path: a run directory.
+
+    Returns:
+      One dict per logged row (train rows have `loss`, eval rows `eval`); [] if none.
+    """
+    metrics_file = Path(path) / "metrics.jsonl"
+    if not metrics_file.exists():
+        return []
+    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+
+
 def resumable_keys(resolved: dict) -> tuple[str, ...]:
     """The dotted keys a resumed run of `resolved` may change: `PLACEMENT_KEYS`, and
     `eval.batch_size` where it cannot change results."""

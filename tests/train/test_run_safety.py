@@ -18,7 +18,7 @@ from jaxcompress.experiments import recipes
 from jaxcompress.experiments.latency import inference_latency
 from jaxcompress.train import checkpoint, progress
 from jaxcompress.train import loop as train
-from jaxcompress.train.run_dir import RunDir
+from jaxcompress.train.run_dir import RunDir, read_metrics
 from tests.helpers import save_tiny_model, tiny_config, tiny_run_config
 
 BAD_VALUES = [
@@ -126,12 +126,14 @@ def test_reporting_settings_may_change_on_resume(tmp_path):
 
 
 def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
+    assert read_metrics(tmp_path) == []  # nothing logged yet
     run = RunDir(tmp_path, finetune_defaults())
     for step in (1, 2, 3):
         run.log(step=step, loss=1.0)
     run.log(step=3, eval={"validation": {"accuracy": 0.5}})
+    assert read_metrics(tmp_path)[-1]["eval"] == {"validation": {"accuracy": 0.5}}
     run.drop_rows_after(3, final_eval=True)
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     assert [(r["step"], "eval" in r) for r in rows] == [(1, False), (2, False), (3, False)]
     run.drop_rows_after(1)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
