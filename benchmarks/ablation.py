@@ -13,12 +13,15 @@ one PNG per task.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
 from jaxcompress.experiments import report, sweep
 from jaxcompress.experiments.results import write_result
+from jaxcompress.train.evaluate import evaluate_saved
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,6 +33,13 @@ def main() -> None:
     parser.add_argument("--name", help="result name (default: ablation_<family>_sst2)")
     parser.add_argument(
         "--finished", action="store_true", help="report the runs finished so far; train none"
+    )
+    parser.add_argument(
+        "--fit-examples",
+        type=int,
+        default=0,
+        help="also evaluate each run's measured model and the teacher on the first N train "
+        "examples (how well each fits what it trained on, beside dev)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
@@ -48,7 +58,9 @@ def main() -> None:
     prefix = REPO / "benchmarks" / "results" / name
     written = report.write_report([args.workdir], prefix, base=sweep.base_key(config))
     first = summaries[0]
-    stages = {(s["technique"], s["strength"]): training_stages(s) for s in summaries}
+    stages = {(s["technique"], s["strength"]): training_stages(s, args.workdir) for s in summaries}
+    curves = report.learning_curves(args.workdir, summaries)
+    fits = train_fits(summaries, args.workdir, args.fit_examples) if args.fit_examples else {}
     rows = []
     for r in written["rows"]:
         own = stages[r["technique"], r["strength"]]
@@ -60,6 +72,10 @@ def main() -> None:
         }
         if len(own) > 1:
             row["stages"] = own
+        if row["name"] in fits:
+            row["train_fit"] = fits[row["name"]]
+        if row["name"] in curves:  # the dev metric at each evaluation while training, per seed
+            row["dev_during_training"] = curves[row["name"]]
         rows.append(row)
     base = stages[first["technique"], first["strength"]]
     write_result(
@@ -72,6 +88,7 @@ def main() -> None:
                 "task": first["task"],
                 "metric": first["metric"],
                 "value": first["reference"]["value"],
+                **({"train_fit": fits["reference"]} if fits else {}),
             },
             "training": {
                 **base[-1],
@@ -90,19 +107,49 @@ def main() -> None:
     print(written["table"])
 
 
-def training_stages(summary: dict) -> list[dict]:
+def train_fits(summaries: list[dict], workdir: str, examples: int) -> dict[str, dict]:
+    """The task metric on the first `examples` train examples of each run's measured model
+    (per seed, and their mean) and of the reference, keyed by row name and "reference"."""
+    first = summaries[0]
+
+    def fit(model: str) -> float:
+        split = evaluate_saved(model, first["task"], ["train"], examples=examples)["train"]
+        return split[first["metric"]]
+
+    fits: dict[str, dict] = {}
+    for s in sorted(summaries, key=lambda s: s["seed"]):
+        stage = Path(workdir) / s["stages"][s["config"]["measure"]] / "summary.json"
+        trained = json.loads(stage.read_text())
+        row = fits.setdefault(f"{s['technique']} {s['strength']}", {"values": []})
+        row["values"].append(fit(trained.get("model_dir") or trained["saved"]))
+    for row in fits.values():
+        row["value"] = statistics.fmean(row["values"])
+    fits["reference"] = {"value": fit(first["reference"]["model"])}
+    return {name: {"examples": examples, **row} for name, row in fits.items()}
+
+
+def training_stages(summary: dict, workdir: str) -> list[dict]:
     """What each training stage of a run's recipe trained: its name, steps, batch size and
-    examples (stages that train nothing, such as a transform, are left out)."""
-    return [
-        {
-            "stage": stage["name"],
-            "steps": stage["config"]["train"]["steps"],
-            "batch_size": stage["config"]["train"]["batch_size"],
-            "train_examples": stage["config"]["train"].get("examples"),
-        }
-        for stage in summary["config"]["recipe"]["stages"]
-        if stage["kind"] == "finetune"
-    ]
+    examples, and its epochs where the config gave those instead of steps (stages that train
+    nothing, such as a transform, are left out)."""
+    stages = []
+    for stage in summary["config"]["recipe"]["stages"]:
+        if stage["kind"] != "finetune":
+            continue
+        train = stage["config"]["train"]
+        trained = json.loads(
+            (Path(workdir) / summary["stages"][stage["name"]] / "summary.json").read_text()
+        )
+        stages.append(
+            {
+                "stage": stage["name"],
+                "steps": trained["steps"],
+                **({"epochs": round(trained["epochs"], 2)} if train["steps"] <= 0 else {}),
+                "batch_size": train["batch_size"],
+                "train_examples": train.get("examples"),
+            }
+        )
+    return stages
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.experiments.latency import paired_latency
 from jaxcompress.experiments.results import write_result
 from jaxcompress.models.bert import Bert
-from jaxcompress.train import run_dir
 from jaxcompress.train.evaluate import evaluate_splits, make_eval_step
 from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
 
@@ -154,22 +153,6 @@ def measured_train(run: dict) -> dict:
     return next(s for s in stages if s["name"] == run["config"]["measure"])["config"]["train"]
 
 
-def learning_curves(workdir: Path, runs: list[dict]) -> dict[str, dict]:
-    """Each variant's dev metric at the evaluations its measured stage made while training
-    (`eval.every_steps`), per seed: {variant: {seed: {step: value}}}; empty without them."""
-    curves: dict[str, dict] = {}
-    for run in runs:
-        logged = run_dir.read_metrics(workdir / run["stages"][run["config"]["measure"]])
-        points = {
-            row["step"]: next(iter(row["eval"].values()))[run["metric"]]
-            for row in logged
-            if "eval" in row
-        }
-        if len(points) > 1:
-            curves.setdefault(variant(run), {})[run["seed"]] = points
-    return curves
-
-
 def budget(train: dict) -> dict:
     """A row's training budget from its stage's `train` config: -1 steps is `epochs` (the
     default 1) over the train set, -1 examples all of it."""
@@ -197,7 +180,7 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
         [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
     )
     budgets = {variant(run): budget(measured_train(run)) for run in runs}  # rows differ in it
-    curves = learning_curves(workdir, runs)
+    curves = report.learning_curves(workdir, runs)
     mixed = qbert_bits(workdir, runs) if family == "quantization" else {}
     average = statistics.fmean(mixed["average_bits"]) if mixed.get("average_bits") else 0.0
     rows = []

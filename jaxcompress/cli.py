@@ -11,20 +11,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from jaxcompress import assets
-from jaxcompress.config import config_from_json, device_buckets, load_config
+from jaxcompress.config import config_from_json, load_config
 from jaxcompress.data import glue as data
 from jaxcompress.errors import UserError
 from jaxcompress.experiments import recipes, report, sweep
 from jaxcompress.experiments.results import markdown_table
-from jaxcompress.models.bert import Bert
-from jaxcompress.models.hf import load_pretrained, resolve_model_dir, save_pretrained
+from jaxcompress.models.hf import resolve_model_dir, save_pretrained
 from jaxcompress.train import checkpoint
 from jaxcompress.train import loop as train
-from jaxcompress.train.evaluate import evaluate, make_eval_step
-from jaxcompress.train.inputs import get_num_outputs, load_teacher
+from jaxcompress.train.evaluate import evaluate_saved
+from jaxcompress.train.inputs import load_teacher
 from jaxcompress.train.progress import duration
 
 EPILOG = f"""
@@ -142,25 +139,16 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_eval(args) -> int:
-    outputs = get_num_outputs(args.task)  # an unknown task fails before any loading
-    config, params = load_pretrained(args.model)
-    if config.num_labels != outputs:
-        head = f"a {config.num_labels}-output head" if config.num_labels else "no classifier head"
-        raise UserError(
-            f"model {args.model} has {head}, but task {args.task} needs {outputs} outputs; "
-            f"pass a model fine-tuned on {args.task} (or the --task it was fine-tuned on)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer or args.model))
-    glue = args.glue_dir or assets.glue_dir()
-    step = make_eval_step(Bert(config))
-    buckets = device_buckets(args.max_length)
-    results = {}
-    for split_name in data.get_task(args.task).eval_splits:
-        ds = data.load_split(args.task, split_name, glue)
-        if args.examples:
-            ds = ds.select(range(min(args.examples, len(ds))))
-        split = data.tokenize_split(ds, args.task, tokenizer, args.max_length)
-        results[split_name] = evaluate(step, params, split, args.task, args.batch_size, buckets)
+    results = evaluate_saved(
+        args.model,
+        args.task,
+        args.split,
+        glue_dir=args.glue_dir,
+        tokenizer=args.tokenizer,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        examples=args.examples,
+    )
     print(json.dumps(results, indent=2))
     return 0
 
@@ -266,12 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed", action="store_true", help="accept different base configs")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(fn=cmd_report)
-    p = sub.add_parser("eval", help="evaluate a saved model on a GLUE task's dev split(s)")
+    p = sub.add_parser(
+        "eval", help="evaluate a saved model on a GLUE task's dev split(s) or train split"
+    )
     p.add_argument(
         "--model",
         required=True,
-        help="a Hugging Face model directory (e.g. a run's model/), or a name looked up in "
-        "model_root (e.g. minilm-l6-sst2-teacher), or a hub id",
+        help="a Hugging Face model directory (e.g. a run's model/), a jaxcompress one (a "
+        "transform stage's compressed/), a name looked up in model_root (e.g. "
+        "minilm-l6-sst2-teacher), or a hub id",
     )
     p.add_argument("--task", required=True, help=f"GLUE task, one of: {', '.join(data.TASKS)}")
     p.add_argument(
@@ -287,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=_positive_int, default=128, help="truncate inputs to this many tokens"
     )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="examples per eval batch")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        help="a split to evaluate, e.g. train (how well a model fits what it trained on); "
+        "repeatable (default: the task's dev splits)",
+    )
     p.add_argument(
         "--examples",
         type=_positive_int,

@@ -2,12 +2,16 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from jaxcompress.cli import main
-from tests.helpers import REPO, save_tiny_model
+from jaxcompress.models import artefact
+from jaxcompress.models.bert import init_params
+from jaxcompress.models.hf import save_pretrained
+from tests.helpers import REPO, save_tiny_model, tiny_config
 
 
 @pytest.mark.slow
@@ -34,6 +38,16 @@ def test_finetune_eval_export(tmp_path, minilm_dir, glue_dir, capsys, monkeypatc
     assert main(evaluate) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated == summary["eval"]
+
+    # the train split: the numbers of a glue folder whose dev file is that train slice
+    train_rows = (glue_dir / "SST-2" / "train.tsv").read_text().splitlines(keepends=True)[:129]
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("".join(train_rows))
+    on_train = json.loads(_eval(capsys, evaluate + ["--split", "train", "--split", "validation"]))
+    assert list(on_train) == ["train", "validation"]
+    assert on_train["validation"] == summary["eval"]["validation"]
+    as_dev = json.loads(_eval(capsys, evaluate + ["--glue-dir", str(tmp_path / "glue")]))
+    assert on_train["train"] == as_dev["validation"]
 
     assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
     a = load_file(workdir / "model" / "model.safetensors")
@@ -77,3 +91,21 @@ def test_export_of_a_run_with_distillation_projections(tmp_path, minilm_dir, glu
     trained = load_file(workdir / "model" / "model.safetensors")
     assert exported.keys() == trained.keys()  # the projection is not part of the model
     np.testing.assert_array_equal(exported["classifier.weight"], trained["classifier.weight"])
+
+
+def _eval(capsys, argv: list[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_eval_reads_a_jaxcompress_model_as_its_hugging_face_twin(
+    tmp_path, minilm_dir, glue_dir, capsys
+):
+    config = tiny_config(num_labels=2)
+    params = init_params(config, jax.random.key(0))
+    hf = save_pretrained(config, params, tmp_path / "hf", tokenizer_dir=minilm_dir)
+    ours = artefact.save(config, params, tmp_path / "ours", tokenizer_dir=minilm_dir)
+    argv = ["--task", "sst2", "--split", "train", "--examples", "64", "--glue-dir", str(glue_dir)]
+    on_hf = json.loads(_eval(capsys, ["eval", "--model", str(hf), *argv]))
+    assert on_hf == json.loads(_eval(capsys, ["eval", "--model", str(ours), *argv]))
+    assert 0.0 <= on_hf["train"]["accuracy"] <= 1.0

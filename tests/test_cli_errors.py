@@ -109,6 +109,11 @@ def test_missing_glue_file(capsys, tmp_path, tiny):
     error(capsys, args, str(tmp_path / "CoLA" / "dev.tsv"), "glue_dir")
 
 
+def test_unknown_split_lists_the_task_splits(capsys, tiny):
+    args = ["eval", "--model", str(tiny), "--task", "sst2", "--split", "test"]
+    error(capsys, args, "split 'test'", "train, validation")
+
+
 def test_unknown_task_lists_the_known_ones(capsys, tiny):
     error(capsys, ["eval", "--model", str(tiny), "--task", "sst-2"], "'sst-2'", "sst2, ", "wnli")
 

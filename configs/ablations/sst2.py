@@ -331,7 +331,7 @@ def sharing_gradual(sweep: dict, quick: bool) -> dict:
     six (`share` section); `shared` stores the six identical layers as one. `at_once` shares
     from the first step (post-hoc sharing, trained the same way), `gradual` blends linearly
     over the first 10-60% of training, `gradual_logits` too but by logit distillation only;
-    `at_once_long` trains 2,400 steps on the whole train set."""
+    `at_once_long` trains 2,400 steps on the whole train set, `at_once_3ep` three epochs."""
     (stage,) = sweep["recipe"]["stages"]
     tinybert = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
     steps = 6 if quick else 800
@@ -339,6 +339,7 @@ def sharing_gradual(sweep: dict, quick: bool) -> dict:
         stage["config"],
         {"train": {"lr": 1e-4, "steps": steps}, "distill": tinybert, "share": {"groups": "all"}},
     )
+    three_epochs = {"steps": 6} if quick else {"steps": -1, "epochs": 3.0, "examples": -1}
     shared = {
         "name": "shared",
         "kind": "transform",
@@ -356,6 +357,14 @@ def sharing_gradual(sweep: dict, quick: bool) -> dict:
                     "student": {
                         "share": {"begin": 0.0, "end": 0.0},
                         "train": {"steps": 6 if quick else 2400, "examples": -1},
+                    }
+                },
+                # three epochs, the dev set measured every half epoch (the learning curve)
+                "at_once_3ep": {
+                    "student": {
+                        "share": {"begin": 0.0, "end": 0.0},
+                        "train": three_epochs,
+                        "eval": {"every_steps": 2 if quick else 1052},
                     }
                 },
                 "gradual": {"student": {"share": {"begin": 0.1, "end": 0.6}}},

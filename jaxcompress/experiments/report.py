@@ -11,6 +11,7 @@ from pathlib import Path
 from jaxcompress.errors import UserError
 from jaxcompress.experiments.results import markdown_table
 from jaxcompress.experiments.summary import read_run_summary
+from jaxcompress.train import run_dir
 
 TASK_NAMES = {
     "sst2": "SST-2",
@@ -345,6 +346,27 @@ def plot(rows: Sequence[dict], reference: dict, task: str, path: str | Path) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def learning_curves(workdir: str | Path, runs: Sequence[dict]) -> dict[str, dict]:
+    """Each variant's dev metric at the evaluations its measured stage made while training
+    (`eval.every_steps`), per seed, from the runs (summaries) of a sweep in `workdir`.
+
+    Returns:
+      {"technique strength" (a row's name): {seed: {step: value}}}, with only the runs that
+      evaluated more than once.
+    """
+    curves: dict[str, dict] = {}
+    for run in runs:
+        logged = run_dir.read_metrics(Path(workdir) / run["stages"][run["config"]["measure"]])
+        points = {
+            row["step"]: next(iter(row["eval"].values()))[run["metric"]]
+            for row in logged
+            if "eval" in row
+        }
+        if len(points) > 1:
+            curves.setdefault(f"{run['technique']} {run['strength']}", {})[run["seed"]] = points
+    return curves
 
 
 def write_report(

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxcompress import assets
 from jaxcompress.compress.distill.objective import (
     forward,
 )
-from jaxcompress.config import buckets_of
+from jaxcompress.config import buckets_of, device_buckets
 from jaxcompress.data import glue as data
 from jaxcompress.data import metrics
+from jaxcompress.errors import UserError
 from jaxcompress.models.bert import Bert, BertConfig
+from jaxcompress.models.hf import resolve_model_dir
 from jaxcompress.train import progress, sharding
+from jaxcompress.train.inputs import get_num_outputs, load_any
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +124,58 @@ def evaluate_splits(
         )
         for name, split in splits.items()
     }
+
+
+def evaluate_saved(
+    model: str,
+    task: str,
+    splits: Sequence[str] = (),
+    *,
+    glue_dir: str = "",
+    tokenizer: str = "",
+    max_length: int = 128,
+    batch_size: int = 64,
+    examples: int = 0,
+) -> dict[str, dict[str, float]]:
+    """GLUE metrics of a saved model (a Hugging Face directory, a jaxcompress one or a name
+    under `model_root`) on splits of a task.
+
+    Args:
+      model: the model directory or name; its head must give the task's outputs.
+      task: a GLUE task name, e.g. "sst2".
+      splits: split names, the task's dev splits or "train"; () = its dev splits.
+      glue_dir: folder of GLUE TSVs; "" = the configured one (`assets.glue_dir`).
+      tokenizer: tokenizer directory or hub id; "" = the model's.
+      max_length: tokens kept of each example.
+      batch_size: examples per eval batch.
+      examples: > 0 evaluates the first this many examples of each split.
+
+    Returns:
+      Split name -> metric name -> value, in the order of `splits`.
+    """
+    outputs = get_num_outputs(task)  # an unknown task fails before any loading
+    spec = data.get_task(task)
+    known = ("train", *spec.eval_splits)
+    if unknown := [s for s in splits if s not in known]:
+        raise UserError(f"split {unknown[0]!r}: task {task} has splits {', '.join(known)}")
+    config, params = load_any(model)
+    if config.num_labels != outputs:
+        head = f"a {config.num_labels}-output head" if config.num_labels else "no classifier head"
+        raise UserError(
+            f"model {model} has {head}, but task {task} needs {outputs} outputs; "
+            f"pass a model fine-tuned on {task} (or the task it was fine-tuned on)"
+        )
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer or model))
+    glue = glue_dir or assets.glue_dir()
+    step = make_eval_step(Bert(config))
+    buckets = device_buckets(max_length)
+    results = {}
+    for name in dict.fromkeys(splits or spec.eval_splits):
+        ds = data.load_split(task, name, glue)
+        if examples:
+            ds = ds.select(range(min(examples, len(ds))))
+        split = data.tokenize_split(ds, task, tokens, max_length)
+        results[name] = evaluate(step, params, split, task, batch_size, buckets)
+    return results

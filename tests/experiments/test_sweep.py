@@ -290,6 +290,28 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert written["written"][2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_learning_curves_read_the_measured_stage_evaluations(tmp_path):
+    def run(strength, seed, evals):
+        stage = tmp_path / "stages" / f"{strength}{seed}"
+        stage.mkdir(parents=True)
+        rows = [{"step": 5, "loss": 0.3}] + [
+            {"step": step, "eval": {"validation": {"accuracy": value}}} for step, value in evals
+        ]
+        (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = {"measure": "student"}
+        stages = {"student": f"stages/{strength}{seed}"}
+        return _summary("t", strength, seed, evals[-1][1], config=config, stages=stages)
+
+    runs = [
+        run("big", 0, [(10, 0.6), (20, 0.7)]),
+        run("big", 1, [(10, 0.5), (20, 0.8)]),
+        run("small", 0, [(20, 0.9)]),  # evaluated only at the end: no curve
+    ]
+    assert report.learning_curves(tmp_path, runs) == {
+        "t big": {0: {10: 0.6, 20: 0.7}, 1: {10: 0.5, 20: 0.8}}
+    }
+
+
 def test_report_averages_the_models_that_have_every_task(tmp_path):
     runs = [
         _summary("t", "big", 0, 0.8, task="sst2", speedup=2.0),
