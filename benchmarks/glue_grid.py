@@ -12,7 +12,9 @@ ablation_glue.{json,md,csv} and one Pareto plot per task (and of the average onc
 has every task). Each row says how many seeds it holds; one with fewer than 3 claims nothing.
 `--report` rewrites the report from the archive and trains nothing.
 
-The small tasks' teachers must exist first (benchmarks/glue_teachers.py). A teacher that is
+The small tasks' teachers must exist first (benchmarks/glue_teachers.py's default workdir,
+runs/glue_teachers/ of the repository, which the config names relative to the repository
+root, so that run keys and the archive hold in any checkout). A teacher that is
 fine-tuned again on another machine can differ in its last digits, so the result file keeps
 each task's teacher value per run and says when runs of one task saw different teachers.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -158,7 +161,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    workdir, archive, out = Path(args.workdir), Path(args.archive), Path(args.out)
+    workdir, archive, out = (Path(p).resolve() for p in (args.workdir, args.archive, args.out))
+    os.chdir(REPO)  # configs/ablations/glue.py names the teachers relative to it
     log.info("restored %d archived runs into %s", restore(archive, workdir), workdir)
     if not args.report:
         tasks = args.tasks.split(",")

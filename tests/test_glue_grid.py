@@ -84,3 +84,27 @@ def test_later_seeds_train_the_main_comparison_and_skip_gobo(monkeypatch, model_
     main = sorted((r.technique, r.strength) for name, _, r in zero if name == "sst2")
     assert len(main) == 7  # the eight rows but GOBO
     assert sorted((r.technique, r.strength) for _, _, r in one) == main
+
+
+def test_archived_runs_keep_their_keys_in_any_checkout(monkeypatch, tmp_path):
+    """The config names the teachers relative to the repository root, so a checkout
+    elsewhere (here tmp_path, with stand-in teachers) computes the archived runs' keys and
+    skips them."""
+    monkeypatch.chdir(tmp_path)
+    for task in ("cola", "mrpc", "stsb", "rte"):
+        teacher = tmp_path / "runs" / "glue_teachers" / task / "jax" / "model"
+        teacher.mkdir(parents=True)
+        (teacher / "config.json").write_text("{}")
+    monkeypatch.setenv("JAXCOMPRESS_MODEL_ROOT", str(tmp_path))  # SST-2's teacher: a name
+    runs = {
+        (name, run.technique, run.strength, run.seed): run
+        for task in ("sst2", "cola", "mrpc", "stsb", "rte")
+        for seed in (0, 1, 2)
+        for name, _, run in glue_grid.runs_at(task, seed)
+    }
+    archived = sorted(ARCHIVE.glob("*/*.json"))
+    assert len(archived) >= 48
+    for path in archived:
+        summary = json.loads(path.read_text())
+        run = runs[path.parent.name, summary["technique"], summary["strength"], summary["seed"]]
+        assert (run.dir_name, run.key) == (path.stem, summary["key"]), path.name

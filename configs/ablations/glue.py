@@ -40,10 +40,13 @@ def teacher_of(task: str) -> str:
     """The task's teacher: the fixed SST-2 one, or benchmarks/glue_teachers.py's fine-tune."""
     if task == "sst2":
         return SST2_TEACHER
-    path = REPO / "runs" / "glue_teachers" / task / "jax" / "model"
+    # Relative to the repository root, where sweeps of this file run: a run's key hashes the
+    # teacher's path, so an absolute one would tie the archived runs to one checkout's place.
+    path = Path("runs") / "glue_teachers" / task / "jax" / "model"
     if not (path / "config.json").is_file():
+        where = "" if Path.cwd().resolve() == REPO else f" (run from the repository root, {REPO})"
         raise ValueError(
-            f"no {task} teacher at {path}: fine-tune it first (python "
+            f"no {task} teacher at {path}{where}: fine-tune it first (python "
             f"benchmarks/glue_teachers.py --tasks {task}) or pass teacher=PATH"
         )
     return str(path)
