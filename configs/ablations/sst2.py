@@ -121,6 +121,10 @@ def families(quick: bool) -> dict[str, dict]:
             for technique, make in makers.items()
         }
         curve["movement_ft_once_kd"]["r10_long"] = longer(makers["movement_ft_once_kd"](0.9))
+        for technique in ("magnitude_kd", "movement_ft_once_kd"):  # one pass over all of it
+            variant = makers[technique](0.9)
+            variant["student"] = deep_merge(variant["student"], whole_epoch(quick))
+            curve[technique]["r10_epoch"] = variant
         return curve
 
     layers = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0, "cache_logits": False}
