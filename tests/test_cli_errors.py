@@ -251,3 +251,15 @@ def test_export_names_labels_and_respects_umask(tmp_path):
 def test_tpu_backend_message_is_silenced(capsys, tmp_path):
     main(["report", str(tmp_path)])
     assert logging.getLogger("jax._src.xla_bridge").level == logging.WARNING
+
+
+def test_broken_jaxcompress_model_directories(capsys, tmp_path):
+    model = tmp_path / "compressed"
+    model.mkdir()
+    (model / "jaxcompress_config.json").write_text('{"hidden": 3}')
+    args = ["eval", "--model", str(model), "--task", "sst2"]
+    error(capsys, args, str(model / "params.safetensors"), "does not exist")
+    (model / "params.safetensors").write_bytes(b"\0\0")
+    error(capsys, args, str(model / "jaxcompress_config.json"), "unknown key 'hidden'")
+    (model / "jaxcompress_config.json").write_text("{}")
+    error(capsys, args, str(model / "params.safetensors"), "truncated")

@@ -11,10 +11,16 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from jaxcompress.models.bert import BertConfig
-from jaxcompress.models.hf import copy_tokenizer
+from jaxcompress.models.hf import (
+    ModelFormatError,
+    ModelNotFoundError,
+    copy_tokenizer,
+    load_safetensors,
+    read_json,
+)
 
 CONFIG_FILE, PARAMS_FILE = "jaxcompress_config.json", "params.safetensors"
 EMBEDDING_PREFIX = "bert/embeddings/"
@@ -48,13 +54,24 @@ def save(
 
 
 def load(path: str | os.PathLike) -> tuple[BertConfig, dict]:
+    """The `(config, params)` a `save` wrote to `path`; a missing or unreadable file is a
+    user error that names it."""
     source = Path(path)
     for name in (CONFIG_FILE, PARAMS_FILE):
         if not (source / name).exists():
-            raise FileNotFoundError(f"{source / name} does not exist (not a jaxcompress model)")
-    fields = json.loads((source / CONFIG_FILE).read_text())
+            raise ModelNotFoundError(
+                f"{source / name} does not exist (not a jaxcompress model); restore it or "
+                "pass the model directory a transform stage wrote"
+            )
+    fields = read_json(source / CONFIG_FILE)
+    known = {f.name for f in dataclasses.fields(BertConfig)}
+    if unknown := sorted(set(fields) - known):
+        raise ModelFormatError(
+            f"{source / CONFIG_FILE}: unknown key {unknown[0]!r}; written by another "
+            "jaxcompress version? save the model again with this one"
+        )
     config = BertConfig(**fields)
-    flat = {k: jnp.asarray(v) for k, v in load_file(source / PARAMS_FILE).items()}
+    flat = {k: jnp.asarray(v) for k, v in load_safetensors(source / PARAMS_FILE).items()}
     return config, unflatten_dict(flat, sep="/")
 
 

@@ -142,7 +142,8 @@ def _hf_key(flax_path: str) -> tuple[str, bool]:
     return ".".join(parts) + ".weight", False  # embedding tables
 
 
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays; a missing or unreadable file is a user error naming it."""
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
@@ -154,7 +155,8 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a model file; bad JSON is a user error naming the file and line."""
     try:
         value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -171,13 +173,13 @@ def _read_json(path: Path) -> dict:
 def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
-        return _load_safetensors(single)
+        return load_safetensors(single)
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelFormatError(f"{index} has no 'weight_map' object; restore the file")
         shards = sorted(set(weight_map.values()))
-        return {k: v for s in shards for k, v in _load_safetensors(directory / s).items()}
+        return {k: v for s in shards for k, v in load_safetensors(directory / s).items()}
     pickled = directory / "pytorch_model.bin"
     if pickled.exists():
         if not allow_pickle:
@@ -239,7 +241,7 @@ def load_pretrained(
     config_file = directory / "config.json"
     if not config_file.exists():
         raise ModelNotFoundError(f"no config.json in {directory}")
-    hf = _read_json(config_file)
+    hf = read_json(config_file)
     missing_keys = [k for k in _REQUIRED_FIELDS if k not in hf]
     if missing_keys:
         raise ModelFormatError(
