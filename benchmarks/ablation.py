@@ -68,6 +68,7 @@ def main() -> None:
         row = {
             **report.result_row(r),
             "steps": own[-1]["steps"],
+            **({"epochs": own[-1]["epochs"]} if "epochs" in own[-1] else {}),
             "train_examples": own[-1]["train_examples"],
         }
         if len(own) > 1:

@@ -348,9 +348,20 @@ def plot(rows: Sequence[dict], reference: dict, task: str, path: str | Path) -> 
     return Path(path)
 
 
+def trained_stage(run: dict) -> str:
+    """The stage whose training a run's measured model comes from: the measured stage if it
+    fine-tunes, else the last fine-tuning stage before it (e.g. before a `share_layers`
+    transform that stores the trained model in fewer bytes)."""
+    stages = run["config"]["recipe"]["stages"]
+    measured = [s["name"] for s in stages].index(run["config"]["measure"])
+    tuned = [s["name"] for s in stages[: measured + 1] if s["kind"] == "finetune"]
+    return tuned[-1] if tuned else run["config"]["measure"]
+
+
 def learning_curves(workdir: str | Path, runs: Sequence[dict]) -> dict[str, dict]:
-    """Each variant's dev metric at the evaluations its measured stage made while training
-    (`eval.every_steps`), per seed, from the runs (summaries) of a sweep in `workdir`.
+    """Each variant's dev metric at the evaluations its trained stage (`trained_stage`) made
+    while training (`eval.every_steps`), per seed, from the runs (summaries) of a sweep in
+    `workdir`.
 
     Returns:
       {"technique strength" (a row's name): {seed: {step: value}}}, with only the runs that
@@ -358,7 +369,7 @@ def learning_curves(workdir: str | Path, runs: Sequence[dict]) -> dict[str, dict
     """
     curves: dict[str, dict] = {}
     for run in runs:
-        logged = run_dir.read_metrics(Path(workdir) / run["stages"][run["config"]["measure"]])
+        logged = run_dir.read_metrics(Path(workdir) / run["stages"][trained_stage(run)])
         points = {
             row["step"]: next(iter(row["eval"].values()))[run["metric"]]
             for row in logged

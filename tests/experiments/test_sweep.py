@@ -298,8 +298,11 @@ def test_learning_curves_read_the_measured_stage_evaluations(tmp_path):
             {"step": step, "eval": {"validation": {"accuracy": value}}} for step, value in evals
         ]
         (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config = {"measure": "student"}
-        stages = {"student": f"stages/{strength}{seed}"}
+        # the measured stage stores the trained one in fewer bytes: the curve is the student's
+        recipe = {"stages": [{"name": "student", "kind": "finetune"}, {"name": "shared"}]}
+        recipe["stages"][1]["kind"] = "transform"
+        config = {"measure": "shared", "recipe": recipe}
+        stages = {"student": f"stages/{strength}{seed}", "shared": f"stages/shared{seed}"}
         return _summary("t", strength, seed, evals[-1][1], config=config, stages=stages)
 
     runs = [
