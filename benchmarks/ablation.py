@@ -7,7 +7,9 @@ Resumable (finished runs are reused); `--finished` reports the runs finished so 
 training (e.g. after `jaxcompress sweep ... --only seed=0`). Writes
 benchmarks/results/ablation_<family>_sst2.json (or `--name`.json; the pruning issue's table
 is `--name prune`) with one row per variant (mean and std over seeds), plus .md, .csv and
-one PNG per task.
+one PNG per task. Each row has the steps its stage trained and, where the runs evaluated
+while training, their dev curves; `--fit-examples N` adds each row's and the teacher's
+metric on the first N train examples (fit beside generalisation).
 """
 
 from __future__ import annotations
