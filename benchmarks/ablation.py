@@ -110,6 +110,11 @@ def main() -> None:
     print(written["table"])
 
 
+def stage_summary(run: dict, stage: str, workdir: str) -> dict:
+    """The summary.json one stage of a run (its summary) wrote in the sweep's `workdir`."""
+    return json.loads((Path(workdir) / run["stages"][stage] / "summary.json").read_text())
+
+
 def train_fits(summaries: list[dict], workdir: str, examples: int) -> dict[str, dict]:
     """The task metric on the first `examples` train examples of each run's measured model
     (per seed, and their mean) and of the reference, keyed by row name and "reference"."""
@@ -121,8 +126,7 @@ def train_fits(summaries: list[dict], workdir: str, examples: int) -> dict[str, 
 
     fits: dict[str, dict] = {}
     for s in sorted(summaries, key=lambda s: s["seed"]):
-        stage = Path(workdir) / s["stages"][s["config"]["measure"]] / "summary.json"
-        trained = json.loads(stage.read_text())
+        trained = stage_summary(s, s["config"]["measure"], workdir)
         row = fits.setdefault(f"{s['technique']} {s['strength']}", {"values": []})
         row["values"].append(fit(trained.get("model_dir") or trained["saved"]))
     for row in fits.values():
@@ -140,9 +144,7 @@ def training_stages(summary: dict, workdir: str) -> list[dict]:
         if stage["kind"] != "finetune":
             continue
         train = stage["config"]["train"]
-        trained = json.loads(
-            (Path(workdir) / summary["stages"][stage["name"]] / "summary.json").read_text()
-        )
+        trained = stage_summary(summary, stage["name"], workdir)
         stages.append(
             {
                 "stage": stage["name"],

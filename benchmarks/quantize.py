@@ -148,9 +148,10 @@ def variant(run: dict) -> str:
 
 
 def measured_train(run: dict) -> dict:
-    """The `train` config of the stage a run measures."""
+    """The `train` config of the stage that trained the model a run measures."""
+    trained = report.trained_stage(run)
     stages = run["config"]["recipe"]["stages"]
-    return next(s for s in stages if s["name"] == run["config"]["measure"])["config"]["train"]
+    return next(s for s in stages if s["name"] == trained)["config"]["train"]
 
 
 def budget(train: dict) -> dict:
