@@ -10,6 +10,10 @@ is `--name prune`) with one row per variant (mean and std over seeds), plus .md,
 one PNG per task. Each row has the steps its stage trained and, where the runs evaluated
 while training, their dev curves; `--fit-examples N` adds each row's and the teacher's
 metric on the first N train examples (fit beside generalisation).
+
+Each finished run's summary is kept beside the results in benchmarks/results/<name>_runs/
+(small JSON, committed) and put back into --workdir first, so another checkout rewrites the
+report with `--finished` and adds seeds to it without training the runs it holds again.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ def main() -> None:
         "--finished", action="store_true", help="report the runs finished so far; train none"
     )
     parser.add_argument(
+        "--archive",
+        help="where finished run summaries are kept with the results, and put back into "
+        "--workdir from (default: benchmarks/results/<name>_runs/)",
+    )
+    parser.add_argument(
         "--fit-examples",
         type=int,
         default=0,
@@ -48,6 +57,9 @@ def main() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     config = sweep.load_sweep(args.config)
+    name = args.name or f"ablation_{config['name'].removeprefix('sst2_')}_sst2"
+    archive = Path(args.archive or REPO / "benchmarks" / "results" / f"{name}_runs")
+    logging.info("restored %d archived runs", sweep.restore_runs(archive, args.workdir))
     if args.finished:
         summaries = sweep.finished_runs(config, args.workdir)
         if not summaries:
@@ -56,12 +68,12 @@ def main() -> None:
         summaries = sweep.run_sweep(config, args.workdir)
         if len(summaries) < len(sweep.expand(config)):
             raise SystemExit("the sweep was interrupted; rerun the same command to resume it")
-    name = args.name or f"ablation_{config['name'].removeprefix('sst2_')}_sst2"
+    logging.info("archived %d runs in %s", sweep.archive_runs(args.workdir, archive), archive)
     prefix = REPO / "benchmarks" / "results" / name
     written = report.write_report([args.workdir], prefix, base=sweep.base_key(config))
     first = summaries[0]
-    stages = {(s["technique"], s["strength"]): training_stages(s, args.workdir) for s in summaries}
-    curves = report.learning_curves(args.workdir, summaries)
+    stages = {(s["technique"], s["strength"]): report.training_stages(s) for s in summaries}
+    curves = report.learning_curves(summaries)
     fits = train_fits(summaries, args.workdir, args.fit_examples) if args.fit_examples else {}
     rows = []
     for r in written["rows"]:
@@ -110,11 +122,6 @@ def main() -> None:
     print(written["table"])
 
 
-def stage_summary(run: dict, stage: str, workdir: str) -> dict:
-    """The summary.json one stage of a run (its summary) wrote in the sweep's `workdir`."""
-    return json.loads((Path(workdir) / run["stages"][stage] / "summary.json").read_text())
-
-
 def train_fits(summaries: list[dict], workdir: str, examples: int) -> dict[str, dict]:
     """The task metric on the first `examples` train examples of each run's measured model
     (per seed, and their mean) and of the reference, keyed by row name and "reference"."""
@@ -126,35 +133,19 @@ def train_fits(summaries: list[dict], workdir: str, examples: int) -> dict[str, 
 
     fits: dict[str, dict] = {}
     for s in sorted(summaries, key=lambda s: s["seed"]):
-        trained = stage_summary(s, s["config"]["measure"], workdir)
+        stage = Path(workdir) / s["stages"][s["config"]["measure"]] / "summary.json"
+        if not stage.exists():  # e.g. a run put back from the archive
+            raise SystemExit(
+                f"--fit-examples needs the model run {s['label']} trained, and {stage} is "
+                "missing: rerun without --fit-examples, or in the workdir that trained it"
+            )
+        trained = json.loads(stage.read_text())
         row = fits.setdefault(f"{s['technique']} {s['strength']}", {"values": []})
         row["values"].append(fit(trained.get("model_dir") or trained["saved"]))
     for row in fits.values():
         row["value"] = statistics.fmean(row["values"])
     fits["reference"] = {"value": fit(first["reference"]["model"])}
     return {name: {"examples": examples, **row} for name, row in fits.items()}
-
-
-def training_stages(summary: dict, workdir: str) -> list[dict]:
-    """What each training stage of a run's recipe trained: its name, steps, batch size and
-    examples, and its epochs where the config gave those instead of steps (stages that train
-    nothing, such as a transform, are left out)."""
-    stages = []
-    for stage in summary["config"]["recipe"]["stages"]:
-        if stage["kind"] != "finetune":
-            continue
-        train = stage["config"]["train"]
-        trained = stage_summary(summary, stage["name"], workdir)
-        stages.append(
-            {
-                "stage": stage["name"],
-                "steps": trained["steps"],
-                **({"epochs": round(trained["epochs"], 2)} if train["steps"] <= 0 else {}),
-                "batch_size": train["batch_size"],
-                "train_examples": train.get("examples"),
-            }
-        )
-    return stages
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -61,23 +60,10 @@ def finished(workdir: Path, name: str, run_dir: str) -> Path:
 
 
 def restore(archive: Path, workdir: Path) -> int:
-    """Puts every archived run summary back as WORKDIR/<sweep>/runs/<run>/summary.json."""
-    restored = 0
-    for path in sorted(archive.glob("*/*.json")):
-        done = finished(workdir, path.parent.name, path.stem)
-        if not done.exists():
-            done.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, done)
-            restored += 1
-    return restored
-
-
-def archive_run(workdir: Path, archive: Path, name: str, run: sweep.Run) -> None:
-    done = finished(workdir, name, run.dir_name)
-    target = archive / name / f"{run.dir_name}.json"
-    if done.exists() and not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(done, target)
+    """Puts every archived run summary, ARCHIVE/<sweep>/<run>.json, back into WORKDIR/<sweep>/
+    as a finished run (see sweep.restore_runs); returns how many it restored."""
+    sweeps = sorted(d for d in archive.glob("*") if d.is_dir())
+    return sum(sweep.restore_runs(d, workdir / d.name) for d in sweeps)
 
 
 def budget(summary: dict) -> dict:
@@ -181,7 +167,7 @@ def main() -> None:
                     log.info("%s: %s", name, run.label)
                     if not sweep.run_sweep(config, workdir / name, only):
                         raise SystemExit("interrupted: rerun the same command to resume")
-                    archive_run(workdir, archive, name, run)
+                    sweep.archive_runs(workdir / name, archive / name)
                     log.info("%s: %s done in %.0f s", name, run.label, time.perf_counter() - t0)
                     write_grid_report(workdir, out, args.note)
     print(write_grid_report(workdir, out, args.note))

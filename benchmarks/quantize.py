@@ -181,7 +181,7 @@ def qat_rows(family: str, workdir: Path, run: bool = True) -> list[dict]:
         [workdir], workdir / f"report_{family}", plots=False, base=sweep.base_key(config)
     )
     budgets = {variant(run): budget(measured_train(run)) for run in runs}  # rows differ in it
-    curves = report.learning_curves(workdir, runs)
+    curves = report.learning_curves(runs)
     mixed = qbert_bits(workdir, runs) if family == "quantization" else {}
     average = statistics.fmean(mixed["average_bits"]) if mixed.get("average_bits") else 0.0
     rows = []

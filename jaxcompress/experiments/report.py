@@ -11,7 +11,6 @@ from pathlib import Path
 from jaxcompress.errors import UserError
 from jaxcompress.experiments.results import markdown_table
 from jaxcompress.experiments.summary import read_run_summary
-from jaxcompress.train import run_dir
 
 TASK_NAMES = {
     "sst2": "SST-2",
@@ -358,10 +357,9 @@ def trained_stage(run: dict) -> str:
     return tuned[-1] if tuned else run["config"]["measure"]
 
 
-def learning_curves(workdir: str | Path, runs: Sequence[dict]) -> dict[str, dict]:
+def learning_curves(runs: Sequence[dict]) -> dict[str, dict]:
     """Each variant's dev metric at the evaluations its trained stage (`trained_stage`) made
-    while training (`eval.every_steps`), per seed, from the runs (summaries) of a sweep in
-    `workdir`.
+    while training (`eval.every_steps`), per seed, from the runs' summaries.
 
     Returns:
       {"technique strength" (a row's name): {seed: {step: value}}}, with only the runs that
@@ -369,15 +367,31 @@ def learning_curves(workdir: str | Path, runs: Sequence[dict]) -> dict[str, dict
     """
     curves: dict[str, dict] = {}
     for run in runs:
-        logged = run_dir.read_metrics(Path(workdir) / run["stages"][trained_stage(run)])
-        points = {
-            row["step"]: next(iter(row["eval"].values()))[run["metric"]]
-            for row in logged
-            if "eval" in row
-        }
+        records = {record["stage"]: record for record in run.get("training", [])}
+        record = records.get(trained_stage(run), {"dev": []})
+        points = {point["step"]: point[run["metric"]] for point in record["dev"]}
         if len(points) > 1:
             curves.setdefault(f"{run['technique']} {run['strength']}", {})[run["seed"]] = points
     return curves
+
+
+def training_stages(run: dict) -> list[dict]:
+    """What each finetune stage of a run trained, from its summary: the stage, its steps, its
+    epochs where its config gave epochs rather than steps, its batch size and its configured
+    train examples (-1: the whole train set)."""
+    stages = []
+    for record in run.get("training", []):
+        configured = record["configured"]
+        stages.append(
+            {
+                "stage": record["stage"],
+                "steps": record["steps"],
+                **({"epochs": round(record["epochs"], 2)} if configured["steps"] <= 0 else {}),
+                "batch_size": configured["batch_size"],
+                "train_examples": configured["examples"],
+            }
+        )
+    return stages
 
 
 def write_report(

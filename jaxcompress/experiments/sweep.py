@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from jaxcompress.experiments.summary import FORMAT, read_run_summary
 from jaxcompress.models.artefact import write_json
 from jaxcompress.train import provenance
 from jaxcompress.train.inputs import load_any, load_eval_splits, load_tokenizer
+from jaxcompress.train.run_dir import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ AXES = ("technique", "strength", "seed")
 _UNSET = object()
 MEASURED = ("metric", "value", "eval", "params", "bytes", "bytes_no_embeddings")
 MEASURED_IF_PRESENT = ("sparsity", "remaining_params")  # pruned runs
+CONFIGURED = ("steps", "epochs", "examples", "batch_size")  # a finetune stage's budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,11 +319,61 @@ def _execute(sweep: dict, run: Run, workdir: Path, base: str, overrides) -> dict
             "stage_keys": run.stage_keys,
         },
         "stages": relative,
+        "training": _training(run.recipe, dirs),
         "commit": provenance.git_commit(),
         "packages": provenance.package_versions(),
         "machine": provenance.machine(),
         **measured,
     }
+
+
+def _training(recipe: dict, dirs: dict[str, Path]) -> list[dict]:
+    """What each finetune stage of a run trained (steps, epochs, train examples) and its dev
+    metrics at each evaluation it made while training, so that a run's summary holds its
+    learning curve after its stage directories are gone."""
+    records = []
+    for stage in recipe["stages"]:
+        if stage["kind"] != "finetune":
+            continue
+        path = dirs[stage["name"]]
+        trained = json.loads((path / recipes.SUMMARY).read_text())
+        logged = [row for row in read_metrics(path) if "eval" in row]
+        records.append(
+            {
+                "stage": stage["name"],
+                **{k: trained[k] for k in ("steps", "epochs", "train_examples")},
+                "configured": {k: trained["config"]["train"][k] for k in CONFIGURED},
+                "dev": [{"step": r["step"], **next(iter(r["eval"].values()))} for r in logged],
+            }
+        )
+    return records
+
+
+def archive_runs(workdir: str | Path, archive: str | Path) -> int:
+    """Copies the summary of each finished run under `workdir` to `archive/<run>.json` (small
+    JSON to keep with results) unless it is there already; returns how many it copied."""
+    copied = 0
+    for done in sorted(Path(workdir).glob("runs/*/summary.json")):
+        target = Path(archive) / f"{done.parent.name}.json"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(done, target)
+            copied += 1
+    return copied
+
+
+def restore_runs(archive: str | Path, workdir: str | Path) -> int:
+    """Puts each archived run summary (`archive_runs`) back as a finished run of `workdir`,
+    where it is not there already, so that sweeping skips it and reports include it; returns
+    how many it restored."""
+    restored = 0
+    for path in sorted(Path(archive).glob("*.json")):
+        done = Path(workdir) / "runs" / path.stem / "summary.json"
+        if not done.exists():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, done)
+            restored += 1
+    return restored
 
 
 def _measure(sweep: dict, run: Run, dirs: dict[str, Path], workdir: Path) -> dict:

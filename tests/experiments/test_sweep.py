@@ -173,6 +173,22 @@ def test_shared_stage_runs_once_and_latency_is_paired(
         assert s["latency_s"] > 0 and s["reference_latency_s"] > 0 and s["speedup"] > 0
         assert s["relative"] == s["value"] / teacher["value"]
     assert [s["params"] < teacher["params"] for s in summaries] == [True, True]
+    for s in summaries:  # what each stage trained, kept in the run's own summary
+        assert [r["stage"] for r in s["training"]] == ["teacher", "student"]
+        for record in s["training"]:
+            assert (record["steps"], record["train_examples"], record["epochs"]) == (2, 32, 1.0)
+            assert record["configured"] == {
+                "steps": 2,
+                "epochs": 1.0,
+                "examples": 32,
+                "batch_size": 16,
+            }
+        assert s["training"][0]["dev"] == [{"step": 2, "accuracy": teacher["value"]}]
+        assert s["training"][1]["dev"] == [{"step": 2, "accuracy": s["value"]}]
+    assert report.training_stages(summaries[0]) == [
+        {"stage": name, "steps": 2, "batch_size": 16, "train_examples": 32}
+        for name in ("teacher", "student")
+    ]
 
 
 def test_stage_keys_follow_changes_and_ignore_new_defaults(monkeypatch):
@@ -290,29 +306,39 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert written["written"][2].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_learning_curves_read_the_measured_stage_evaluations(tmp_path):
+def test_learning_curves_read_the_trained_stage_evaluations():
     def run(strength, seed, evals):
-        stage = tmp_path / "stages" / f"{strength}{seed}"
-        stage.mkdir(parents=True)
-        rows = [{"step": 5, "loss": 0.3}] + [
-            {"step": step, "eval": {"validation": {"accuracy": value}}} for step, value in evals
-        ]
-        (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         # the measured stage stores the trained one in fewer bytes: the curve is the student's
         recipe = {"stages": [{"name": "student", "kind": "finetune"}, {"name": "shared"}]}
         recipe["stages"][1]["kind"] = "transform"
         config = {"measure": "shared", "recipe": recipe}
-        stages = {"student": f"stages/{strength}{seed}", "shared": f"stages/shared{seed}"}
-        return _summary("t", strength, seed, evals[-1][1], config=config, stages=stages)
+        dev = [{"step": step, "accuracy": value} for step, value in evals]
+        training = [{"stage": "student", "steps": evals[-1][0], "dev": dev}]
+        return _summary("t", strength, seed, evals[-1][1], config=config, training=training)
 
     runs = [
         run("big", 0, [(10, 0.6), (20, 0.7)]),
         run("big", 1, [(10, 0.5), (20, 0.8)]),
         run("small", 0, [(20, 0.9)]),  # evaluated only at the end: no curve
     ]
-    assert report.learning_curves(tmp_path, runs) == {
-        "t big": {0: {10: 0.6, 20: 0.7}, 1: {10: 0.5, 20: 0.8}}
-    }
+    assert report.learning_curves(runs) == {"t big": {0: {10: 0.6, 20: 0.7}, 1: {10: 0.5, 20: 0.8}}}
+
+
+def test_archived_runs_come_back_as_finished_runs(tmp_path):
+    workdir, archive = tmp_path / "runs", tmp_path / "archive"
+    runs = [_summary("t", "big", seed, 0.5 + seed / 10) for seed in (0, 1)]
+    _write_runs(workdir, runs)
+    assert sweep.archive_runs(workdir, archive) == 2
+    assert sweep.archive_runs(workdir, archive) == 0  # already there
+    fresh = tmp_path / "fresh"
+    assert sweep.restore_runs(archive, fresh) == 2
+    assert sweep.restore_runs(archive, fresh) == 0
+    for done in sorted(workdir.glob("runs/*/summary.json")):
+        assert (fresh / "runs" / done.parent.name / "summary.json").read_bytes() == (
+            done.read_bytes()
+        )
+    table = report.write_report([fresh], tmp_path / "out", plots=False)["table"]
+    assert table == report.write_report([workdir], tmp_path / "out", plots=False)["table"]
 
 
 def test_report_averages_the_models_that_have_every_task(tmp_path):
