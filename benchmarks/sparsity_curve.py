@@ -55,9 +55,10 @@ def plot(files: list[Path], out: Path) -> Path:
     results = [json.loads(f.read_text()) for f in files]
     teacher = results[0]["teacher"]
     rows = [row for result in results for row in result["rows"]]
+    by_series = points(rows)
     fig, ax = plt.subplots(figsize=(8, 5))
     shift = {}  # longer budgets of one strength sit side by side, not on top of each other
-    for (technique, budget), series in sorted(points(rows).items()):
+    for (technique, budget), series in sorted(by_series.items()):
         nudge = 1.0
         if budget:
             shift[series[0]["kept"]] = shift.get(series[0]["kept"], 0) + 1
@@ -95,7 +96,7 @@ def plot(files: list[Path], out: Path) -> Path:
     ax.axhline(0.95 * value, color="black", linestyle=":", label="95% of the teacher")
     ax.set_ylim(top=value + 0.01)
     ax.set_xscale("log")
-    ticks = sorted({r["kept"] for series in points(rows).values() for r in series})
+    ticks = sorted({r["kept"] for series in by_series.values() for r in series})
     ax.set_xticks(ticks, [f"{t}%" for t in ticks])
     ax.minorticks_off()
     ax.invert_xaxis()

@@ -349,31 +349,28 @@ def _training(recipe: dict, dirs: dict[str, Path]) -> list[dict]:
     return records
 
 
+def _copy_new(source: Path, target: Path) -> bool:
+    """Copies `source` to `target` unless `target` exists; returns whether it copied."""
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return True
+
+
 def archive_runs(workdir: str | Path, archive: str | Path) -> int:
     """Copies the summary of each finished run under `workdir` to `archive/<run>.json` (small
     JSON to keep with results) unless it is there already; returns how many it copied."""
-    copied = 0
-    for done in sorted(Path(workdir).glob("runs/*/summary.json")):
-        target = Path(archive) / f"{done.parent.name}.json"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(done, target)
-            copied += 1
-    return copied
+    done = sorted(Path(workdir).glob("runs/*/summary.json"))
+    return sum(_copy_new(d, Path(archive) / f"{d.parent.name}.json") for d in done)
 
 
 def restore_runs(archive: str | Path, workdir: str | Path) -> int:
     """Puts each archived run summary (`archive_runs`) back as a finished run of `workdir`,
     where it is not there already, so that sweeping skips it and reports include it; returns
     how many it restored."""
-    restored = 0
-    for path in sorted(Path(archive).glob("*.json")):
-        done = Path(workdir) / "runs" / path.stem / "summary.json"
-        if not done.exists():
-            done.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, done)
-            restored += 1
-    return restored
+    archived = sorted(Path(archive).glob("*.json"))
+    return sum(_copy_new(p, Path(workdir) / "runs" / p.stem / "summary.json") for p in archived)
 
 
 def _measure(sweep: dict, run: Run, dirs: dict[str, Path], workdir: Path) -> dict:
